@@ -1,0 +1,58 @@
+"""The denoiser contract: `D(x, sigma, **cond) -> x0_hat` in σ-space (x_σ = x0 + σ·ε).
+
+Everything in difflab — solvers, composition, guidance, distillation targets — is written
+against this one callable. `eps` and `score` are the only places the conversions
+ε̂ = (x − D)/σ and s = (D − x)/σ² are written.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..errors import ShapeError
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Any callable mapping a noisy batch to its denoised estimate.
+
+    x: [B, ...]; sigma: [B] float, same device as x. Returns x0_hat: [B, ...] like x.
+    A denoiser may expose `last_feature` (the wrapped network's lowest-resolution feature of
+    its last call, or None) and `sigma_min` / `sigma_max` (the range it was trained on).
+    """
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor: ...
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """[B] -> [B, 1, ..., 1] with `ndim` dimensions in all, for broadcasting against x."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def sigma_batch(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """A scalar or [B] noise level as a [B] tensor on x's device and dtype."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ShapeError(f"sigma must be a scalar or of shape [B]=[{x.shape[0]}], got {tuple(sigma.shape)}")
+    return sigma
+
+
+def eps(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+    """ε̂(x; σ) = (x − D(x; σ))/σ, the probability-flow ODE's dx/dσ. sigma > 0."""
+    sigma = sigma_batch(sigma, x)
+    return (x - denoiser(x, sigma, **cond)) / append_dims(sigma, x.ndim)
+
+
+def score(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+    """s(x; σ) = ∇ log p_σ(x) = (D(x; σ) − x)/σ² (Tweedie's formula). sigma > 0."""
+    sigma = sigma_batch(sigma, x)
+    return (denoiser(x, sigma, **cond) - x) / append_dims(sigma, x.ndim) ** 2
+
+
+def last_feature(denoiser: Any) -> Tensor | None:
+    """The lowest-resolution feature a wrapped network exposed on its last call, if any."""
+    return getattr(denoiser, "last_feature", None)

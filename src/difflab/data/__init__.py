@@ -1,0 +1,65 @@
+"""Data sets as in-memory tensors: 2-D toys, scikit-learn digits, image folders, HF datasets.
+
+`get_dataset(name_or_path)` is the one entry point the CLI and the trainers use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from difflab.data.digits import Dataset, check_positive_count, digits_split_indices, load_digits
+from difflab.data.images import ImageFolder, images_to_tensor, load_hf_dataset
+from difflab.data.toy import default_gmm, make_gmm, make_moons, make_rings
+from difflab.errors import ConfigError, UnknownNameError
+
+TOY_DATASETS = {"moons": make_moons, "rings": make_rings, "gmm": make_gmm}
+DATASET_NAMES = ("digits", *TOY_DATASETS)
+DEFAULT_TOY_SIZE = 10_000
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+__all__ = [
+    "DATASET_NAMES", "Dataset", "ImageFolder", "default_gmm", "digits_split_indices",
+    "get_dataset", "images_to_tensor", "load_digits", "load_hf_dataset", "make_gmm", "make_moons",
+    "make_rings",
+]
+
+
+def get_dataset(name_or_path: str | os.PathLike, n: int | None = None, seed: int = 0,
+                split: str = "train") -> Dataset:
+    """A data set by name ("digits", "moons", "rings", "gmm") or by folder path.
+
+    2-D sets: n samples (default 10,000) drawn with `seed`. Digits: the `split` ("train", "test",
+    "all"). A folder: a Hugging Face dataset saved to disk if it holds dataset_info.json,
+    state.json or dataset_dict.json, else an image folder. For digits and folders, n (if given)
+    keeps a random subset of n samples chosen with `seed`.
+    """
+    name = str(name_or_path)
+    if name in TOY_DATASETS:
+        return TOY_DATASETS[name](DEFAULT_TOY_SIZE if n is None else n, seed)
+    if name == "digits":
+        dataset = load_digits(split)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        is_hf = any((folder / marker).is_file() for marker in _HF_MARKERS)
+        dataset = load_hf_dataset(folder, split=split) if is_hf else ImageFolder(folder)
+    else:
+        raise UnknownNameError(
+            f"Unknown data set {name!r}: it is neither a built-in name nor an existing folder. "
+            f"Expected one of {', '.join(DATASET_NAMES)}, or the path of an image folder or of a "
+            "Hugging Face dataset saved with save_to_disk."
+        )
+    return dataset if n is None else _random_subset(dataset, n, seed)
+
+
+def _random_subset(dataset: Dataset, n: int, seed: int) -> Dataset:
+    n = check_positive_count(n)
+    if n > len(dataset):
+        raise ConfigError(
+            f"n={n} samples requested but {dataset.name!r} has {len(dataset)}; pass n <= {len(dataset)} "
+            "or n=None for all of them."
+        )
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataset.subset(keep)

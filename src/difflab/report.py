@@ -1,0 +1,68 @@
+"""Figures: image grids and 2-D scatter plots (matplotlib / PIL), written atomically."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def image_grid(x: Tensor, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+    """Images [N, C, H, W] in [−1, 1] -> one uint8 grid [rows·(H+pad), ncol·(W+pad), C or none]."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+    grid = grid.permute(1, 2, 0).numpy()
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_image_grid(x: Tensor, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:
+    """Write images [N, C, H, W] in [−1, 1] as one PNG grid (nearest-neighbour upscaled ×scale)."""
+    from PIL import Image
+
+    grid = image_grid(x, ncol)
+    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    return _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_scatter(points: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
+    """2-D point clouds {label: [N, 2]} side by side on shared axes, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points), 3.2), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (label, pts) in zip(axes[0], points.items()):
+        pts = pts.detach().cpu().numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
+        ax.set_title(label)
+        ax.set_aspect("equal")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

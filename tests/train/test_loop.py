@@ -1,0 +1,129 @@
+"""The Accelerate training loop: exact resume, atomic checkpoints, multi-process, and that the EDM
+loss trains a denoiser towards the exact one."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflab.core.mixture import GaussianMixture
+from difflab.errors import ConfigError, ModelFormatError
+from difflab.nets import MLP
+from difflab.train import TrainConfig, fit
+from difflab.train.denoiser import denoiser_loss, edm_loss, train_denoiser
+from difflab.train.loop import CHECKPOINT_NAME
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def small_problem(init_seed: int = 0):
+    x = torch.randn(512, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 0.3]) + 1.0
+    torch.manual_seed(init_seed)
+    net = MLP(dim=2, hidden=32, depth=2, zero_init_output=False)  # so the init seed matters
+    from difflab.core.wrappers import EDMDenoiser
+    return EDMDenoiser(net, sigma_data=1.0), denoiser_loss(x, None, 64, sigma_data=1.0)
+
+
+def test_edm_loss_is_the_weighted_error_of_the_draws():
+    # D = 0 gives loss mean λ(σ)·x0² with the same σ draws: recompute from the same generator.
+    x0 = torch.randn(16, 3, dtype=torch.float64)
+    zero = lambda x, sigma: torch.zeros_like(x)
+    loss = edm_loss(zero, x0, torch.Generator().manual_seed(3), p_mean=-1.2, p_std=1.2, sigma_data=0.5)
+    g = torch.Generator().manual_seed(3)
+    sigma = (-1.2 + 1.2 * torch.randn(16, generator=g, dtype=torch.float64)).exp()
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    assert torch.allclose(loss, (weight[:, None] * x0**2).mean(), rtol=1e-12)
+    # an oracle that returns x0 exactly has zero loss
+    oracle = lambda x, sigma: x0
+    assert edm_loss(oracle, x0, torch.Generator().manual_seed(3)) == 0
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    config = TrainConfig(steps=12, lr=1e-2, warmup_steps=4, checkpoint_every=6, log_every=3, device="cpu")
+    full_model, loss_fn = small_problem()
+    full = fit(full_model, loss_fn, config, out_dir=tmp_path / "full", progress=False)
+
+    first_model, loss_fn = small_problem()
+    fit(first_model, loss_fn, TrainConfig(**{**config.__dict__, "steps": 6}), out_dir=tmp_path / "split",
+        progress=False)
+    resumed_model, loss_fn = small_problem(init_seed=1)   # different init: everything must come from the checkpoint
+    resumed = fit(resumed_model, loss_fn, config, out_dir=tmp_path / "split", progress=False)
+
+    assert resumed.losses == full.losses                       # same loss sequence, exactly
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    leftovers = [p.name for p in (tmp_path / "split").iterdir() if p.name != CHECKPOINT_NAME]
+    assert leftovers == []                                     # the temp file was renamed, not left behind
+
+
+def test_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path):
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a safetensors file")
+    model, loss_fn = small_problem()
+    with pytest.raises(ModelFormatError, match="cannot resume"):
+        fit(model, loss_fn, TrainConfig(steps=2, device="cpu"), out_dir=tmp_path, progress=False)
+
+
+def test_bad_config_is_refused_before_work():
+    model, loss_fn = small_problem()
+    with pytest.raises(ConfigError):
+        fit(model, loss_fn, TrainConfig(steps=0), progress=False)
+    with pytest.raises(ConfigError):
+        fit(model, loss_fn, TrainConfig(mixed_precision="fp8"), progress=False)
+
+
+def test_trained_mlp_approaches_the_exact_mixture_denoiser():
+    truth = GaussianMixture([[-1.5, 0.0], [1.5, 0.5]], stds=[0.3, 0.5], weights=[0.4, 0.6])
+    data = truth.sample(8000, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    config = TrainConfig(steps=600, lr=3e-3, warmup_steps=50, ema_decay=0.99, device="cpu")
+    denoiser, result = train_denoiser(MLP(dim=2, hidden=64, depth=3), data, config=config, batch_size=256,
+                                      progress=False)
+    assert result.losses[-1][1] < result.losses[0][1]
+    for sigma in (0.3, 1.0, 3.0):
+        x = truth.sample(2000, generator=torch.Generator().manual_seed(1)) + sigma * torch.randn(2000, 2)
+        s = torch.full((2000,), sigma)
+        with torch.no_grad():
+            error = (denoiser(x, s) - truth(x, s)).square().sum(1).mean().sqrt()
+        baseline = (x.mean(0) - truth(x, s)).square().sum(1).mean().sqrt()  # best constant guess
+        # a wrong preconditioning or loss weight leaves the error near the constant baseline
+        assert error < 0.25 * baseline, (sigma, float(error), float(baseline))
+
+
+@pytest.mark.timeout(300)
+def test_two_cpu_processes_both_take_part_and_the_result_loads(tmp_path):
+    script = tmp_path / "train2.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys, torch
+        from difflab.nets import MLP
+        from difflab.train import TrainConfig
+        from difflab.train.denoiser import train_denoiser
+        x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+        den, res = train_denoiser(MLP(dim=2, hidden=16, depth=1), x, config=TrainConfig(steps=4, log_every=2,
+                                  device="cpu"), batch_size=32, progress=False)
+        with open(r"{tmp_path}/rank" + str(res.process_index) + ".json", "w") as f:
+            json.dump({{"rank": res.process_index, "processes": res.num_processes}}, f)
+        if res.is_main_process:
+            den.save(r"{tmp_path}/model")
+    """))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    # `--multi_gpu` selects accelerate's torchrun launcher; with no GPU the loop's Accelerator(cpu=True)
+    # joins a gloo process group (`--cpu` would instead run a single process).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29517", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted(json.loads((tmp_path / f"rank{r}.json").read_text())["rank"] for r in range(2))
+    assert ranks == [0, 1]
+    assert json.loads((tmp_path / "rank0.json").read_text())["processes"] == 2
+    from difflab import load
+    model = load(tmp_path / "model")
+    assert model(torch.zeros(3, 2), torch.ones(3)).shape == (3, 2)
