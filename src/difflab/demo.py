@@ -49,7 +49,7 @@ def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
 
     truth: GaussianMixture = default_gmm()
     data = truth.sample(20_000, generator=torch.Generator().manual_seed(seed))
-    steps = 800 if quick else 3000
+    steps = 600 if quick else 2000
 
     def train():
         config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)
@@ -83,11 +83,12 @@ def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     from .train.denoiser import train_denoiser
 
     train_set = load_digits("train")
-    steps = 400 if quick else 2000
+    steps = 200 if quick else DIGITS_STEPS
 
     def train():
         config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)
-        return train_denoiser(UNet(**DIGITS_UNET), train_set.x, config=config, batch_size=128, dataset="digits")[0]
+        return train_denoiser(UNet(**DIGITS_UNET), train_set.x, config=config, batch_size=DIGITS_BATCH,
+                              dataset="digits")[0]
 
     denoiser, train_seconds = cached_model(out / "models" / f"digits-{steps}", train)
     n = 297 if quick else 1000
@@ -103,7 +104,8 @@ def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
             "figure": "digits.png", "real_figure": "digits_real.png"}
 
 
-DIGITS_UNET = {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 2, "attn_resolutions": [4]}
+DIGITS_UNET = {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [4]}
+DIGITS_STEPS, DIGITS_BATCH = 500, 128  # the default recipe (benchmarks/train_digits.py measures it)
 
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0, device: str = "cpu") -> dict:

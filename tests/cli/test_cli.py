@@ -1,0 +1,104 @@
+"""The `difflab` command: the happy path end to end, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from difflab.cli import main
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `difflab ARGV` in-process; returns (exit status, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["difflab", *map(str, argv)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def gmm_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "gmm"
+    sys.argv, old = ["difflab", "train", "--data", "gmm", "--steps", "40", "--batch-size", "64",
+                     "--out", str(folder), "--device", "cpu"], sys.argv
+    try:
+        main()
+    finally:
+        sys.argv = old
+    return folder
+
+
+def test_help_lists_the_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and all(cmd in out for cmd in ("train", "sample", "info", "demo"))
+
+
+def test_train_then_info_then_sample_npz(gmm_model, tmp_path, capsys):
+    code, out, _ = run(["info", gmm_model], capsys)
+    assert code == 0 and json.loads(out)["network"]["class"] == "MLP" and json.loads(out)["parameters"] > 0
+    code, out, err = run(["sample", "--model", gmm_model, "--solver", "euler", "--nfe", "6", "--n", "10",
+                          "--out", tmp_path / "s.npz", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert np.load(tmp_path / "s.npz")["x"].shape == (10, 2)
+    assert json.loads(out)["nfe"] == 6
+
+
+def test_same_seed_same_samples_whatever_the_batch_size(gmm_model, tmp_path, capsys):
+    for name, batch in (("a.npz", 10), ("b.npz", 3)):
+        code, _, err = run(["sample", "--model", gmm_model, "--solver", "heun", "--nfe", "7", "--n", "10",
+                            "--seed", "5", "--batch-size", batch, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+    # the noise is bit-identical (tests/sampling); the network's float32 matmuls may round differently
+    # with the batch size (BLAS blocking), so compare to float32 round-off, far below sample spread
+    np.testing.assert_allclose(np.load(tmp_path / "a.npz")["x"], np.load(tmp_path / "b.npz")["x"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("args, keyword", [
+    (["--solver", "rk45"], "unknown solver"),
+    (["--solver", "heun", "--nfe", "36"], "cannot spend exactly 36"),
+    (["--out-suffix", ".txt"], "must end in"),
+    (["--out-suffix", ".png"], "image data"),
+    (["--missing-model"], "no model folder"),
+])
+def test_bad_sample_arguments_end_in_one_line_and_status_2(gmm_model, tmp_path, capsys, args, keyword):
+    out_file = tmp_path / ("s" + (args[1] if args[0] == "--out-suffix" else ".npz"))
+    model = tmp_path / "nowhere" if args == ["--missing-model"] else gmm_model
+    extra = [] if args[0] in ("--out-suffix", "--missing-model") else args
+    code, _, err = run(["sample", "--model", model, "--out", out_file, *extra], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and keyword in err and "Traceback" not in err
+    assert not out_file.exists()                                    # no partial output
+
+
+def test_existing_output_needs_force(gmm_model, tmp_path, capsys):
+    target = tmp_path / "s.npz"
+    target.write_bytes(b"keep me")
+    code, _, err = run(["sample", "--model", gmm_model, "--nfe", "5", "--solver", "euler", "--out", target], capsys)
+    assert code == 2 and "--force" in err and target.read_bytes() == b"keep me"
+
+
+def test_unknown_dataset_and_missing_option_are_one_line_errors(tmp_path, capsys):
+    code, _, err = run(["train", "--data", "cifar11", "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "cifar11" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+    code, _, err = run(["sample", "--out", tmp_path / "x.npz"], capsys)
+    assert code == 2 and "--model" in err
+
+
+def test_train_digits_unet_and_sample_a_png_grid(tmp_path, capsys):
+    code, _, err = run(["train", "--data", "digits", "--steps", "3", "--batch-size", "16", "--channels", "8",
+                        "--classes", "--out", tmp_path / "d", "--device", "cpu"], capsys)
+    assert code == 0, err
+    code, out, err = run(["sample", "--model", tmp_path / "d", "--solver", "euler", "--nfe", "3", "--n", "4",
+                          "--class", "7", "--out", tmp_path / "g.png"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
