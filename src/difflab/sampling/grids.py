@@ -21,13 +21,91 @@ def logsnr(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tens
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
 
 
-GRIDS = {"karras": karras, "polynomial": karras, "logsnr": logsnr}
+VP_EPS_S = 1e-3  # the smallest VP time of the time-uniform / time-quadratic grids (Song et al. 2021's ε_s)
+
+
+def vp_beta(sigma_min: float, sigma_max: float, eps_s: float = VP_EPS_S) -> tuple[float, float]:
+    """(β_d, β_min) of the VP-SDE σ(τ) = sqrt(exp(½β_d τ² + β_min τ) − 1) with σ(1) = σmax, σ(ε_s) = σmin.
+
+    log(1 + σ²) = ½β_d τ² + β_min τ is linear in (β_d, β_min): two equations, one at each end.
+    """
+    log_max, log_min = math.log1p(sigma_max**2), math.log1p(sigma_min**2)
+    beta_d = 2 * (log_min - eps_s * log_max) / (eps_s**2 - eps_s)   # eliminate β_min: (ε_s·eq1 − eq2)
+    return beta_d, log_max - beta_d / 2
+
+
+def _vp_time(n: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """τ_i = (1 + i/(n−1)(ε_s^{1/ρ} − 1))^ρ in VP time, mapped to σ(τ) = sqrt(exp(½β_d τ² + β_min τ) − 1)."""
+    beta_d, beta_min = vp_beta(sigma_min, sigma_max)
+    if beta_d * VP_EPS_S + beta_min <= 0:          # dσ²/dτ ∝ β_d τ + β_min must stay > 0 on [ε_s, 1]
+        raise SigmaRangeError(f"no increasing VP schedule maps [{VP_EPS_S}, 1] onto [{sigma_min}, {sigma_max}]; "
+                              "use a larger sigma_max/sigma_min ratio or another grid")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    tau = (1 + ramp * (VP_EPS_S ** (1 / rho) - 1)) ** rho
+    return torch.expm1(beta_d / 2 * tau**2 + beta_min * tau).sqrt()
+
+
+def time_uniform(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Uniform in VP time τ ∈ [ε_s, 1] (DDIM / DPM-Solver "time_uniform"); `rho` is ignored (fixed at 1)."""
+    return _vp_time(n, sigma_min, sigma_max, 1.0)
+
+
+def time_quadratic(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Uniform in sqrt(τ) (DDIM's "quadratic" skip type); `rho` is ignored (fixed at 2)."""
+    return _vp_time(n, sigma_min, sigma_max, 2.0)
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """ᾱ_t of the linear-β DDPM schedule (Ho et al. 2020): ᾱ_t = Π_{s≤t} (1 − β_s). [T] float64."""
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def discrete_timesteps(num_timesteps: int, n: int) -> Tensor:
+    """n integer timesteps from T−1 down to 0, uniformly spaced: round((T−1)(1 − i/(n−1))).
+
+    Rounding is to the nearest integer, halves to even (torch.round); for n <= T the timesteps are
+    distinct, so the grid is strictly decreasing. [n] int64, decreasing.
+    """
+    if n > num_timesteps:
+        raise ConfigError(f"cannot pick n={n} distinct timesteps from a table of {num_timesteps}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return ((num_timesteps - 1) * (1 - ramp)).round().long()
+
+
+def discrete_sigmas(alphas_cumprod: Tensor, n: int) -> Tensor:
+    """n table noise levels σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) at uniformly spaced timesteps, from the top down.
+
+    alphas_cumprod: [T] (decreasing in t). The timesteps are `discrete_timesteps(T, n)`: the first
+    is T−1 (σ_max of the table), the last 0 (σ_min), the rest rounded to the nearest integer.
+    Returns [n] float64, strictly decreasing.
+    """
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    table = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    return table[discrete_timesteps(len(table), n)]
+
+
+def discrete(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """`discrete_sigmas` on the default DDPM table (linear β, T = 1000), restricted to its timesteps
+    whose σ lies in [sigma_min, sigma_max] (relative tolerance 1e-6); `rho` is ignored."""
+    table = ((1 - ddpm_alphas_cumprod()) / ddpm_alphas_cumprod()).sqrt()
+    inside = torch.nonzero((table >= sigma_min * (1 - 1e-6)) & (table <= sigma_max * (1 + 1e-6))).flatten()
+    if len(inside) < n:
+        raise SigmaRangeError(f"the DDPM table has {len(inside)} timesteps with sigma in [{sigma_min}, {sigma_max}] "
+                              f"(its range is [{float(table[0]):.4g}, {float(table[-1]):.4g}]); need n={n}")
+    return table[int(inside[0]):int(inside[-1]) + 1][discrete_timesteps(len(inside), n)]
+
+
+GRIDS = {"karras": karras, "polynomial": karras, "logsnr": logsnr, "time_uniform": time_uniform,
+         "time_quadratic": time_quadratic, "discrete": discrete}
 
 
 def get_sigmas(kind: str, n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """A decreasing grid of `n` noise levels from sigma_max to sigma_min: [n] float64.
 
-    kind: "karras" (alias "polynomial", exponent rho) or "logsnr".
+    kind: "karras" (alias "polynomial", exponent rho), "logsnr", "time_uniform" / "time_quadratic"
+    (VP time, ρ = 1 / 2), or "discrete" (the default DDPM table's levels inside [sigma_min,
+    sigma_max]; for another model's table use `discrete_sigmas(alphas_cumprod, n)`).
     """
     if kind not in GRIDS:
         raise UnknownNameError(f"unknown grid {kind!r}; choose one of {sorted(GRIDS)}")
