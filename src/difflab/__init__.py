@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from .core import (CFGDenoiser, EDMDenoiser, FlowDenoiser, GaussianMixture, VPDenoiser, eps,  # noqa: E402
                    score)
 from .models import load  # noqa: E402
-from .sampling import get_sigmas, sample, seeded_noise  # noqa: E402
+from .sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  # noqa: E402
 
 __all__ = ["__version__", "GaussianMixture", "EDMDenoiser", "VPDenoiser", "FlowDenoiser", "CFGDenoiser",
-           "eps", "score", "load", "get_sigmas", "sample", "seeded_noise"]
+           "eps", "score", "load", "get_sigmas", "sample", "seeded_noise", "sigmas_for_nfe"]

@@ -124,7 +124,7 @@ def sample(
     check_output(out, force, (".npz", ".png"))
     if solver not in SOLVERS:
         raise UnknownNameError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    points = points_for_nfe(nfe, lambda k: SOLVERS[solver].nfe(k, to_zero), solver)
+    points = points_for_nfe(nfe, lambda k: SOLVERS[solver].nfe(k, to_zero, False), solver)
     dev = resolve_device(device)
     denoiser = load(model, device=dev)
     data_shape = getattr(denoiser, "data_shape", None)

@@ -60,9 +60,15 @@ def _load_mixture(config: dict, tensors: dict[str, Tensor], path: Path) -> Gauss
         raise ModelFormatError(f"{path} is not a valid GaussianMixture ({err})") from err
 
 
+def _load_amed_predictor(config: dict, tensors: dict[str, Tensor], path: Path):
+    from .sampling.amed import AMEDPredictor  # lazy: sampling.amed reads model folders through this module
+    return AMEDPredictor.from_folder(config, tensors, path)
+
+
 LOADERS: dict[str, Callable[[dict, dict, Path], Any]] = {
     "EDMDenoiser": _load_edm,
     "GaussianMixture": _load_mixture,
+    "AMEDPredictor": _load_amed_predictor,
 }
 
 

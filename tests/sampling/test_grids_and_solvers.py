@@ -56,6 +56,56 @@ def test_logsnr_grid_has_constant_log_ratio():
     assert grid[0].item() == pytest.approx(50.0, rel=1e-12) and grid[-1].item() == pytest.approx(0.01, rel=1e-12)
 
 
+@pytest.mark.parametrize("kind, rho", [("time_uniform", 1), ("time_quadratic", 2)])
+@pytest.mark.parametrize("n, sigma_min, sigma_max", [(10, 0.002, 80.0), (2, 0.1, 1.0), (33, 0.01, 157.0)])
+def test_vp_time_grids_match_their_formula_start_at_max_end_at_min_and_decrease(kind, rho, n, sigma_min, sigma_max):
+    eps_s = 1e-3
+    # log(1 + σ²) = ½β_d τ² + β_min τ at τ = 1 (σmax) and τ = ε_s (σmin), solved as a linear system
+    beta_d, beta_min = np.linalg.solve([[0.5, 1.0], [0.5 * eps_s**2, eps_s]],
+                                       [math.log(1 + sigma_max**2), math.log(1 + sigma_min**2)])
+    tau = (1 + np.arange(n) / (n - 1) * (eps_s ** (1 / rho) - 1)) ** rho
+    expected = np.sqrt(np.exp(0.5 * beta_d * tau**2 + beta_min * tau) - 1)
+    grid = get_sigmas(kind, n, sigma_min, sigma_max)
+    assert grid.dtype == torch.float64 and grid.shape == (n,)
+    # float64 round-off, amplified by exp(x) − 1 at σ ~ 0.002 (x ~ 4e-6, 1e-16/4e-6 ~ 3e-11)
+    np.testing.assert_allclose(grid.numpy(), expected, rtol=1e-9)
+    assert grid[0].item() == pytest.approx(sigma_max, rel=1e-12)
+    assert grid[-1].item() == pytest.approx(sigma_min, rel=1e-9)
+    assert bool((grid[1:] < grid[:-1]).all())
+
+
+def test_time_quadratic_grid_is_uniform_in_sqrt_vp_time():
+    grid = get_sigmas("time_quadratic", 9, 0.002, 80.0)
+    beta_d, beta_min = difflab.sampling.grids.vp_beta(0.002, 80.0)
+    # invert σ(τ): ½β_d τ² + β_min τ = log(1 + σ²), the positive root
+    tau = (-beta_min + np.sqrt(beta_min**2 + 2 * beta_d * np.log1p(grid.numpy() ** 2))) / beta_d
+    np.testing.assert_allclose(np.diff(np.sqrt(tau)), (math.sqrt(1e-3) - 1) / 8, rtol=1e-6)  # root-finding round-off
+
+
+@pytest.mark.parametrize("n", [2, 5, 11, 1000])
+def test_discrete_sigmas_pick_table_levels_at_uniform_rounded_timesteps_from_the_top(n):
+    betas = np.linspace(1e-4, 0.02, 1000)
+    alphas_cumprod = np.cumprod(1 - betas)
+    table = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    timesteps = np.round(np.linspace(999, 0, n)).astype(int)    # ties: numpy and torch both round half to even
+    grid = difflab.sampling.discrete_sigmas(torch.as_tensor(alphas_cumprod), n)
+    np.testing.assert_allclose(grid.numpy(), table[timesteps], rtol=1e-12)
+    assert grid[0].item() == table[-1] and grid[-1].item() == table[0]   # the table's σmax and σmin
+    assert bool((grid[1:] < grid[:-1]).all())
+
+
+def test_discrete_grid_of_get_sigmas_uses_the_ddpm_table_inside_the_range():
+    betas = np.linspace(1e-4, 0.02, 1000)
+    alphas_cumprod = np.cumprod(1 - betas)
+    table = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    full = get_sigmas("discrete", 6, table[0], table[-1])        # the whole table: starts at σmax, ends at σmin
+    np.testing.assert_allclose(full.numpy(), table[np.round(np.linspace(999, 0, 6)).astype(int)], rtol=1e-12)
+    inside = get_sigmas("discrete", 6, 0.05, 10.0)                # only table levels in [0.05, 10]
+    assert float(inside.min()) >= 0.05 and float(inside.max()) <= 10.0 and bool((inside[1:] < inside[:-1]).all())
+    with pytest.raises(SigmaRangeError, match="DDPM table"):
+        get_sigmas("discrete", 6, 0.05, 0.06)                     # fewer than 6 table levels in range
+
+
 def test_unknown_grid_name_raises_unknown_name_error():
     with pytest.raises(UnknownNameError, match="cosine"):
         get_sigmas("cosine", 10, 0.01, 10.0)
@@ -184,7 +234,18 @@ def test_sample_to_sigma_zero_returns_the_denoiser_output_at_the_last_positive_s
     # x + (0 − σ)(x − D)/σ = D up to round-off
     np.testing.assert_allclose(out.numpy(), np_denoiser(mix2d, x_last, float(grid[-1])), rtol=0, atol=1e-12)
     expected_nfe = {"euler": 9, "heun": 2 * 9 - 1}[solver]     # N = 10 points: Heun skips the σ=0 correction
-    assert counting.calls == expected_nfe == SOLVERS[solver].nfe(10, True)
+    assert counting.calls == expected_nfe == SOLVERS[solver].nfe(10, True, False)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_every_solver_steps_to_sigma_zero_with_one_evaluation_returning_the_denoised_state(mix2d, solver, rng):
+    grid = torch.cat([get_sigmas("logsnr", 9, 0.05, 10.0), torch.zeros(1, dtype=torch.float64)])
+    states, counting = {}, CountingDenoiser(mix2d.model)
+    out = sample(counting, _t(10 * rng.standard_normal((6, 2))), grid, solver=solver,
+                 generator=torch.Generator().manual_seed(0), callback=lambda i, x, s: states.setdefault(i, x))
+    # the last step is x ← D(x; σ_{N−2}) (up to round-off), whatever the solver's own update
+    np.testing.assert_allclose(out.numpy(), np_denoiser(mix2d, states[7].numpy(), float(grid[-2])), rtol=0, atol=1e-12)
+    assert counting.calls == SOLVERS[solver].nfe(len(grid), True, False)
 
 
 def test_seeded_noise_rows_depend_only_on_their_own_seed():

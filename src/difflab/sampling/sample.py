@@ -6,19 +6,20 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError, ShapeError, UnknownNameError
-from .grids import check_grid
+from ..errors import ConfigError, NonFiniteError, ShapeError, UnknownNameError
+from .grids import check_grid, get_sigmas, points_for_nfe
 from .noise import PerSampleGenerator
 from .solvers import SOLVERS
 
 
 def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",
            generator: torch.Generator | PerSampleGenerator | None = None,
-           callback: Callable[[int, Tensor, float], None] | None = None, **cond: Any) -> Tensor:
+           callback: Callable[[int, Tensor, float], None] | None = None, afs: bool = False, **cond: Any) -> Tensor:
     """Integrate from the state x at sigmas[0] down to sigmas[-1] with the named solver.
 
     x: [B, ...] initial state (pure noise: sigmas[0]·z); sigmas: [N] strictly decreasing, may end
     at 0; cond: passed to the denoiser untouched. Stochastic solvers draw from `generator`.
+    afs: analytical first step (no model call on the first step; METHODS.md §1).
     Stops with NonFiniteError (solver, step, σ) as soon as the state stops being finite.
     Returns x at sigmas[-1], [B, ...].
     """
@@ -36,7 +37,26 @@ def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",
             callback(i, x_i, sigma_next)
 
     extra = {"generator": generator} if spec.stochastic else {}
-    return spec.fn(denoiser, x, sigmas, callback=guarded_callback, **extra, **cond)
+    return spec.fn(denoiser, x, sigmas, callback=guarded_callback, afs=afs, **extra, **cond)
+
+
+def sigmas_for_nfe(solver: str, nfe: int, kind: str = "karras", sigma_min: float = 0.002, sigma_max: float = 80.0,
+                   rho: float = 7.0, afs: bool = False, to_zero: bool = False) -> Tensor:
+    """The grid on which `solver` spends exactly `nfe` model evaluations: [n] float64, decreasing.
+
+    `kind`, sigma_min, sigma_max, rho: as in `get_sigmas`; to_zero appends σ = 0 (its point counts
+    in n). Raises ConfigError naming the nearest budgets the solver can spend, UnknownNameError for
+    an unknown solver.
+    """
+    if solver not in SOLVERS:
+        raise UnknownNameError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+    spec = SOLVERS[solver]
+    n = points_for_nfe(nfe, lambda points: spec.nfe(points, to_zero, afs), solver)
+    if to_zero and n < 3:   # get_sigmas needs two positive levels before the appended zero
+        raise ConfigError(f"solver {solver!r} spends {nfe} evaluations on a grid of {n} points ending at 0, "
+                          "which has fewer than two positive levels; ask for a larger nfe or to_zero=False")
+    sigmas = get_sigmas(kind, n - int(to_zero), sigma_min, sigma_max, rho)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]) if to_zero else sigmas
 
 
 def _check_shape(denoiser, x: Tensor) -> None:

@@ -1,0 +1,269 @@
+"""Linear multistep probability-flow ODE solvers in σ-space: iPNDM, iPNDM-v, DEIS-tAB, UniPC.
+
+All spend one model evaluation per step and reuse the earlier ones. In σ-space the ODE is
+dx/dσ = ε̂(x; σ), so an Adams–Bashforth step is x_{i+1} = x_i + ∫_{σ_i}^{σ_{i+1}} P dσ with P an
+interpolant of the last few ε̂'s: iPNDM, iPNDM-v and DEIS-tAB differ only in the weights this
+gives them (`_adams_bashforth`): fixed equal-step ones, exact ones for P polynomial in σ, or for
+P polynomial in the VP time t. UniPC instead works on the data prediction D = x − σ·ε̂ in
+λ = −log σ. A last step to σ = 0 is x ← D(x; σ_{N−2}), the evaluation that step makes anyway.
+
+Warm-up: every method starts at first order and raises its order as history accumulates, so the
+first step's local error O(h²) bounds the *asymptotic* global order by 2 (3 for UniPC, whose
+corrector lifts the first step to second order). That error is made where ε̂ hardly changes
+(dε̂/dσ ~ s²/σ³, s the data scale) and the flow then contracts it by ~ s/σ_max, so from
+σ_max ≫ s the methods show their nominal order over practical step counts (tests/sampling/
+test_multistep.py measures it from σ_max = 80).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import Tensor
+
+from ..errors import ConfigError
+from .solvers import Solver, first_eps
+
+Callback = Callable[[int, Tensor, float], None] | None
+
+# Adams–Bashforth coefficients for equal steps (oldest last), orders 1–4: iPNDM's (Zhang & Chen
+# 2023; METHODS.md §1): ∫_0^1 of the Lagrange basis through u = 0, −1, −2, −3.
+AB_COEFFS: tuple[tuple[float, ...], ...] = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+
+# Gauss–Legendre rule on [−1, 1]: 32 nodes integrate polynomials of degree ≤ 63 exactly, and the
+# smooth DEIS integrand to round-off.
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(32)
+
+# with fewer steps than this, UniPC lowers its order at the end (the same threshold as
+# solvers.LOWER_ORDER_FINAL_BELOW, diffusers' DPMSolverMultistepScheduler; repeated here because
+# this module may import only Solver and first_eps from solvers.py)
+LOWER_ORDER_FINAL_BELOW = 15
+
+# VP-SDE time of DEIS's experiments (Song et al. 2021, β(t) = β_min + β_d·t):
+# σ(t) = sqrt(exp(½β_d t² + β_min t) − 1), as in METHODS.md §1 (time-uniform grids).
+VP_BETA_MIN, VP_BETA_D = 0.1, 19.9
+
+
+def vp_time(sigma: np.ndarray | float) -> np.ndarray:
+    """The VP-SDE time t of a noise level σ: the root of ½β_d t² + β_min t = log(1 + σ²)."""
+    log1p_sigma2 = np.log1p(np.square(sigma))
+    return 2 * log1p_sigma2 / (VP_BETA_MIN + np.sqrt(VP_BETA_MIN**2 + 2 * VP_BETA_D * log1p_sigma2))
+
+
+def lagrange_integrals(nodes: Sequence[float], sigma: float, sigma_next: float,
+                       time: Callable[[np.ndarray], np.ndarray] | None = None) -> list[float]:
+    """b_j = ∫_σ^{σ_next} ℓ_j(τ(s)) ds for the Lagrange basis ℓ_j through τ(nodes) (τ: identity or `time`).
+
+    nodes: the k noise levels of the history, newest (= sigma) first. Then Σ_j b_j ε̂_j is the
+    integral over the step of the degree-(k−1) interpolant of ε̂ in τ. With τ = σ the rule is
+    exact (Gauss–Legendre, degree ≤ 63) and gives the variable-step Adams–Bashforth weights;
+    with equal steps these are h·AB_COEFFS.
+    """
+    time = time or (lambda s: np.asarray(s, dtype=np.float64))
+    half = (sigma_next - sigma) / 2
+    s = sigma + half * (_GL_NODES + 1)                          # quadrature points in [σ, σ_next]
+    tau, tau_nodes = time(s), time(np.asarray(nodes, dtype=np.float64))
+    weights = []
+    for j, tau_j in enumerate(tau_nodes):
+        basis = np.ones_like(tau)
+        for m, tau_m in enumerate(tau_nodes):
+            if m != j:
+                basis *= (tau - tau_m) / (tau_j - tau_m)
+        weights.append(float(half * (_GL_WEIGHTS @ basis)))
+    return weights
+
+
+def _adams_bashforth(denoiser, x: Tensor, sigmas: Tensor, max_order: int,
+                     step_weights: Callable[[list[float], float, float], list[float]],
+                     callback: Callback, afs: bool, **cond: Any) -> Tensor:
+    """x_{i+1} = x_i + Σ_j b_j ε̂_{i−j}, j < k = min(max_order, i + 1); b = step_weights(nodes, σ_i, σ_{i+1})."""
+    sigma_list = sigmas.tolist()
+    history: list[Tensor] = []                                   # ε̂_i, ε̂_{i−1}, … (newest first)
+    for i, (sigma, sigma_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
+        d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)
+        history = [d] + history[: max_order - 1]
+        if sigma_next == 0:
+            x = x - sigma * d                                    # x ← D(x; σ): exact Euler step to σ = 0
+        else:
+            nodes = sigma_list[i::-1][: len(history)]            # σ_i, σ_{i−1}, …
+            b = step_weights(nodes, sigma, sigma_next)
+            x = x + sum(b_j * d_j for b_j, d_j in zip(b, history))
+        if callback:
+            callback(i, x, sigma_next)
+    return x
+
+
+def _check_order(name: str, order: int, highest: int) -> None:
+    if int(order) != order or not 1 <= order <= highest:
+        raise ConfigError(f"{name} must be an integer in 1..{highest}, got {order!r}")
+
+
+def ipndm(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
+          max_order: int = 4, **cond: Any) -> Tensor:
+    """Improved PNDM (Zhang & Chen 2023; AMED paper §2): Adams–Bashforth on ε̂ with the fixed
+    equal-step coefficients AB_COEFFS, order 1, 2, 3, 4 as history accumulates:
+    x_{i+1} = x_i + (σ_{i+1} − σ_i)·Σ_j c_j ε̂_{i−j}.
+
+    The coefficients assume equal steps in σ. On any other grid (Karras, logSNR) they miss the
+    variable-step weights of `ipndm_v` by O(r − 1) = O(h) (r the ratio of successive steps); times
+    the O(h) differences of the ε̂'s and the step h that is a local error O(h³), so the global
+    order is 2 there (measured 2.03 on a logSNR grid) and max_order only on a σ-uniform grid.
+
+    x: [B, ...] at sigmas[0]; sigmas: [N] decreasing, may end at 0. Returns x at sigmas[-1].
+    NFE = N − 1 (− 1 with AFS).
+    """
+    _check_order("max_order", max_order, len(AB_COEFFS))
+
+    def fixed_step(nodes: list[float], sigma: float, sigma_next: float) -> list[float]:
+        return [(sigma_next - sigma) * c for c in AB_COEFFS[len(nodes) - 1]]
+
+    return _adams_bashforth(denoiser, x, sigmas, max_order, fixed_step, callback, afs, **cond)
+
+
+def ipndm_v(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
+            max_order: int = 4, **cond: Any) -> Tensor:
+    """iPNDM with variable-step Adams–Bashforth weights (the "iPNDM-v" of the AMED paper's code
+    base; = ρAB-DEIS, Zhang & Chen 2023, §4): ε̂ is interpolated by the Lagrange polynomial in σ
+    through (σ_{i−j}, ε̂_{i−j}), j < k, and integrated exactly over [σ_i, σ_{i+1}]:
+    b_j = ∫ ℓ_j(σ) dσ (`lagrange_integrals`). In closed form, with h = σ_{i+1} − σ_i and the
+    nodes in step units u_j = (σ_{i−j} − σ_i)/h (u_0 = 0, u_1 = −1/r, r = h/(σ_i − σ_{i−1})):
+      AB2: b = h·(1 + r/2, −r/2)
+      AB3: b_j = h·∫_0^1 Π_{m≠j}(u − u_m)/(u_j − u_m) du, i.e. with a = u_1, c = u_2:
+           b_0 = h(1/3 − (a + c)/2 + ac)/(ac), b_1 = h(1/3 − c/2)/(a(a − c)), b_2 = h(1/3 − a/2)/(c(c − a))
+    and likewise AB4 (one formula for every order). Equal steps give back AB_COEFFS.
+
+    x: [B, ...] at sigmas[0]; sigmas: [N] decreasing, may end at 0. Returns x at sigmas[-1].
+    Order max_order on any smooth grid (see the module note on warm-up). NFE = N − 1 (− 1 with AFS).
+    """
+    _check_order("max_order", max_order, 4)
+    return _adams_bashforth(denoiser, x, sigmas, max_order, lagrange_integrals, callback, afs, **cond)
+
+
+def deis(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
+         order: int = 3, **cond: Any) -> Tensor:
+    """DEIS-tAB (Zhang & Chen 2023, §4): the exponential integrator with ε̂ extrapolated by a Lagrange
+    polynomial in the diffusion time t through the last `order` points, integrated exactly.
+
+    σ-space (VE) form: after the rescaling x_σ = x_vp/α the transition Ψ is the identity and the
+    weight ½GGᵀL⁻ᵀ becomes dσ/dt, so the tAB update reads x_{i+1} = x_i + Σ_j C_ij ε̂_{i−j} with
+    C_ij = ∫_{t_i}^{t_{i+1}} ℓ_j(t) σ'(t) dt = ∫_{σ_i}^{σ_{i+1}} ℓ_j(t(σ)) dσ, t the VP-SDE time of
+    DEIS's experiments (β_min = 0.1, β_d = 19.9). With t = σ this would be ρAB-DEIS = `ipndm_v`.
+
+    x: [B, ...] at sigmas[0]; sigmas: [N] decreasing, may end at 0. Returns x at sigmas[-1].
+    Order `order` (≤ 4). NFE = N − 1 (− 1 with AFS).
+    """
+    _check_order("order", order, 4)
+
+    def tab_weights(nodes: list[float], sigma: float, sigma_next: float) -> list[float]:
+        return lagrange_integrals(nodes, sigma, sigma_next, time=vp_time)
+
+    return _adams_bashforth(denoiser, x, sigmas, order, tab_weights, callback, afs, **cond)
+
+
+# ----- UniPC -------------------------------------------------------------------------------------
+def _unipc_weights(h: float, ratios: Sequence[float]) -> list[float]:
+    """ρ for UniP-p / UniC-p with B(h) = e^{−h} − 1 ("bh2", the paper's expm1(h) with h → −h for
+    the data prediction; Zhao et al. 2023).
+
+    ratios r_m = (λ_{i−m} − λ_i)/h of the earlier points (and, for the corrector, r = 1 for the
+    new one). ρ solves Σ_m ρ_m r_m^{k−1} = k!·(−h)φ_{k+1}(−h)/B(h), k = 1..len(ratios), the
+    order conditions R_p ρ = g_p/B(h) of the paper, φ_1(z) = expm1(z)/z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z.
+    With one unknown the paper fixes ρ = ½ (equal to the solution up to O(h), enough for the order).
+    """
+    if len(ratios) == 1:
+        return [0.5]
+    z = -h
+    b_h = math.expm1(z)
+    phi, factorial, g = math.expm1(z) / z, 1, []
+    for k in range(1, len(ratios) + 1):
+        phi = (phi - 1 / factorial) / z                          # φ_{k+1}(z)
+        g.append(factorial * z * phi / b_h)                      # k!·zφ_{k+1}(z)/B(h)
+        factorial *= k + 1
+    vandermonde = np.vander(np.asarray(ratios, dtype=np.float64), increasing=True).T   # rows r^{k−1}
+    return np.linalg.solve(vandermonde, np.asarray(g)).tolist()
+
+
+def _unipc_step(x: Tensor, sigma: float, sigma_next: float, x0_hats: list[tuple[float, Tensor]],
+                order: int, x0_hat_next: Tensor | None = None) -> Tensor:
+    """One UniP-p step from (σ, x), or with x0_hat_next the UniC-p correction of its result.
+
+    x0_hats: [(λ, D)] newest last, the last one at σ. The paper's data-prediction update, in VP
+    variables (x_vp = α·x, σ_vp = α·σ, λ = log(α/σ_vp) = −log σ, h = λ_next − λ > 0), is
+      x_vp' = (σ_vp'/σ_vp)·x_vp − α'·(e^{−h} − 1)·D_0 − α'·B(h)·Σ_m ρ_m·(D_m − D_0)/r_m.
+    Since (σ_vp'/σ_vp)·x_vp = α'·(σ'/σ)·x, every term carries α' and dividing by it gives the
+    σ-space form (α = 1), with B(h) = e^{−h} − 1:
+      x' = (σ'/σ)·x − (e^{−h} − 1)·D_0 − B(h)·Σ_m ρ_m·(D_m − D_0)/r_m
+    whose first two terms alone are DDIM (= DPM-Solver++1). The corrector adds the new point's
+    difference D_next − D_0 at r = 1 to the sum.
+    """
+    lam, x0_hat = x0_hats[-1]
+    h = math.log(sigma / sigma_next)
+    earlier = x0_hats[-order:-1][::-1] if order > 1 else []     # D_{i−1}, D_{i−2}, …
+    ratios = [(lam_m - lam) / h for lam_m, _ in earlier]
+    diffs = [(x0_m - x0_hat) / r_m for r_m, (_, x0_m) in zip(ratios, earlier)]
+    if x0_hat_next is not None:                                  # UniC-p: p − 1 earlier points + the new one
+        ratios, diffs = ratios + [1.0], diffs + [x0_hat_next - x0_hat]
+    x = (sigma_next / sigma) * x - math.expm1(-h) * x0_hat
+    if diffs:
+        rho = _unipc_weights(h, ratios)
+        x = x - math.expm1(-h) * sum(rho_m * d_m for rho_m, d_m in zip(rho, diffs))
+    return x
+
+
+def unipc(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
+          order: int = 3, lower_order_final: bool = True, **cond: Any) -> Tensor:
+    """UniPC, B(h) = expm1(h) ("bh2") variant, data prediction (Zhao et al. 2023: the UniP-p
+    predictor and the UniC-p corrector, multistep), in σ-space with λ = −log σ.
+
+    Step i: evaluate D_i at the predicted x_i; correct x_i with UniC (using D_i, which is not
+    re-evaluated at the corrected point: one evaluation per step); predict x_{i+1} with UniP of
+    order min(order, i + 1). With fewer than LOWER_ORDER_FINAL_BELOW steps and lower_order_final,
+    step i's order is also at most N − 1 − i (the last step first order), as diffusers does.
+    No corrector after the last step; a last step to σ = 0 is x ← D. `callback` sees the
+    predicted state (the corrected one exists only after the next evaluation).
+
+    Matches diffusers' UniPCMultistepScheduler(predict_x0=True, solver_type="bh2") on the same
+    grid, with its lower_order_final=True below 15 steps and =False from 15 on.
+    x: [B, ...] at sigmas[0]; sigmas: [N] decreasing, may end at 0. Returns x at sigmas[-1].
+    `order` ≤ 3 is UniP's; UniC raises it by one (measured global order 3.7–4 for order 3, 3.0
+    for order 2). NFE = N − 1 (− 1 with AFS).
+    """
+    _check_order("order", order, 3)
+    sigma_list = sigmas.tolist()
+    n_steps = len(sigma_list) - 1
+    x0_hats: list[tuple[float, Tensor]] = []                     # (λ_j, D_j), newest last
+    x_prev, order_prev = x, 0
+    for i, (sigma, sigma_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
+        x0_hat = x - sigma * first_eps(denoiser, x, sigma, afs and i == 0, **cond)   # D = x − σ·ε̂
+        if sigma_next == 0:
+            x = x0_hat                                           # last step to σ = 0: x ← D
+        else:
+            if i > 0:                                            # UniC-p on the previous step
+                x = _unipc_step(x_prev, sigma_list[i - 1], sigma, x0_hats, order_prev, x0_hat_next=x0_hat)
+            x0_hats = (x0_hats + [(-math.log(sigma), x0_hat)])[-order:]
+            step_order = min(order, i + 1)
+            if lower_order_final and n_steps < LOWER_ORDER_FINAL_BELOW:
+                step_order = min(step_order, n_steps - i)
+            x_prev, order_prev = x, step_order
+            x = _unipc_step(x, sigma, sigma_next, x0_hats, step_order)   # UniP-p
+        if callback:
+            callback(i, x, sigma_next)
+    return x
+
+
+def _one_per_step(n: int, to_zero: bool, afs: bool) -> int:
+    return n - 1 - int(afs)
+
+
+MULTISTEP_SOLVERS: dict[str, Solver] = {
+    "ipndm": Solver(ipndm, _one_per_step, order=4),              # 4 on σ-uniform grids, 2 on others
+    "ipndm_v": Solver(ipndm_v, _one_per_step, order=4),
+    "deis": Solver(deis, _one_per_step, order=3),
+    "unipc": Solver(unipc, _one_per_step, order=3),              # UniP order; with UniC ≈ 4 measured
+}
