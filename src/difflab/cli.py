@@ -99,11 +99,16 @@ def train(
 @app.command()
 def sample(
     model: Path = typer.Option(..., help="model folder (difflab or diffusers)"),
-    solver: str = typer.Option("heun", help="euler | heun"),
-    nfe: int = typer.Option(35, min=1, help="model evaluations to spend (the grid is built to spend exactly this)"),
-    grid: str = typer.Option("karras", help="karras | logsnr"),
+    solver: str = typer.Option("heun", help="euler | heun | dpm2 | dpmpp_2m | dpmpp_3m | ipndm | ipndm_v | unipc | "
+                               "deis | euler_maruyama | amed (with --predictor)"),
+    nfe: Optional[int] = typer.Option(None, min=1, help="model evaluations to spend; the grid is built to spend "
+                                      "exactly this (default 35; with --solver amed, the predictor's)"),
+    grid: str = typer.Option("karras", help="karras | logsnr | time_uniform | time_quadratic | discrete"),
+    afs: bool = typer.Option(False, "--afs", help="analytical first step: replace the first evaluation by "
+                             "x/sqrt(1+σ²) (saves one evaluation)"),
     to_zero: bool = typer.Option(True, help="end the grid with σ = 0 (a last Euler step to the denoised sample, "
                                  "as in EDM: Heun at 35 NFE = 18 steps)"),
+    predictor: Optional[Path] = typer.Option(None, help="AMED predictor folder (from `difflab amed fit`)"),
     n: int = typer.Option(64, min=1, help="number of samples"),
     seed: int = typer.Option(0, help="sample i uses seed SEED+i, whatever the batch size"),
     batch_size: int = typer.Option(256, min=1),
@@ -113,18 +118,13 @@ def sample(
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Sample a model with a solver at an exact NFE budget; writes .npz or a .png grid."""
-    import numpy as np
     import torch
 
     from . import load
-    from .report import save_image_grid
-    from .sampling import SOLVERS, get_sigmas, points_for_nfe, sample as run_sample, seeded_noise
-    from .errors import UnknownNameError
 
     check_output(out, force, (".npz", ".png"))
-    if solver not in SOLVERS:
-        raise UnknownNameError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    points = points_for_nfe(nfe, lambda k: SOLVERS[solver].nfe(k, to_zero, False), solver)
+    if (solver == "amed") != (predictor is not None):
+        raise ConfigError("--solver amed needs --predictor DIR, and --predictor needs --solver amed")
     dev = resolve_device(device)
     denoiser = load(model, device=dev)
     data_shape = getattr(denoiser, "data_shape", None)
@@ -132,27 +132,106 @@ def sample(
         raise ConfigError(f"{model} does not record its data shape; cannot draw noise for it")
     if out.suffix == ".png" and len(data_shape) != 3:
         raise ConfigError(f"a .png grid needs image data, this model's samples have shape {tuple(data_shape)}")
-    sigma_min = max(getattr(denoiser, "sigma_min", 0.002) or 0.002, 0.002)
-    sigma_max = min(getattr(denoiser, "sigma_max", 80.0), 80.0)
-    sigmas = get_sigmas(grid, points - int(to_zero), sigma_min, sigma_max)
-    if to_zero:
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    run = (_amed_runner(denoiser, predictor, nfe, dev) if solver == "amed"
+           else _solver_runner(denoiser, solver, 35 if nfe is None else nfe, grid, afs, to_zero))
     chunks = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
             seeds = range(seed + start, seed + min(n, start + batch_size))
-            x = seeded_noise(seeds, data_shape, float(sigmas[0]), device=dev)
             cond = {} if class_label is None else {"class_labels": torch.full((len(seeds),), class_label, device=dev)}
-            chunks.append(run_sample(denoiser, x, sigmas, solver=solver, **cond).cpu())
-    samples = torch.cat(chunks)
+            chunks.append(run(seeds, data_shape, dev, cond).cpu())
+    _write_samples(torch.cat(chunks), out)
+    typer.echo(json.dumps({"out": str(out), "n": n, "solver": solver, "nfe": run.nfe, "points": run.points}))
+
+
+def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zero: bool):
+    """A batch sampler for a registered solver on the grid that spends exactly `nfe`."""
+    from .sampling import PerSampleGenerator, sample as run_sample, seeded_noise, sigmas_for_nfe
+
+    sigma_min = max(getattr(denoiser, "sigma_min", 0.002) or 0.002, 0.002)
+    sigma_max = min(getattr(denoiser, "sigma_max", 80.0), 80.0)
+    sigmas = sigmas_for_nfe(solver, nfe, grid, sigma_min, sigma_max, afs=afs, to_zero=to_zero)
+
+    def run(seeds, shape, device, cond):
+        x = seeded_noise(seeds, shape, float(sigmas[0]), device=device)
+        # a stochastic solver's per-step noise comes from seeds disjoint from the initial noise's
+        generator = PerSampleGenerator([s + 2**40 for s in seeds])
+        return run_sample(denoiser, x, sigmas, solver=solver, generator=generator, afs=afs, **cond)
+
+    run.nfe, run.points = nfe, len(sigmas)
+    return run
+
+
+def _amed_runner(denoiser, predictor_dir: Path, nfe: int | None, device: str):
+    """A batch sampler for AMED-Solver with a fitted predictor (refused for another model or NFE)."""
+    from .sampling import seeded_noise
+    from .sampling.amed import amed_solver, check_predictor, load_predictor, predictor_sigmas
+
+    predictor = load_predictor(predictor_dir, base_model=denoiser, nfe=nfe, device=device)
+    sigmas = predictor_sigmas(predictor)
+    afs = predictor.fitted_for.get("afs", True)
+    check_predictor(predictor, denoiser, sigmas, afs)
+
+    def run(seeds, shape, device, cond):
+        x = seeded_noise(seeds, shape, float(sigmas[0]), device=device)
+        return amed_solver(denoiser, x, sigmas, predictor, afs=afs, check=False, **cond)
+
+    run.nfe, run.points = predictor.nfe, len(sigmas)
+    return run
+
+
+def _write_samples(samples, out: Path) -> None:
+    """.png: an image grid; .npz: array `x`. Written to a temporary name and renamed."""
+    import numpy as np
+
+    from .report import save_image_grid
+
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         save_image_grid(samples, out)
-    else:
-        tmp = out.with_name(f".{out.name}.tmp.npz")
-        np.savez(tmp, x=samples.numpy())
-        tmp.replace(out)
-    typer.echo(json.dumps({"out": str(out), "n": n, "solver": solver, "nfe": nfe, "points": points}))
+        return
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, x=samples.numpy())
+    tmp.replace(out)
+
+
+amed_app = typer.Typer(no_args_is_help=True, help="AMED: a tiny learned predictor for ~5-step sampling "
+                                                  "(Zhou et al., CVPR 2024).")
+app.add_typer(amed_app, name="amed")
+
+
+@amed_app.command("fit")
+def amed_fit(
+    model: Path = typer.Option(..., help="base model folder"),
+    nfe: int = typer.Option(5, min=2, help="evaluations to fit for (with AFS: 3, 5, 7, 9 ↔ 3, 4, 5, 6 grid points)"),
+    base_solver: str = typer.Option("dpm2", help="dpm2 (AMED-Solver); AMED-Plugin on other solvers is not "
+                                    "implemented yet"),
+    grid: str = typer.Option("karras", help="grid family (the teacher uses the same family)"),
+    teacher: str = typer.Option("heun", help="teacher solver for the reference trajectories"),
+    m: int = typer.Option(1, "--M", min=0, help="extra teacher points per student interval"),
+    trajectories: int = typer.Option(10_000, min=1, help="teacher trajectories to fit on"),
+    batch_size: int = typer.Option(128, min=1),
+    out: Path = typer.Option(..., help="predictor folder to write"),
+    seed: int = typer.Option(0),
+    device: Device = typer.Option(Device.auto),
+    force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
+) -> None:
+    """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
+    from . import load
+    from .train.amed import default_config, fit_amed
+
+    check_output(out, force)
+    if base_solver != "dpm2":
+        raise ConfigError(f"--base-solver {base_solver!r}: only dpm2 (AMED-Solver) is implemented; "
+                          "AMED-Plugin on other solvers is not yet")
+    dev = resolve_device(device)
+    denoiser = load(model, device=dev)
+    predictor = fit_amed(denoiser, nfe, grid=grid, teacher=teacher, M=m, trajectories=trajectories,
+                         batch_size=batch_size, config=default_config(seed=seed, device=dev),
+                         out_dir=out.with_name(out.name + ".checkpoints"), progress=True)
+    predictor.save(out, overwrite=force)
+    typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid, "parameters":
+                           sum(p.numel() for p in predictor.parameters())}))
 
 
 @app.command()

@@ -102,3 +102,29 @@ def test_train_digits_unet_and_sample_a_png_grid(tmp_path, capsys):
                           "--class", "7", "--out", tmp_path / "g.png"], capsys)
     assert code == 0, err
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_registered_solver_runs_from_the_cli_at_an_exact_budget(gmm_model, tmp_path, capsys):
+    from difflab.sampling import SOLVERS
+
+    for name in SOLVERS:
+        code, out, err = run(["sample", "--model", gmm_model, "--solver", name, "--nfe", "8", "--afs", "--n", "4",
+                              "--out", tmp_path / f"{name}.npz"], capsys)
+        assert code == 0, (name, err)
+        assert json.loads(out)["nfe"] == 8 and np.isfinite(np.load(tmp_path / f"{name}.npz")["x"]).all()
+
+
+def test_amed_fit_then_sample_and_refusal_for_another_nfe(gmm_model, tmp_path, capsys):
+    code, out, err = run(["amed", "fit", "--model", gmm_model, "--nfe", "5", "--trajectories", "64",
+                          "--batch-size", "32", "--out", tmp_path / "amed", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert 8_000 < json.loads(out.strip().splitlines()[-1])["parameters"] < 10_000
+    code, out, err = run(["sample", "--model", gmm_model, "--solver", "amed", "--predictor", tmp_path / "amed",
+                          "--n", "6", "--out", tmp_path / "a.npz"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["nfe"] == 5 and np.load(tmp_path / "a.npz")["x"].shape == (6, 2)
+    code, _, err = run(["sample", "--model", gmm_model, "--solver", "amed", "--predictor", tmp_path / "amed",
+                        "--nfe", "7", "--out", tmp_path / "b.npz"], capsys)
+    assert code == 2 and "NFE 5" in err and not (tmp_path / "b.npz").exists()
+    code, _, err = run(["sample", "--model", gmm_model, "--solver", "amed", "--out", tmp_path / "c.npz"], capsys)
+    assert code == 2 and "--predictor" in err

@@ -23,7 +23,7 @@ import numpy as np
 from torch import Tensor
 
 from ..errors import ConfigError
-from .solvers import Solver, first_eps
+from .solvers import LOWER_ORDER_FINAL_BELOW, Solver, first_eps
 
 Callback = Callable[[int, Tensor, float], None] | None
 
@@ -39,11 +39,6 @@ AB_COEFFS: tuple[tuple[float, ...], ...] = (
 # Gauss–Legendre rule on [−1, 1]: 32 nodes integrate polynomials of degree ≤ 63 exactly, and the
 # smooth DEIS integrand to round-off.
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(32)
-
-# with fewer steps than this, UniPC lowers its order at the end (the same threshold as
-# solvers.LOWER_ORDER_FINAL_BELOW, diffusers' DPMSolverMultistepScheduler; repeated here because
-# this module may import only Solver and first_eps from solvers.py)
-LOWER_ORDER_FINAL_BELOW = 15
 
 # VP-SDE time of DEIS's experiments (Song et al. 2021, β(t) = β_min + β_d·t):
 # σ(t) = sqrt(exp(½β_d t² + β_min t) − 1), as in METHODS.md §1 (time-uniform grids).
