@@ -193,10 +193,8 @@ SOLVERS: dict[str, Solver] = {
     "euler_maruyama": Solver(euler_maruyama, _one_per_step, stochastic=True, order=1),   # weak order
 }
 
-try:  # the multistep family (iPNDM, UniPC, DEIS) registers itself; it imports Solver and first_eps above
-    from .multistep import MULTISTEP_SOLVERS
-except ImportError as error:
-    if not (isinstance(error, ModuleNotFoundError) and error.name == f"{__package__}.multistep"):
-        raise                                   # a broken multistep module must not vanish silently
-    MULTISTEP_SOLVERS = {}
+# the multistep family (iPNDM, UniPC, DEIS) lives in its own module; it imports Solver, first_eps and
+# LOWER_ORDER_FINAL_BELOW from here, so it is imported last
+from .multistep import MULTISTEP_SOLVERS  # noqa: E402
+
 SOLVERS.update(MULTISTEP_SOLVERS)
