@@ -8,29 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import solve_ivp
-from scipy.special import logsumexp
 
 import difflab
 from difflab import GaussianMixture, get_sigmas, sample, seeded_noise
 from difflab.errors import ConfigError, NonFiniteError, ShapeError, SigmaRangeError, UnknownNameError
 from difflab.sampling import SOLVERS, check_grid
 from tests.conftest import np_denoiser
-
-
-def _t(a) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a), dtype=torch.float64)
-
-
-class CountingDenoiser(torch.nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.base, self.calls = base, 0
-        self.data_shape = getattr(base, "data_shape", None)
-
-    def forward(self, x, sigma, **cond):
-        self.calls += 1
-        return self.base(x, sigma, **cond)
+from tests.sampling.helpers import CountingDenoiser, as_f64, dop853_reference
 
 
 # ----- grids ------------------------------------------------------------------------------------
@@ -153,10 +137,10 @@ def test_one_euler_and_one_heun_step_match_their_formulas(mix2d, rng):
     d0 = (x0 - np_denoiser(mix2d, x0, s0)) / s0
     x_euler = x0 + (s1 - s0) * d0
     d1 = (x_euler - np_denoiser(mix2d, x_euler, s1)) / s1
-    grid = _t([s0, s1])
+    grid = as_f64([s0, s1])
     # float64 round-off; using σ1 for d0 or dropping the ½ changes x1 by > 0.01
-    np.testing.assert_allclose(sample(mix2d.model, _t(x0), grid, "euler").numpy(), x_euler, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(sample(mix2d.model, _t(x0), grid, "heun").numpy(), x0 + (s1 - s0) * (d0 + d1) / 2,
+    np.testing.assert_allclose(sample(mix2d.model, as_f64(x0), grid, "euler").numpy(), x_euler, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sample(mix2d.model, as_f64(x0), grid, "heun").numpy(), x0 + (s1 - s0) * (d0 + d1) / 2,
                                rtol=0, atol=1e-12)
 
 
@@ -169,7 +153,7 @@ def _single_gaussian_solution(x_start, sigma_start, sigma_end):
 
 
 def _errors(denoiser, x_start, reference, solver, kind, step_counts, sigma_min, sigma_max):
-    return np.array([np.abs(sample(denoiser, _t(x_start), get_sigmas(kind, steps + 1, sigma_min, sigma_max),
+    return np.array([np.abs(sample(denoiser, as_f64(x_start), get_sigmas(kind, steps + 1, sigma_min, sigma_max),
                                    solver=solver).numpy() - reference).max() for steps in step_counts])
 
 
@@ -189,31 +173,11 @@ def test_euler_is_first_and_heun_second_order_on_single_gaussian(kind, rng):
     assert heun_err[-1] < 1e-2 and euler_err[-1] < 0.2
 
 
-def _np_denoiser_vectorised(case, x, sigma):
-    """E[x0 | x_σ] for the mixture, vectorised over the batch (numpy only), for the ODE reference."""
-    log_r, x0_k = [], []
-    for mean, cov, weight in zip(case.means, case.covs, case.weights):
-        cov_marg = cov + sigma**2 * np.eye(case.dim)
-        solved = np.linalg.solve(cov_marg, (x - mean).T).T
-        log_det = np.linalg.slogdet(2 * np.pi * cov_marg)[1]
-        log_r.append(np.log(weight) - 0.5 * ((x - mean) * solved).sum(1) - 0.5 * log_det)
-        x0_k.append(mean + solved @ cov.T)
-    log_r = np.stack(log_r, 1)
-    return np.einsum("bk,kbd->bd", np.exp(log_r - logsumexp(log_r, 1, keepdims=True)), np.stack(x0_k))
-
-
 def test_euler_is_first_and_heun_second_order_on_mixture_against_dop853_reference(mix2d, rng):
     sigma_max, sigma_min = 10.0, 0.05
     x_start = sigma_max * rng.standard_normal((16, 2))
 
-    def dx_dlogsigma(log_sigma, x_flat):                         # dx/d ln σ = σ·ε̂ = x − D(x; σ)
-        x = x_flat.reshape(-1, 2)
-        return (x - _np_denoiser_vectorised(mix2d, x, math.exp(log_sigma))).ravel()
-
-    ode = solve_ivp(dx_dlogsigma, (math.log(sigma_max), math.log(sigma_min)), x_start.ravel(),
-                    method="DOP853", rtol=1e-12, atol=1e-12)
-    assert ode.success
-    reference = ode.y[:, -1].reshape(-1, 2)                      # error ~1e-10, far below the solvers'
+    reference = dop853_reference(mix2d, x_start, sigma_max, sigma_min)
     euler_err = _errors(mix2d.model, x_start, reference, "euler", "logsnr", [32, 64], sigma_min, sigma_max)
     heun_err = _errors(mix2d.model, x_start, reference, "heun", "logsnr", [32, 64], sigma_min, sigma_max)
     # measured ratios 2.05 and 4.18 on this grid; the ranges exclude the neighbouring order
@@ -227,7 +191,7 @@ def test_euler_is_first_and_heun_second_order_on_mixture_against_dop853_referenc
 def test_sample_to_sigma_zero_returns_the_denoiser_output_at_the_last_positive_sigma(mix2d, solver, rng):
     grid = get_sigmas("logsnr", 9, 0.05, 10.0)
     grid_to_zero = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
-    x_start = _t(10 * rng.standard_normal((6, 2)))
+    x_start = as_f64(10 * rng.standard_normal((6, 2)))
     counting = CountingDenoiser(mix2d.model)
     out = sample(counting, x_start, grid_to_zero, solver=solver)
     x_last = sample(mix2d.model, x_start, grid, solver=solver).numpy()
@@ -241,7 +205,7 @@ def test_sample_to_sigma_zero_returns_the_denoiser_output_at_the_last_positive_s
 def test_every_solver_steps_to_sigma_zero_with_one_evaluation_returning_the_denoised_state(mix2d, solver, rng):
     grid = torch.cat([get_sigmas("logsnr", 9, 0.05, 10.0), torch.zeros(1, dtype=torch.float64)])
     states, counting = {}, CountingDenoiser(mix2d.model)
-    out = sample(counting, _t(10 * rng.standard_normal((6, 2))), grid, solver=solver,
+    out = sample(counting, as_f64(10 * rng.standard_normal((6, 2))), grid, solver=solver,
                  generator=torch.Generator().manual_seed(0), callback=lambda i, x, s: states.setdefault(i, x))
     # the last step is x ← D(x; σ_{N−2}) (up to round-off), whatever the solver's own update
     np.testing.assert_allclose(out.numpy(), np_denoiser(mix2d, states[7].numpy(), float(grid[-2])), rtol=0, atol=1e-12)
@@ -281,7 +245,7 @@ def test_nan_from_the_denoiser_raises_non_finite_error_naming_solver_and_step(so
     grid = get_sigmas("logsnr", 6, 0.1, 10.0)  # 10, 3.98, 1.58, 0.63, 0.25, 0.1
     # NaN for σ < 1: Euler first evaluates σ_3 = 0.63 at step 3; Heun already at step 2 (its corrector)
     with pytest.raises(NonFiniteError, match=rf"'{solver}'.*step {step}\b"):
-        sample(_nan_below(1.0), _t(rng.standard_normal((4, 2))), grid, solver=solver)
+        sample(_nan_below(1.0), as_f64(rng.standard_normal((4, 2))), grid, solver=solver)
 
 
 def test_unknown_solver_raises_unknown_name_error_before_any_call(mix2d):

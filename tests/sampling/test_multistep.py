@@ -10,7 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import quad, solve_ivp
+from scipy.integrate import quad
 
 import difflab
 from difflab import GaussianMixture, get_sigmas
@@ -19,25 +19,10 @@ from difflab.errors import ConfigError
 from difflab.sampling import SOLVERS
 from difflab.sampling.multistep import (MULTISTEP_SOLVERS, deis, ipndm, ipndm_v, lagrange_integrals, unipc,
                                         vp_time)
-from tests.sampling.test_grids_and_solvers import _np_denoiser_vectorised
+from tests.sampling.helpers import CountingDenoiser, as_f64, dop853_reference
 
 NAMES = ["ipndm", "ipndm_v", "deis", "unipc"]
 FNS = {"ipndm": ipndm, "ipndm_v": ipndm_v, "deis": deis, "unipc": unipc}
-
-
-def _t(a) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a), dtype=torch.float64)
-
-
-class CountingDenoiser(torch.nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.base, self.calls = base, 0
-        self.data_shape = getattr(base, "data_shape", None)
-
-    def forward(self, x, sigma, **cond):
-        self.calls += 1
-        return self.base(x, sigma, **cond)
 
 
 # ----- step weights --------------------------------------------------------------------------------
@@ -105,7 +90,7 @@ def _single_gaussian_solution(x_start, sigma_start, sigma_end):
 
 def _slope(denoiser, fn, x_start, reference, step_counts, kind="logsnr", **kwargs):
     """−d log(max error)/d log(steps), least squares over the step counts; also the errors."""
-    errors = np.array([np.abs(fn(denoiser, _t(x_start), get_sigmas(kind, steps + 1, SIGMA_MIN, SIGMA_MAX),
+    errors = np.array([np.abs(fn(denoiser, as_f64(x_start), get_sigmas(kind, steps + 1, SIGMA_MIN, SIGMA_MAX),
                                  **kwargs).numpy() - reference).max() for steps in step_counts])
     return -np.polyfit(np.log(step_counts), np.log(errors), 1)[0], errors
 
@@ -143,7 +128,7 @@ def test_ipndm_on_an_equal_step_grid_is_ipndm_v(rng):
     iPNDM inherits iPNDM-v's 4th order there. (A σ-uniform grid cannot show the order directly: its
     coarse steps at small σ or its Euler warm-up step at large σ dominate the error.)"""
     gaussian = GaussianMixture(MU[None], stds=STD[None])
-    x_start = _t(3.0 * rng.standard_normal((16, 2)))
+    x_start = as_f64(3.0 * rng.standard_normal((16, 2)))
     for n in (5, 12):
         grid = torch.linspace(3.0, 1.0, n + 1, dtype=torch.float64)
         # float64 round-off of the quadrature weights; a wrong AB coefficient moves it by > 1e-4
@@ -159,14 +144,7 @@ def test_multistep_solver_converges_to_dop853_reference_on_mixture_faster_than_s
     than any second-order method's, with a small final error."""
     x_start = SIGMA_MAX * rng.standard_normal((16, 2))
 
-    def dx_dlogsigma(log_sigma, x_flat):                         # dx/d ln σ = σ·ε̂ = x − D(x; σ)
-        x = x_flat.reshape(-1, 2)
-        return (x - _np_denoiser_vectorised(mix2d, x, math.exp(log_sigma))).ravel()
-
-    ode = solve_ivp(dx_dlogsigma, (math.log(SIGMA_MAX), math.log(SIGMA_MIN)), x_start.ravel(),
-                    method="DOP853", rtol=1e-12, atol=1e-12)
-    assert ode.success
-    reference = ode.y[:, -1].reshape(-1, 2)                      # error ~1e-10, far below the solvers'
+    reference = dop853_reference(mix2d, x_start, SIGMA_MAX, SIGMA_MIN)
     slope, errors = _slope(mix2d.model, FNS[name], x_start, reference, [32, 64, 128], **kwargs)
     # fitted slopes here 3.59, 2.85, 3.17, 3.16 (2.6–4.7 over other seeds; 2.03 for the 2nd-order
     # iPNDM on this grid); final errors 1e-5–6e-5 from |x| ~ 80
@@ -241,18 +219,18 @@ def test_unipc_with_lower_order_final_off_differs_from_diffusers_default_below_1
 @pytest.mark.parametrize("afs", [False, True])
 def test_multistep_solver_spends_exactly_its_registered_nfe(mix2d, name, to_zero, afs, rng):
     for n in (2, 3, 7):
-        grid = get_sigmas("karras", n - int(to_zero), 0.05, 10.0) if n - int(to_zero) >= 2 else _t([10.0])
+        grid = get_sigmas("karras", n - int(to_zero), 0.05, 10.0) if n - int(to_zero) >= 2 else as_f64([10.0])
         if to_zero:
             grid = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
         counting = CountingDenoiser(mix2d.model)
-        SOLVERS[name].fn(counting, _t(10 * rng.standard_normal((4, 2))), grid, afs=afs)
+        SOLVERS[name].fn(counting, as_f64(10 * rng.standard_normal((4, 2))), grid, afs=afs)
         assert counting.calls == SOLVERS[name].nfe(n, to_zero, afs) == n - 1 - int(afs), (n, counting.calls)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_last_step_to_zero_returns_the_denoiser_output_at_the_last_positive_sigma(mix2d, name, rng):
     grid = get_sigmas("logsnr", 21, 0.05, 10.0)                  # 20 steps: no UniPC final-order lowering
-    x_start = _t(10 * rng.standard_normal((6, 2)))
+    x_start = as_f64(10 * rng.standard_normal((6, 2)))
     out = FNS[name](mix2d.model, x_start, torch.cat([grid, torch.zeros(1, dtype=torch.float64)]))
     x_last = FNS[name](mix2d.model, x_start, grid)               # UniPC: the predicted state, as D sees it
     sigma_last = torch.full((6,), float(grid[-1]), dtype=torch.float64)
@@ -278,7 +256,7 @@ class _AfsFirstCall(torch.nn.Module):
 @pytest.mark.parametrize("name", NAMES)
 def test_afs_replaces_only_the_first_epsilon_by_x_over_sqrt_one_plus_sigma_squared(mix2d, name, rng):
     grid = get_sigmas("karras", 8, 0.05, 10.0)
-    x_start = _t(10 * rng.standard_normal((6, 2)))
+    x_start = as_f64(10 * rng.standard_normal((6, 2)))
     with_afs = FNS[name](mix2d.model, x_start, grid, afs=True)
     emulated = FNS[name](_AfsFirstCall(mix2d.model), x_start, grid)
     torch.testing.assert_close(with_afs, emulated, rtol=0, atol=1e-12)   # same arithmetic but the ε̂ round trip
@@ -289,7 +267,7 @@ def test_afs_replaces_only_the_first_epsilon_by_x_over_sqrt_one_plus_sigma_squar
 def test_callback_sees_every_step_with_its_next_sigma(mix2d, name, rng):
     grid = torch.cat([get_sigmas("karras", 6, 0.05, 10.0), torch.zeros(1, dtype=torch.float64)])
     seen = []
-    out = FNS[name](mix2d.model, _t(10 * rng.standard_normal((3, 2))), grid,
+    out = FNS[name](mix2d.model, as_f64(10 * rng.standard_normal((3, 2))), grid,
                     callback=lambda i, x, sigma_next: seen.append((i, x.clone(), sigma_next)))
     assert [i for i, _, _ in seen] == list(range(6)) and [s for _, _, s in seen] == grid[1:].tolist()
     assert torch.equal(seen[-1][1], out)

@@ -9,28 +9,23 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import solve_ivp
 
 from difflab import GaussianMixture, get_sigmas, sample, sigmas_for_nfe
 from difflab.errors import ConfigError, UnknownNameError
 from difflab.metrics.distances import sliced_wasserstein
 from difflab.sampling import SOLVERS, PerSampleGenerator, seeded_noise
 from tests.conftest import np_denoiser
-from tests.sampling.test_grids_and_solvers import (MU, STD, CountingDenoiser, _np_denoiser_vectorised,
-                                                   _single_gaussian_solution)
+from tests.sampling.helpers import CountingDenoiser, as_f64, dop853_reference
+from tests.sampling.test_grids_and_solvers import MU, STD, _single_gaussian_solution
 
 SIGMA_MAX, SIGMA_MIN = 10.0, 0.05
 STEPS = [32, 64, 128]          # asymptotic regime: successive error ratios within 0.05 of 2^p (measured)
 DETERMINISTIC_ORDER = {"euler": 1, "heun": 2, "dpm2": 2, "dpmpp_2m": 2}
 
 
-def _t(a) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a), dtype=torch.float64)
-
-
 def _slope(denoiser, x_start, reference, solver, kind="logsnr", steps=STEPS):
     """−d log(max error)/d log(step count), least squares over `steps`; also the errors."""
-    errors = np.array([np.abs(sample(denoiser, _t(x_start), get_sigmas(kind, n + 1, SIGMA_MIN, SIGMA_MAX),
+    errors = np.array([np.abs(sample(denoiser, as_f64(x_start), get_sigmas(kind, n + 1, SIGMA_MIN, SIGMA_MAX),
                                      solver=solver).numpy() - reference).max() for n in steps])
     return -np.polyfit(np.log(steps), np.log(errors), 1)[0], errors
 
@@ -45,14 +40,7 @@ def gaussian_case(rng):
 def mixture_case(mix2d, rng):
     x_start = SIGMA_MAX * rng.standard_normal((16, 2))
 
-    def dx_dlogsigma(log_sigma, x_flat):                         # dx/d ln σ = σ·ε̂ = x − D(x; σ)
-        x = x_flat.reshape(-1, 2)
-        return (x - _np_denoiser_vectorised(mix2d, x, math.exp(log_sigma))).ravel()
-
-    ode = solve_ivp(dx_dlogsigma, (math.log(SIGMA_MAX), math.log(SIGMA_MIN)), x_start.ravel(),
-                    method="DOP853", rtol=1e-12, atol=1e-12)
-    assert ode.success
-    return mix2d.model, x_start, ode.y[:, -1].reshape(-1, 2)     # reference error ~1e-10, far below the solvers'
+    return mix2d.model, x_start, dop853_reference(mix2d, x_start, SIGMA_MAX, SIGMA_MIN)
 
 
 # ----- convergence order ------------------------------------------------------------------------
@@ -125,7 +113,7 @@ def test_afs_saves_exactly_one_evaluation(solver, to_zero, mix2d, rng):
     calls = {}
     for afs in (False, True):
         counting = CountingDenoiser(mix2d.model)
-        sample(counting, _t(10 * rng.standard_normal((4, 2))), grid, solver=solver, afs=afs,
+        sample(counting, as_f64(10 * rng.standard_normal((4, 2))), grid, solver=solver, afs=afs,
                generator=torch.Generator().manual_seed(0))
         calls[afs] = counting.calls
         assert counting.calls == SOLVERS[solver].nfe(len(grid), to_zero, afs)
@@ -137,7 +125,7 @@ def test_afs_first_step_of_first_order_start_is_x_times_one_plus_h_over_sqrt_one
                                                                                                        rng):
     grid = get_sigmas("karras", 5, 0.05, 10.0)
     x_start, states = 10 * rng.standard_normal((4, 2)), {}
-    sample(mix2d.model, _t(x_start), grid, solver=solver, afs=True, callback=lambda i, x, s: states.setdefault(i, x))
+    sample(mix2d.model, as_f64(x_start), grid, solver=solver, afs=True, callback=lambda i, x, s: states.setdefault(i, x))
     s0, s1 = float(grid[0]), float(grid[1])
     # exact formula; float64 round-off only (DPM-Solver++'s first step is DDIM = Euler in σ-space)
     np.testing.assert_allclose(states[0].numpy(), x_start * (1 + (s1 - s0) / math.sqrt(1 + s0**2)), rtol=1e-12)
@@ -153,7 +141,7 @@ def test_afs_first_step_of_heun_and_dpm2_uses_the_analytical_slope_then_the_mode
                 "dpm2": x0 + (s1 - s0) * eps_np(x0 + (s_mid - s0) * d0, s_mid)}
     for solver, x1 in expected.items():
         states = {}
-        sample(mix2d.model, _t(x0), grid, solver=solver, afs=True, callback=lambda i, x, s: states.setdefault(i, x))
+        sample(mix2d.model, as_f64(x0), grid, solver=solver, afs=True, callback=lambda i, x, s: states.setdefault(i, x))
         np.testing.assert_allclose(states[0].numpy(), x1, rtol=0, atol=1e-10)   # round-off of scipy vs torch
 
 
@@ -193,7 +181,7 @@ def test_euler_maruyama_step_matches_its_formula(mix2d, rng):
     """x' = x + 2(σ1 − σ0)ε̂ + sqrt(2σ0|σ1 − σ0|)·z, with z the generator's next draw."""
     x0, (s0, s1) = 4 * rng.standard_normal((6, 2)), (2.0, 1.3)
     z = torch.randn((6, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64).numpy()
-    out = sample(mix2d.model, _t(x0), _t([s0, s1]), "euler_maruyama", generator=torch.Generator().manual_seed(3))
+    out = sample(mix2d.model, as_f64(x0), as_f64([s0, s1]), "euler_maruyama", generator=torch.Generator().manual_seed(3))
     expected = x0 + 2 * (s1 - s0) * (x0 - np_denoiser(mix2d, x0, s0)) / s0 + math.sqrt(2 * s0 * (s0 - s1)) * z
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)   # float64 round-off
 
