@@ -41,7 +41,7 @@ def test_logsnr_grid_has_constant_log_ratio():
 
 
 @pytest.mark.parametrize("kind, rho", [("time_uniform", 1), ("time_quadratic", 2)])
-@pytest.mark.parametrize("n, sigma_min, sigma_max", [(10, 0.002, 80.0), (2, 0.1, 1.0), (33, 0.01, 157.0)])
+@pytest.mark.parametrize("n, sigma_min, sigma_max", [(10, 0.002, 80.0), (2, 0.01, 10.0), (3, 0.002, 1.0), (33, 0.01, 157.0)])
 def test_vp_time_grids_match_their_formula_start_at_max_end_at_min_and_decrease(kind, rho, n, sigma_min, sigma_max):
     eps_s = 1e-3
     # log(1 + σ²) = ½β_d τ² + β_min τ at τ = 1 (σmax) and τ = ε_s (σmin), solved as a linear system
@@ -266,3 +266,10 @@ def test_sample_of_image_shaped_mixture_keeps_the_shape(rng):
     model = GaussianMixture(rng.standard_normal((2, 4)), stds=[0.5, 1.0], data_shape=(1, 2, 2))
     x = difflab.seeded_noise([1, 2, 3], (1, 2, 2), 5.0, torch.float64)
     assert sample(model, x, get_sigmas("karras", 6, 0.05, 5.0)).shape == (3, 1, 2, 2)
+
+
+@pytest.mark.parametrize("kind", ["time_uniform", "time_quadratic"])
+def test_vp_time_grid_over_a_range_no_increasing_schedule_covers_is_refused(kind):
+    # σ ∈ [0.5, 1] forces β_d < 0 with β_d + β_min < 0: σ(τ) would rise past σ_max inside the range
+    with pytest.raises(SigmaRangeError, match="no increasing VP schedule"):
+        get_sigmas(kind, 4, 0.5, 1.0)

@@ -37,7 +37,8 @@ def vp_beta(sigma_min: float, sigma_max: float, eps_s: float = VP_EPS_S) -> tupl
 def _vp_time(n: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
     """τ_i = (1 + i/(n−1)(ε_s^{1/ρ} − 1))^ρ in VP time, mapped to σ(τ) = sqrt(exp(½β_d τ² + β_min τ) − 1)."""
     beta_d, beta_min = vp_beta(sigma_min, sigma_max)
-    if beta_d * VP_EPS_S + beta_min <= 0:          # dσ²/dτ ∝ β_d τ + β_min must stay > 0 on [ε_s, 1]
+    # dσ²/dτ ∝ β_d τ + β_min must stay > 0 on [ε_s, 1]; it is linear in τ, so both ends decide
+    if min(beta_d * VP_EPS_S + beta_min, beta_d + beta_min) <= 0:
         raise SigmaRangeError(f"no increasing VP schedule maps [{VP_EPS_S}, 1] onto [{sigma_min}, {sigma_max}]; "
                               "use a larger sigma_max/sigma_min ratio or another grid")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
