@@ -56,10 +56,35 @@ def time_quadratic(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0)
     return _vp_time(n, sigma_min, sigma_max, 2.0)
 
 
-def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """ᾱ_t of the linear-β DDPM schedule (Ho et al. 2020): ᾱ_t = Π_{s≤t} (1 − β_s). [T] float64."""
-    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def alphas_cumprod_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                       trained_betas: list[float] | None = None) -> Tensor:
+    """ᾱ_t = Π_{s≤t}(1 − β_s) for a DDPM β schedule, [T] float64.
+
+    linear: β linear in t (Ho et al. 2020); scaled_linear: sqrt(β) linear in t (Stable Diffusion);
+    squaredcos_cap_v2: the cosine schedule ᾱ(τ) ∝ cos²((τ + s)/(1 + s)·π/2), s = 0.008, with
+    β_t = min(1 − ᾱ((t+1)/T)/ᾱ(t/T), 0.999) (Nichol & Dhariwal 2021, eq. 17).
+    """
+    if trained_betas is not None:
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        f = lambda tau: math.cos((tau + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        T = num_train_timesteps
+        betas = torch.tensor([min(1 - f((t + 1) / T) / f(t / T), 0.999) for t in range(T)], dtype=torch.float64)
+    else:
+        raise UnknownNameError(f"unknown beta_schedule {beta_schedule!r}; choose one of {list(BETA_SCHEDULES)}")
     return torch.cumprod(1 - betas, 0)
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """ᾱ_t of the linear-β DDPM schedule (Ho et al. 2020). [T] float64."""
+    return alphas_cumprod_for(num_train_timesteps, beta_start, beta_end, "linear")
 
 
 def discrete_timesteps(num_timesteps: int, n: int) -> Tensor:
