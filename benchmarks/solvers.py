@@ -445,11 +445,12 @@ def main() -> None:
     parser.add_argument("--no-frechet", action="store_true", help="skip the Fréchet-distance comparison")
     args = parser.parse_args()
     wall_start = time.perf_counter()
+    load_start = os.getloadavg()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     quick = args.quick
     mixture_n, mixture_ref, mixture_traj = (256, 500, 1024) if quick else (512, 2000, 4096)
     digits_steps = 100 if quick else DIGITS_STEPS
-    digits_n, digits_ref, digits_traj, digits_batch = (64, 200, 256, 32) if quick else (256, 1000, 4096, 32)
+    digits_n, digits_ref, digits_traj, digits_batch = (64, 200, 256, 32) if quick else (256, 1000, 3072, 32)
 
     log(f"digits model ({digits_steps} steps, cached in {args.cache})")
     digits, train_seconds = digits_model(args.cache / ("digits" if digits_steps == DIGITS_STEPS
@@ -564,6 +565,8 @@ def main() -> None:
     figure(results, args.out_dir / f"solvers{suffix}_error_vs_nfe.png")
     report["figure"] = f"solvers{suffix}_error_vs_nfe.png"
     report["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
+    # 1-minute load averages: well above torch_threads means another process shared the cores
+    report["loadavg_1min"] = {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}
     (args.out_dir / f"solvers{suffix}.json").write_text(json.dumps(report, indent=2))
     log(f"wall time {report['wall_seconds']} s")
 
