@@ -31,10 +31,10 @@ SCRIPT = textwrap.dedent("""
     model = EDMDenoiser(MLP(dim=2, hidden=32, depth=2, zero_init_output=False), sigma_data=1.0)
     loss = denoiser_loss(x, None, 64, sigma_data=1.0)
 
-    def slow_loss(m, g):            # give the parent time to kill us after a checkpoint
+    def slow_loss(m, g, step, micro):   # give the parent time to kill us after a checkpoint
         if slow:
             time.sleep(0.02)
-        return loss(m, g)
+        return loss(m, g, step, micro)
 
     config = TrainConfig(steps=120, lr=1e-2, warmup_steps=5, checkpoint_every=20, log_every=10, device="cpu")
     fit(model, slow_loss, config, out_dir=out, progress=False)

@@ -61,6 +61,16 @@ class EDMDenoiser(nn.Module):
         return write_model_folder(path, self.config(), self.state_dict(), overwrite=overwrite)
 
 
+def vp_scale(sigma: Tensor | float, ndim: int | None = None) -> Tensor:
+    """α = 1/sqrt(1 + σ²): x_vp = α·x_σ is the variance-preserving state at the same noise level.
+
+    sigma: a float or [B]; with ndim, shaped [B, 1, ..., 1] to broadcast against a [B, ...] state.
+    """
+    sigma = torch.as_tensor(sigma)
+    alpha = 1 / (1 + sigma**2).sqrt()
+    return alpha if ndim is None else append_dims(alpha.reshape(-1), ndim)
+
+
 def vp_sigmas(alphas_cumprod: Tensor) -> Tensor:
     """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) for each discrete timestep t (increasing in t)."""
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
@@ -111,7 +121,7 @@ class VPDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         s = append_dims(sigma, x.ndim).to(x.dtype)
-        alpha = 1 / (1 + s**2).sqrt()
+        alpha = vp_scale(s)
         x_vp = alpha * x
         out = self.model(x_vp, self.sigma_to_t(sigma).to(x.dtype), **cond)
         if self.prediction_type == "epsilon":

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.wrappers import VPDenoiser, interp
+from ..core.denoiser import append_dims
+from ..core.wrappers import VPDenoiser, interp, vp_scale
 from ..errors import ConfigError, UnknownNameError
 from .amed import AMEDParams, amed_points, amed_solver
 from .grids import alphas_cumprod_for, get_sigmas
@@ -209,13 +210,11 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
             return request
 
     def _initial_state(self, sample: Tensor) -> Tensor:
-        sigma_max = float(self._grid_sigmas[0])
-        return sample * math.sqrt(1 + sigma_max**2)       # x_σ = sqrt(1 + σ²)·x_vp
+        return sample / vp_scale(float(self._grid_sigmas[0]))            # x_σ = x_vp/α
 
     @staticmethod
     def _to_vp(x: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).flatten()
-        return x / (1 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2).sqrt()
+        return vp_scale(torch.as_tensor(sigma, dtype=x.dtype, device=x.device), x.ndim) * x
 
     def _check_ready(self) -> None:
         if self.num_inference_steps is None:
@@ -267,9 +266,9 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
     # ----- training-time helpers --------------------------------------------------------------
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε (DDPM eq. 4) = (x0 + σ_t ε)/sqrt(1 + σ_t²); fractional t allowed."""
-        sigma = self.t_to_sigma(torch.as_tensor(timesteps).flatten()).to(original_samples.device)
-        sigma = sigma.to(original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
-        return (original_samples + sigma * noise) / (1 + sigma**2).sqrt()
+        sigma = self.t_to_sigma(torch.as_tensor(timesteps).flatten())
+        sigma = append_dims(sigma.to(original_samples.device, original_samples.dtype), original_samples.ndim)
+        return vp_scale(sigma) * (original_samples + sigma * noise)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

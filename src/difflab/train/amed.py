@@ -7,10 +7,9 @@ the teacher's state at t_i (teacher forcing), loss Σ‖x_student − x_teacher(
 batch), one Adam step. The denoiser is frozen; gradients reach r (and a) through its input.
 
 Mapping onto `difflab.train.loop.fit`: one fit step = one interval of one batch, so
-steps = batches × (N−1); step k trains interval k mod (N−1) of batch k // (N−1). `fit` hands the
-loss only (model, generator), so the loss counts its own calls; the count starts at the step of
-the checkpoint `fit` resumes from (read here from the same file), and the batch's noise (and
-conditioning) come from a generator that is a pure function of (seed, batch, rank, micro-batch).
+steps = batches × (N−1); step k (which `fit` passes to the loss) trains interval k mod (N−1) of
+batch k // (N−1). The batch's noise (and conditioning) come from a generator that is a pure
+function of (seed, batch, rank, micro-batch).
 The teacher trajectory is cached for the batch's N−1 steps and regenerated on a resume that lands
 mid-batch, so a resumed fit equals an uninterrupted one.
 """
@@ -23,14 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..sampling.amed import AMEDPredictor, amed_points, amed_step, model_id
 from ..sampling.grids import get_sigmas
 from ..sampling.solvers import SOLVERS
-from .loop import CHECKPOINT_NAME, TrainConfig, TrainResult, fit, make_accelerator
+from .loop import TrainConfig, TrainResult, fit, make_accelerator
 
 CondSampler = Callable[[torch.Generator, int], dict[str, Any]]
 
@@ -111,9 +109,6 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
                                   grid=grid, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, afs=afs,
                                   teacher=teacher, M=M)
 
-    ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    start_step = _checkpoint_step(ckpt) if resume and ckpt is not None and ckpt.is_file() else 0
-    calls = [start_step * config.grad_accum]
     cache: dict[tuple[int, int], tuple[list[Tensor], dict]] = {}
 
     def batch(index: int, micro: int) -> tuple[list[Tensor], dict]:
@@ -126,9 +121,7 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
             cache[(index, micro)] = (states, cond)
         return cache[(index, micro)]
 
-    def loss_fn(model: nn.Module, generator: torch.Generator) -> Tensor:
-        step, micro = divmod(calls[0], config.grad_accum)
-        calls[0] += 1
+    def loss_fn(model: nn.Module, generator: torch.Generator, step: int, micro: int) -> Tensor:
         index, i = divmod(step, n_steps)                 # batch index, interval index
         states, cond = batch(index, micro)
         x_student, _ = amed_step(denoiser, states[i], float(sigmas[i]), float(sigmas[i + 1]), model,
@@ -164,15 +157,6 @@ def _default(value: float | None, from_model: float | None, fallback: float) -> 
     if from_model is None or not 0 < from_model < math.inf:
         return fallback
     return float(from_model)
-
-
-def _checkpoint_step(path: Path) -> int:
-    """The step the loop will resume from (0 if the file is unreadable; the loop then reports it)."""
-    try:
-        with safe_open(path, "pt") as f:
-            return int(f.metadata()["step"])
-    except Exception:  # noqa: BLE001 - fit() raises the specific error when it reads the same file
-        return 0
 
 
 __all__ = ["fit_amed", "default_config", "teacher_trajectory", "batch_generator"]

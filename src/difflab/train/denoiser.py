@@ -24,11 +24,11 @@ def edm_loss(denoiser: nn.Module, x0: Tensor, generator: torch.Generator, p_mean
 
 def denoiser_loss(x: Tensor, labels: Tensor | None, batch_size: int, sigma_data: float,
                   label_dropout: float = 0.1, p_mean: float = -1.2, p_std: float = 1.2):
-    """loss_fn(denoiser, generator) for `fit`: the EDM loss on a random batch of x: [N, ...] (and
+    """loss_fn(denoiser, generator, step, micro) for `fit`: the EDM loss on a random batch of x: [N, ...] (and
     labels [N], dropped to the null label −1 with probability `label_dropout`, for guidance).
     The batch is drawn on the generator's device, so x may stay on the CPU."""
 
-    def loss_fn(denoiser: nn.Module, generator: torch.Generator) -> Tensor:
+    def loss_fn(denoiser: nn.Module, generator: torch.Generator, step: int = 0, micro: int = 0) -> Tensor:
         device = generator.device
         idx = torch.randint(len(x), (batch_size,), generator=generator, device=device).to(x.device)
         cond = {}

@@ -1,7 +1,9 @@
 """The one training loop, on Hugging Face Accelerate, shared by every trainer in difflab.
 
-A trainer supplies a model and `loss_fn(model, generator) -> scalar`; the loss draws its own batch
-(indices, noise levels, noise) from `generator`, which is seeded from (seed, step, rank). That
+A trainer supplies a model and `loss_fn(model, generator, step, micro) -> scalar`; the loss draws its
+own batch (indices, noise levels, noise) from `generator`, which is seeded from (seed, step, rank,
+micro), and may use the step and micro-batch indices (AMED's fitting does: step k trains interval k
+mod (N−1) of a trajectory batch). That
 makes a run reproducible and its resume exact without saving data-loader state: the batch of step
 k is the same whether or not the run was interrupted before it.
 
@@ -29,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel
 from ..errors import ConfigError, ModelFormatError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-LossFn = Callable[[nn.Module, torch.Generator], Tensor]
+LossFn = Callable[[nn.Module, torch.Generator, int, int], Tensor]   # (model, generator, step, micro)
 
 
 @dataclass
@@ -126,7 +128,7 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, out_dir: str | P
         for micro in range(config.grad_accum):
             generator = step_generator(config.seed, step, accelerator.process_index, micro, accelerator.device)
             with accelerator.accumulate(wrapped):
-                loss = loss_fn(wrapped, generator)
+                loss = loss_fn(wrapped, generator, step, micro)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip > 0:
                     accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
