@@ -41,7 +41,19 @@ def _fine_heun(denoiser, x, sigma_min, sigma_max, **cond):
     return difflab.sample(denoiser, x.double(), get_sigmas("karras", 401, sigma_min, sigma_max), solver="heun", **cond)
 
 
+def _random_head(predictor: AMEDPredictor) -> AMEDPredictor:
+    """A predictor whose (zero-initialised) head is random, so that its output depends on the feature."""
+    torch.nn.init.normal_(predictor.head.weight, std=0.5)
+    return predictor
+
+
 # ----- the predictor ----------------------------------------------------------------------------
+def test_a_fresh_predictor_is_the_base_solver_on_the_log_midpoint_grid():
+    params = AMEDPredictor(delta_c=0.2, delta_a=0.2)(torch.randn(3, 4, 8, 8), torch.full((3,), 5.0), torch.ones(3))
+    for value, name in ((0.5, "r"), (1.0, "c"), (1.0, "a")):
+        torch.testing.assert_close(getattr(params, name).detach(), torch.full((3,), value), msg=name)
+
+
 def test_predictor_has_about_9k_parameters_in_the_documented_layout():
     predictor = AMEDPredictor()
     count = sum(p.numel() for p in predictor.parameters())
@@ -183,7 +195,7 @@ def test_a_denoiser_with_a_feature_gets_per_sample_r_c_a_and_can_be_fitted():
     x = 5.0 * torch.randn(16, 2)
     denoiser(x, torch.full((16,), 5.0))
     assert denoiser.last_feature.shape == (16, 32)
-    predictor = AMEDPredictor(delta_c=0.2, delta_a=0.2)
+    predictor = _random_head(AMEDPredictor(delta_c=0.2, delta_a=0.2))
     _, params = amed_step(denoiser, x, 5.0, 1.0, predictor)
     for name in ("r", "c", "a"):          # per sample: different features give different values
         assert float(getattr(params, name).detach().std()) > 1e-5, name
@@ -207,7 +219,7 @@ def test_a_unet_feature_map_is_pooled_and_gives_per_sample_r():
 
     def predictor(feature, sigma_cur, sigma_next):
         seen.append(feature)
-        return AMEDPredictor()(feature, sigma_cur, sigma_next)
+        return _random_head(AMEDPredictor())(feature, sigma_cur, sigma_next)
 
     with torch.no_grad():
         _, params = amed_step(denoiser, x, 2.0, 1.0, predictor)

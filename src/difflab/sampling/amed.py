@@ -105,6 +105,10 @@ class AMEDPredictor(nn.Module):
         self.feature_out = nn.Linear(hidden, 4)
         self.time_proj = nn.Linear(time_channels, time_channels)     # shared by t_cur and t_next
         self.head = nn.Linear(4 + 2 * time_channels, 3)               # -> logits of r, c, a
+        # zero head: a fresh predictor gives r = ½, c = 1, a = 1, i.e. the base solver on the log-midpoint grid,
+        # so fitting starts from the base solver (AMED-Solver: DPM-Solver-2) instead of a random point
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     @property
     def nfe(self) -> int | None:
@@ -215,14 +219,21 @@ def amed_nfe(n_points: int, to_zero: bool = False, afs: bool = True) -> int:
 
 
 def check_predictor(predictor: nn.Module, denoiser: Any = None, sigmas: Tensor | None = None,
-                    afs: bool | None = None, base_model: Any = None, nfe: int | None = None) -> None:
-    """Raise AddonMismatchError unless the predictor was fitted for this base model and budget.
+                    afs: bool | None = None, base_model: Any = None, nfe: int | None = None,
+                    base_solver: str | None = None) -> None:
+    """Raise AddonMismatchError unless the predictor was fitted for this base model, budget and base solver.
 
     The base model is given as a denoiser, a folder or a `model_id` string (`base_model`), or taken
-    from `denoiser`; the NFE directly or from (sigmas, afs). Fields the predictor does not record
-    (None) are not checked.
+    from `denoiser`; the NFE directly or from (sigmas, afs); base_solver: the solver it is about to
+    drive ('amed' and 'dpm2' both name AMED-Solver). Fields the predictor does not record (None)
+    are not checked.
     """
     fitted = getattr(predictor, "fitted_for", {}) or {}
+    canonical = lambda name: "dpm2" if name == "amed" else name  # noqa: E731
+    if base_solver is not None and fitted.get("base_solver") is not None and \
+            canonical(base_solver) != canonical(fitted["base_solver"]):
+        raise AddonMismatchError(f"this AMED predictor was fitted for base solver {fitted['base_solver']!r}, asked "
+                                 f"to drive {base_solver!r}; fit one for that solver (difflab amed fit --base-solver)")
     if fitted.get("base_model") is not None and (base_model is not None or denoiser is not None):
         given = base_model if base_model is not None else denoiser
         given_id = given if isinstance(given, str) and not Path(given).exists() else model_id(given)
@@ -312,7 +323,7 @@ def amed_solver(denoiser, x: Tensor, sigmas: Tensor, predictor, callback: Callba
     """
     sigmas = check_grid(sigmas, getattr(denoiser, "sigma_min", None), getattr(denoiser, "sigma_max", None))
     if check:
-        check_predictor(predictor, denoiser, sigmas, afs)
+        check_predictor(predictor, denoiser, sigmas, afs, base_solver="dpm2")
     sigma_list = torch.as_tensor(sigmas).tolist()
     for i, (t_cur, t_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
         first = afs and i == 0

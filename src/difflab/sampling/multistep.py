@@ -16,14 +16,15 @@ test_multistep.py measures it from σ_max = 80).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .solvers import LOWER_ORDER_FINAL_BELOW, Solver, first_eps
+from .solvers import Solver, _expm1, _log, first_eps
+from .solvers import lower_order_final as final_order
 
 Callback = Callable[[int, Tensor, float], None] | None
 
@@ -74,6 +75,12 @@ def lagrange_integrals(nodes: Sequence[float], sigma: float, sigma_next: float,
     return weights
 
 
+def ipndm_weights(nodes: Sequence, sigma, sigma_next) -> list:
+    """iPNDM's b_j = (σ_next − σ)·c_j with the equal-step AB_COEFFS of order len(nodes) (σ's: floats
+    or tensors broadcastable against the state)."""
+    return [(sigma_next - sigma) * c for c in AB_COEFFS[len(nodes) - 1]]
+
+
 def _adams_bashforth(denoiser, x: Tensor, sigmas: Tensor, max_order: int,
                      step_weights: Callable[[list[float], float, float], list[float]],
                      callback: Callback, afs: bool, **cond: Any) -> Tensor:
@@ -114,11 +121,7 @@ def ipndm(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
     NFE = N − 1 (− 1 with AFS).
     """
     _check_order("max_order", max_order, len(AB_COEFFS))
-
-    def fixed_step(nodes: list[float], sigma: float, sigma_next: float) -> list[float]:
-        return [(sigma_next - sigma) * c for c in AB_COEFFS[len(nodes) - 1]]
-
-    return _adams_bashforth(denoiser, x, sigmas, max_order, fixed_step, callback, afs, **cond)
+    return _adams_bashforth(denoiser, x, sigmas, max_order, ipndm_weights, callback, afs, **cond)
 
 
 def ipndm_v(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
@@ -162,7 +165,7 @@ def deis(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bo
 
 
 # ----- UniPC -------------------------------------------------------------------------------------
-def _unipc_weights(h: float, ratios: Sequence[float]) -> list[float]:
+def _unipc_weights(h, ratios: Sequence) -> list:
     """ρ for UniP-p / UniC-p with B(h) = e^{−h} − 1 ("bh2", the paper's expm1(h) with h → −h for
     the data prediction; Zhao et al. 2023).
 
@@ -170,26 +173,32 @@ def _unipc_weights(h: float, ratios: Sequence[float]) -> list[float]:
     new one). ρ solves Σ_m ρ_m r_m^{k−1} = k!·(−h)φ_{k+1}(−h)/B(h), k = 1..len(ratios), the
     order conditions R_p ρ = g_p/B(h) of the paper, φ_1(z) = expm1(z)/z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z.
     With one unknown the paper fixes ρ = ½ (equal to the solution up to O(h), enough for the order).
+    h and the ratios are floats, or tensors of one shape (per-sample grids): one solve per element.
     """
     if len(ratios) == 1:
         return [0.5]
-    z = -h
-    b_h = math.expm1(z)
-    phi, factorial, g = math.expm1(z) / z, 1, []
+    z = -torch.as_tensor(h, dtype=torch.float64)
+    b_h = torch.expm1(z)
+    phi, factorial, g = torch.expm1(z) / z, 1, []
     for k in range(1, len(ratios) + 1):
         phi = (phi - 1 / factorial) / z                          # φ_{k+1}(z)
         g.append(factorial * z * phi / b_h)                      # k!·zφ_{k+1}(z)/B(h)
         factorial *= k + 1
-    vandermonde = np.vander(np.asarray(ratios, dtype=np.float64), increasing=True).T   # rows r^{k−1}
-    return np.linalg.solve(vandermonde, np.asarray(g)).tolist()
+    r = torch.stack(torch.broadcast_tensors(*[torch.as_tensor(r_m, dtype=torch.float64) for r_m in ratios]), -1)
+    vandermonde = torch.stack([r**k for k in range(len(ratios))], -2)          # [..., k, m] = r_m^k
+    rho = torch.linalg.solve(vandermonde, torch.stack(torch.broadcast_tensors(*g), -1).expand(r.shape))
+    if not isinstance(h, Tensor):
+        return rho.tolist()
+    return [rho_m.to(h.dtype) for rho_m in rho.unbind(-1)]
 
 
-def _unipc_step(x: Tensor, sigma: float, sigma_next: float, x0_hats: list[tuple[float, Tensor]],
-                order: int, x0_hat_next: Tensor | None = None) -> Tensor:
+def unipc_update(x: Tensor, sigma, sigma_next, x0_hats: list[tuple[Any, Tensor]], order: int,
+                 x0_hat_next: Tensor | None = None) -> Tensor:
     """One UniP-p step from (σ, x), or with x0_hat_next the UniC-p correction of its result.
 
-    x0_hats: [(λ, D)] newest last, the last one at σ. The paper's data-prediction update, in VP
-    variables (x_vp = α·x, σ_vp = α·σ, λ = log(α/σ_vp) = −log σ, h = λ_next − λ > 0), is
+    x0_hats: [(σ_j, D_j)] newest last, the last one at σ; σ's are floats or tensors broadcastable
+    against x ([B, 1, …]: per-sample grids, as in AMED-Plugin). The paper's data-prediction update,
+    in VP variables (x_vp = α·x, σ_vp = α·σ, λ = log(α/σ_vp) = −log σ, h = λ_next − λ > 0), is
       x_vp' = (σ_vp'/σ_vp)·x_vp − α'·(e^{−h} − 1)·D_0 − α'·B(h)·Σ_m ρ_m·(D_m − D_0)/r_m.
     Since (σ_vp'/σ_vp)·x_vp = α'·(σ'/σ)·x, every term carries α' and dividing by it gives the
     σ-space form (α = 1), with B(h) = e^{−h} − 1:
@@ -197,17 +206,17 @@ def _unipc_step(x: Tensor, sigma: float, sigma_next: float, x0_hats: list[tuple[
     whose first two terms alone are DDIM (= DPM-Solver++1). The corrector adds the new point's
     difference D_next − D_0 at r = 1 to the sum.
     """
-    lam, x0_hat = x0_hats[-1]
-    h = math.log(sigma / sigma_next)
+    sigma_0, x0_hat = x0_hats[-1]
+    h = _log(sigma_0) - _log(sigma_next)
     earlier = x0_hats[-order:-1][::-1] if order > 1 else []     # D_{i−1}, D_{i−2}, …
-    ratios = [(lam_m - lam) / h for lam_m, _ in earlier]
+    ratios = [(_log(sigma_0) - _log(sigma_m)) / h for sigma_m, _ in earlier]
     diffs = [(x0_m - x0_hat) / r_m for r_m, (_, x0_m) in zip(ratios, earlier)]
     if x0_hat_next is not None:                                  # UniC-p: p − 1 earlier points + the new one
         ratios, diffs = ratios + [1.0], diffs + [x0_hat_next - x0_hat]
-    x = (sigma_next / sigma) * x - math.expm1(-h) * x0_hat
+    x = (sigma_next / sigma) * x - _expm1(-h) * x0_hat
     if diffs:
         rho = _unipc_weights(h, ratios)
-        x = x - math.expm1(-h) * sum(rho_m * d_m for rho_m, d_m in zip(rho, diffs))
+        x = x - _expm1(-h) * sum(rho_m * d_m for rho_m, d_m in zip(rho, diffs))
     return x
 
 
@@ -232,7 +241,7 @@ def unipc(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
     _check_order("order", order, 3)
     sigma_list = sigmas.tolist()
     n_steps = len(sigma_list) - 1
-    x0_hats: list[tuple[float, Tensor]] = []                     # (λ_j, D_j), newest last
+    x0_hats: list[tuple[float, Tensor]] = []                     # (σ_j, D_j), newest last
     x_prev, order_prev = x, 0
     for i, (sigma, sigma_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
         x0_hat = x - sigma * first_eps(denoiser, x, sigma, afs and i == 0, **cond)   # D = x − σ·ε̂
@@ -240,13 +249,13 @@ def unipc(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
             x = x0_hat                                           # last step to σ = 0: x ← D
         else:
             if i > 0:                                            # UniC-p on the previous step
-                x = _unipc_step(x_prev, sigma_list[i - 1], sigma, x0_hats, order_prev, x0_hat_next=x0_hat)
-            x0_hats = (x0_hats + [(-math.log(sigma), x0_hat)])[-order:]
+                x = unipc_update(x_prev, sigma_list[i - 1], sigma, x0_hats, order_prev, x0_hat_next=x0_hat)
+            x0_hats = (x0_hats + [(sigma, x0_hat)])[-order:]
             step_order = min(order, i + 1)
-            if lower_order_final and n_steps < LOWER_ORDER_FINAL_BELOW:
-                step_order = min(step_order, n_steps - i)
+            if lower_order_final:
+                step_order = final_order(step_order, i, n_steps)
             x_prev, order_prev = x, step_order
-            x = _unipc_step(x, sigma, sigma_next, x0_hats, step_order)   # UniP-p
+            x = unipc_update(x, sigma, sigma_next, x0_hats, step_order)   # UniP-p
         if callback:
             callback(i, x, sigma_next)
     return x

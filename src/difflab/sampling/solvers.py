@@ -78,15 +78,60 @@ def dpm2(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bo
 LOWER_ORDER_FINAL_BELOW = 15   # diffusers' DPMSolverMultistepScheduler threshold (the DPM-Solver code uses 10)
 
 
+def _log(v):
+    """log of a float or a tensor (σ's are floats on a shared grid, [B, 1, …] tensors in AMED-Plugin)."""
+    return torch.log(v) if isinstance(v, Tensor) else math.log(v)
+
+
+def _expm1(v):
+    return torch.expm1(v) if isinstance(v, Tensor) else math.expm1(v)
+
+
+def dpmpp_update(x: Tensor, sigma, sigma_next, history: list[tuple[Any, Tensor]], order: int,
+                 taylor_d2: bool = False) -> Tensor:
+    """One DPM-Solver++ step σ → σ_next > 0 of order 1–3 (Lu et al. 2022b, Alg. 2 and its 3M extension).
+
+    history: [(σ_j, D_j)] newest last, the last at σ (earlier ones used by order ≥ 2). σ's are floats
+    or tensors broadcastable against x ([B, 1, …]: per-sample grids, as in AMED-Plugin).
+    Data prediction with λ = −log σ, h = λ_next − λ, φ1 = expm1(−h): the exact solution of
+    dx/dλ = D − x is x_next = (σ_next/σ)·x + σ_next ∫ e^λ D dλ, with D expanded in λ.
+    """
+    h = _log(sigma) - _log(sigma_next)
+    phi1 = _expm1(-h)
+    denoised = history[-1][1]
+    x = (sigma_next / sigma) * x - phi1 * denoised               # first order (= DDIM): D held constant over the step
+    if order >= 2:
+        sigma1, denoised1 = history[-2]
+        r0 = (_log(sigma1) - _log(sigma)) / h                    # (λ − λ1)/h
+        d1_0 = (denoised - denoised1) / r0                       # ≈ h·dD/dλ at the midpoint of [λ1, λ]
+        if order == 2:
+            return x - 0.5 * phi1 * d1_0                         # Alg. 2: D = (1 + 1/(2r))D0 − 1/(2r)D1
+        sigma2, denoised2 = history[-3]
+        r1 = (_log(sigma2) - _log(sigma1)) / h                   # (λ1 − λ2)/h
+        d1_1 = (denoised1 - denoised2) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)              # ≈ h·dD/dλ at λ
+        d2 = (d1_0 - d1_1) / (r0 + r1)                           # ≈ h²/2·d²D/dλ²
+        phi2 = phi1 / h + 1                                      # ∫_0^h e^{u−h} u du / h
+        phi3 = phi2 / h - 0.5                                    # −∫_0^h e^{u−h} u²/2 du / h²
+        # the u²/2 integral is −h²·φ3 and d²D/dλ² ≈ 2·d2/h², hence 2·φ3 for Taylor;
+        # the reference code (and diffusers) weight d2 by φ3
+        x = x + phi2 * d1 - (2 if taylor_d2 else 1) * phi3 * d2
+    return x
+
+
+def lower_order_final(order: int, step: int, n_steps: int) -> int:
+    """diffusers' `lower_order_final`: with fewer than 15 steps the last step is first order, the one
+    before at most second."""
+    return min(order, n_steps - step) if n_steps < LOWER_ORDER_FINAL_BELOW else order
+
+
 def _dpmpp_multistep(denoiser, x: Tensor, sigmas: Tensor, order: int, callback: Callback, afs: bool,
                      taylor_d2: bool = False, **cond: Any) -> Tensor:
     """DPM-Solver++(2M / 3M) (Lu et al. 2022b, Alg. 2 and its 3rd-order extension) in σ-space.
 
-    Data prediction with λ = −log σ, h = λ_next − λ, φ1 = expm1(−h); the exact solution of
-    dx/dλ = D − x is x_next = (σ_next/σ)·x + σ_next ∫ e^λ D dλ, and D is expanded in λ from the
-    last 1–3 denoised values. Order min(order, steps so far + 1); with fewer than 15 steps the
-    last step is first order and the one before at most second (diffusers' `lower_order_final`),
-    and a last step to σ = 0 is x ← D. NFE = N−1 (−1 with AFS).
+    Order min(order, steps so far + 1); with fewer than 15 steps the last step is first order and
+    the one before at most second (diffusers' `lower_order_final`), and a last step to σ = 0 is
+    x ← D. The update is `dpmpp_update`. NFE = N−1 (−1 with AFS).
 
     taylor_d2: weight the second difference by 2φ3, its Taylor-consistent value (a 3rd-order
     update), instead of φ3 as the DPM-Solver reference code and diffusers do (2nd order in that
@@ -94,39 +139,18 @@ def _dpmpp_multistep(denoiser, x: Tensor, sigmas: Tensor, order: int, callback: 
     both are 2nd order overall on a general ODE.
     """
     n_steps = len(sigmas) - 1
-    history: list[tuple[float, Tensor]] = []                     # (λ, D) of earlier steps, newest last
+    history: list[tuple[float, Tensor]] = []                     # (σ, D) of this and earlier steps, newest last
     for i, (sigma, sigma_next) in _steps(sigmas):
         if afs and i == 0:
             denoised = x - sigma * first_eps(denoiser, x, sigma, True)    # AFS: D = x − σ0·d
         else:
             denoised = denoiser(x, sigma_batch(sigma, x), **cond)
+        history = (history + [(sigma, denoised)])[-3:]
         if sigma_next == 0:
             x = denoised
         else:
-            lam, h = -math.log(sigma), math.log(sigma / sigma_next)
-            step_order = min(order, len(history) + 1)
-            if n_steps < LOWER_ORDER_FINAL_BELOW:
-                step_order = min(step_order, n_steps - i)        # lower_order_final
-            phi1 = math.expm1(-h)
-            x = (sigma_next / sigma) * x - phi1 * denoised       # first order (= DDIM): D held constant over the step
-            if step_order >= 2:
-                lam1, denoised1 = history[-1]
-                r0 = (lam - lam1) / h
-                d1_0 = (denoised - denoised1) / r0               # ≈ h·dD/dλ at the midpoint of [λ1, λ]
-                if step_order == 2:
-                    x = x - 0.5 * phi1 * d1_0                    # Alg. 2: D = (1 + 1/(2r))D0 − 1/(2r)D1
-                else:
-                    lam2, denoised2 = history[-2]
-                    r1 = (lam1 - lam2) / h
-                    d1_1 = (denoised1 - denoised2) / r1
-                    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # ≈ h·dD/dλ at λ
-                    d2 = (d1_0 - d1_1) / (r0 + r1)               # ≈ h²/2·d²D/dλ²
-                    phi2 = phi1 / h + 1                          # ∫_0^h e^{u−h} u du / h
-                    phi3 = phi2 / h - 0.5                        # −∫_0^h e^{u−h} u²/2 du / h²
-                    # the u²/2 integral is −h²·φ3 and d²D/dλ² ≈ 2·d2/h², hence 2·φ3 for Taylor;
-                    # the reference code (and diffusers) weight d2 by φ3
-                    x = x + phi2 * d1 - (2 if taylor_d2 else 1) * phi3 * d2
-        history = (history + [(-math.log(sigma), denoised)])[-2:]
+            step_order = lower_order_final(min(order, len(history)), i, n_steps)
+            x = dpmpp_update(x, sigma, sigma_next, history, step_order, taylor_d2)
         if callback:
             callback(i, x, sigma_next)
     return x

@@ -2,16 +2,21 @@
 
 For each batch of trajectories: x_T = σ_max·z; a teacher (Heun) integrates, without gradients, the
 same grid family with (M+1)(N−1)+1 points, and every (M+1)-th state is kept, so the teacher lands
-exactly on the student's N points. Then for each of the N−1 intervals in turn: one AMED step from
-the teacher's state at t_i (teacher forcing), loss Σ‖x_student − x_teacher(t_{i+1})‖² (mean over the
-batch), one Adam step. The denoiser is frozen; gradients reach r (and a) through its input.
+exactly on the student's N points. Then for each of the N−1 intervals in turn: one student step
+(AMED-Solver, or AMED-Plugin on a base solver), loss Σ‖x_student − x_teacher(t_{i+1})‖² (mean over
+the batch), one Adam step. One-step students (dpm2 = AMED-Solver, euler) start each interval from
+the teacher's state at t_i (teacher forcing); multistep ones (ipndm, dpmpp_2m/3m, unipc) continue
+from their own previous state and history (continuation), cut from the graph between intervals.
+The denoiser is frozen; gradients reach r (and a) through its input.
 
 Mapping onto `difflab.train.loop.fit`: one fit step = one interval of one batch, so
 steps = batches × (N−1); step k (which `fit` passes to the loss) trains interval k mod (N−1) of
 batch k // (N−1). The batch's noise (and conditioning) come from a generator that is a pure
 function of (seed, batch, rank, micro-batch).
 The teacher trajectory is cached for the batch's N−1 steps and regenerated on a resume that lands
-mid-batch, so a resumed fit equals an uninterrupted one.
+mid-batch, so a resumed fit equals an uninterrupted one; with a continuation student, checkpoints
+are kept at batch boundaries (checkpoint_every rounded up to a multiple of N−1), where the
+student's state starts afresh, so that holds there too.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..sampling.amed import AMEDPredictor, amed_points, amed_step, model_id
 from ..sampling.grids import get_sigmas
+from ..sampling.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, check_base, plugin_interval
 from ..sampling.solvers import SOLVERS
 from .loop import TrainConfig, TrainResult, fit, make_accelerator
 
@@ -65,9 +71,11 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
              batch_size: int = 128, config: TrainConfig | None = None, out_dir: str | Path | None = None,
              shape: tuple[int, ...] | None = None, cond_sampler: CondSampler | None = None, afs: bool = True,
              delta_c: float = 0.01, delta_a: float = 0.0, rho: float = 7.0, dtype: torch.dtype = torch.float32,
+             base_solver: str = "dpm2",
              resume: bool = True, progress: bool = False,
              return_result: bool = False) -> AMEDPredictor | tuple[AMEDPredictor, TrainResult]:
-    """Fit g_φ for AMED-Solver on `denoiser` at `nfe` evaluations (AFS: NFE 3,5,7,9 ↔ N = 3,4,5,6).
+    """Fit g_φ for AMED-Solver (base_solver "dpm2") or AMED-Plugin on `base_solver` (euler, ipndm,
+    dpmpp_2m, dpmpp_3m, unipc) on `denoiser` at `nfe` evaluations (AFS: NFE 3,5,7,9 ↔ N = 3,4,5,6).
 
     sigma_min/max: default the denoiser's range (0.002 / 80 when it has none or an infinite one);
     teacher: a registered deterministic solver run on (M+1)(N−1)+1 points; shape: the per-sample
@@ -81,6 +89,7 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
     """
     if teacher not in SOLVERS or SOLVERS[teacher].stochastic:
         raise ConfigError(f"teacher must be a deterministic registered solver, got {teacher!r}")
+    base_solver = check_base(base_solver)
     if M < 0 or trajectories < 1 or batch_size < 1:
         raise ConfigError(f"need M >= 0, trajectories >= 1, batch_size >= 1; got {M}, {trajectories}, {batch_size}")
     sigma_min = _default(sigma_min, getattr(denoiser, "sigma_min", None), 0.002)
@@ -94,6 +103,9 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
     teacher_sigmas = get_sigmas(grid, (M + 1) * n_steps + 1, sigma_min, sigma_max, rho)
     config = dataclasses.replace(config or default_config(),
                                  steps=math.ceil(trajectories / batch_size) * n_steps)
+    continuation = base_solver not in ONE_STEP_BASES
+    if continuation:   # checkpoints at batch boundaries, where the student's own state starts afresh
+        config = dataclasses.replace(config, checkpoint_every=math.ceil(config.checkpoint_every / n_steps) * n_steps)
     model_device = _device_of(denoiser)
     if config.device == "auto" and model_device is not None and model_device.type in ("cpu", "cuda"):
         config = dataclasses.replace(config, device=model_device.type)   # fit where the model lives
@@ -107,7 +119,7 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
         torch.manual_seed(config.seed)   # the predictor's initial weights depend only on the seed
         predictor = AMEDPredictor(delta_c=delta_c, delta_a=delta_a, base_model=model_id(denoiser), nfe=nfe,
                                   grid=grid, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, afs=afs,
-                                  teacher=teacher, M=M)
+                                  base_solver=base_solver, teacher=teacher, M=M)
 
     cache: dict[tuple[int, int], tuple[list[Tensor], dict]] = {}
 
@@ -121,11 +133,25 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
             cache[(index, micro)] = (states, cond)
         return cache[(index, micro)]
 
+    students: dict[int, PluginState] = {}              # micro-batch -> the continuation student's state
+
+    def student_step(model: nn.Module, states: list[Tensor], i: int, micro: int, cond: dict) -> Tensor:
+        t_cur, t_next, first = float(sigmas[i]), float(sigmas[i + 1]), afs and i == 0
+        if base_solver == "dpm2":                        # AMED-Solver, teacher forcing
+            return amed_step(denoiser, states[i], t_cur, t_next, model, analytic_first=first, **cond)[0]
+        if not continuation or i == 0 or micro not in students:
+            # teacher forcing (or the first interval; or a resume that landed mid-batch, where the
+            # student restarts from the teacher's state)
+            students[micro] = PluginState(states[i], substep=2 * i)
+        state, _ = plugin_interval(denoiser, model, PLUGIN_BASES[base_solver], students[micro], t_cur, t_next,
+                                   2 * n_steps, analytic_first=first, **cond)
+        students[micro] = state.detach()
+        return state.x
+
     def loss_fn(model: nn.Module, generator: torch.Generator, step: int, micro: int) -> Tensor:
         index, i = divmod(step, n_steps)                 # batch index, interval index
         states, cond = batch(index, micro)
-        x_student, _ = amed_step(denoiser, states[i], float(sigmas[i]), float(sigmas[i + 1]), model,
-                                 analytic_first=afs and i == 0, **cond)
+        x_student = student_step(model, states, i, micro, cond)
         return (x_student - states[i + 1]).square().flatten(1).sum(1).mean()
 
     frozen = [(p, p.requires_grad) for p in denoiser.parameters()] if isinstance(denoiser, nn.Module) else []
@@ -133,7 +159,7 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
         p.requires_grad_(False)
     try:
         result = fit(predictor, loss_fn, config, out_dir=out_dir, resume=resume, progress=progress,
-                     description=f"fitting AMED (NFE {nfe})", accelerator=accelerator)
+                     description=f"fitting AMED {base_solver} (NFE {nfe})", accelerator=accelerator)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
