@@ -17,7 +17,7 @@ from difflab import eps, sample
 from difflab.core.wrappers import VPDenoiser
 from difflab.errors import ConfigError, UnknownNameError
 from difflab.sampling import get_sigmas, sigmas_for_nfe
-from difflab.sampling.amed import AMEDParams, amed_solver
+from difflab.sampling.amed import AMEDParams, amed_solver, predictor_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 from difflab.sampling.diffusers_scheduler import DifflabScheduler  # noqa: E402
@@ -35,8 +35,8 @@ class MixtureEpsModel:
 
     def __call__(self, x_vp: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_vp.shape[0])
-        self.ts.append(float(t[0]))
-        sigma = torch.from_numpy(np.exp(np.interp(t.numpy(), np.arange(len(self.log_sigmas)), self.log_sigmas)))
+        self.ts.append(float(t[0]))   # (numpy σ(t): fitting through this model gets no gradient via t)
+        sigma = torch.from_numpy(np.exp(np.interp(t.detach().numpy(), np.arange(len(self.log_sigmas)), self.log_sigmas)))
         x = x_vp * torch.sqrt(1 + sigma[:, None] ** 2)
         return eps(self.mixture, x, sigma)
 
@@ -107,6 +107,30 @@ def test_scheduler_runs_amed_with_per_step_constants(mix2d, afs, nfe):
     plain = DifflabScheduler(solver="amed", afs=afs)
     other = _pipeline_loop(plain, MixtureEpsModel(mix2d.model, plain.alphas_cumprod), x_vp, nfe)
     assert _relative(other, out_vp) > 1e-4
+
+
+def test_a_fitted_plugin_predictor_runs_in_the_scheduler_as_per_step_constants(mix2d):
+    """AMED-Plugin on iPNDM fitted on a black-box VP model (h = 0: per-step constants) gives, through
+    amed_scheduler_config, the same final state in a diffusers loop as amed_plugin with the predictor."""
+    from difflab.sampling.diffusers_scheduler import amed_scheduler_config
+    from difflab.sampling.plugin import amed_plugin
+    from difflab.train.amed import fit_amed
+
+    table = DifflabScheduler().alphas_cumprod
+    vp = VPDenoiser(MixtureEpsModel(mix2d.model, table), table)
+    predictor = fit_amed(vp, nfe=5, trajectories=96, batch_size=32, shape=(2,), base_solver="ipndm", M=3)
+    settings = amed_scheduler_config(predictor)
+    assert settings["amed_base"] == "ipndm" and len(settings["amed_r"]) == 3
+    scheduler = DifflabScheduler(**settings)
+    x_vp = torch.randn(16, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out_vp = _pipeline_loop(scheduler, MixtureEpsModel(mix2d.model, table), x_vp, 5)
+    sigmas = predictor_sigmas(predictor)
+    with torch.no_grad():
+        expected = amed_plugin(vp, x_vp * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, predictor, base="ipndm")
+    assert _relative(out_vp * math.sqrt(1 + float(sigmas[-1]) ** 2), expected) < 1e-5
+    plain = DifflabScheduler(**{**settings, "amed_r": None, "amed_c": None, "amed_a": None})
+    other = _pipeline_loop(plain, MixtureEpsModel(mix2d.model, table), x_vp, 5)
+    assert _relative(other, out_vp) > 1e-5      # the fitted constants are not ½, 1, 1
 
 
 def test_scheduler_converts_v_prediction_as_vp_denoiser_does(mix2d):

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ..core.denoiser import append_dims
 from ..core.wrappers import VPDenoiser, interp, vp_scale
 from ..errors import ConfigError, UnknownNameError
-from .amed import AMEDParams, amed_points, amed_solver
+from .amed import AMEDParams, amed_points, predictor_sigmas
+from .plugin import amed_plugin, check_base
 from .grids import alphas_cumprod_for, get_sigmas
 from .sample import sample as run_solver
 from .sample import sigmas_for_nfe
@@ -111,7 +112,10 @@ class _Done:
 
 class DifflabScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running a difflab solver (any deterministic name in `SOLVERS`, or
-    "amed" with per-step constants) on a VP / DDPM model. `num_inference_steps` is the NFE."""
+    "amed" with per-step constants (r, c, a) on the base solver `amed_base`: dpm2 = AMED-Solver, or
+    AMED-Plugin on euler, ipndm, dpmpp_2m, dpmpp_3m, unipc) on a VP / DDPM model.
+    `num_inference_steps` is the NFE. `amed_scheduler_config(predictor)` gives the amed_* entries
+    of a predictor fitted on a black-box model (per-step constants)."""
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
                     "UniPCMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
@@ -124,7 +128,7 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
                  prediction_type: str = "epsilon", solver: str = "dpmpp_2m", grid: str = "karras",
                  rho: float = 7.0, afs: bool = False, sigma_min: float | None = None,
                  sigma_max: float | None = None, amed_r: list[float] | None = None,
-                 amed_c: list[float] | None = None, amed_a: list[float] | None = None):
+                 amed_c: list[float] | None = None, amed_a: list[float] | None = None, amed_base: str = "dpm2"):
         self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                  trained_betas)
         self._output = _Output()
@@ -152,6 +156,7 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         sigma_min = self._vp.sigma_min if cfg.sigma_min is None else cfg.sigma_min
         sigma_max = self._vp.sigma_max if cfg.sigma_max is None else cfg.sigma_max
         if cfg.solver == "amed":
+            check_base(cfg.amed_base)
             return get_sigmas(cfg.grid, amed_points(nfe, cfg.afs), sigma_min, sigma_max, cfg.rho)
         if cfg.solver not in SOLVERS:
             raise UnknownNameError(f"unknown solver {cfg.solver!r}; choose one of {sorted(SOLVERS) + ['amed']}")
@@ -200,7 +205,8 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
 
     def _solve(self, denoiser, x: Tensor) -> Tensor:
         if self.config.solver == "amed":
-            return amed_solver(denoiser, x, self._grid_sigmas, self._predictor, afs=self.config.afs, check=False)
+            return amed_plugin(denoiser, x, self._grid_sigmas, self._predictor, base=self.config.amed_base,
+                               afs=self.config.afs, check=False)
         return run_solver(denoiser, x, self._grid_sigmas, solver=self.config.solver, afs=self.config.afs)
 
     def _replay(self, x_init: Tensor, cached: list[Tensor]) -> _Request | _Done:
@@ -274,4 +280,23 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-__all__ = ["DifflabScheduler", "StepConstantPredictor", "alphas_cumprod_for"]
+def amed_scheduler_config(predictor: nn.Module) -> dict[str, Any]:
+    """The DifflabScheduler settings that run a fitted AMED predictor as per-step constants:
+    solver "amed", its base solver, grid, ρ, σ range, AFS and amed_r / amed_c / amed_a (one value per
+    step, the predictor evaluated with no feature, h = 0).
+
+    Exact for a predictor fitted on a black-box model (no `last_feature`: `fit_amed` then learns
+    per-step constants); for one fitted with a bottleneck feature this drops the per-sample part.
+        scheduler = DifflabScheduler.from_config(pipe.scheduler.config, **amed_scheduler_config(predictor))
+    """
+    fitted = predictor.fitted_for
+    sigmas = predictor_sigmas(predictor)
+    with torch.no_grad():
+        params = predictor(None, sigmas[:-1].float(), sigmas[1:].float())
+    return {"solver": "amed", "amed_base": check_base(fitted.get("base_solver") or "dpm2"), "grid": fitted["grid"],
+            "rho": fitted.get("rho", 7.0), "sigma_min": fitted["sigma_min"], "sigma_max": fitted["sigma_max"],
+            "afs": fitted.get("afs", True), "amed_r": params.r.tolist(), "amed_c": params.c.tolist(),
+            "amed_a": params.a.tolist()}
+
+
+__all__ = ["DifflabScheduler", "StepConstantPredictor", "alphas_cumprod_for", "amed_scheduler_config"]
