@@ -1,4 +1,4 @@
-"""Benchmark: few-step ODE solvers (difflab and diffusers) and AMED-Solver against the exact ODE solution.
+"""Benchmark: few-step ODE solvers (difflab and diffusers), AMED-Solver and AMED-Plugin against the exact ODE solution.
 
 For three models (the default 2-D Gaussian mixture, a 64-D Gaussian mixture, the digits U-Net of
 the demo recipe) every solver starts from the same initial noise and runs down the Karras grid
@@ -8,8 +8,9 @@ solution from the same noise (mixtures: Heun, 2,000 steps, float64, exact denois
 1,000 steps). No final step to σ = 0: every solver ends at σ_min like the reference.
 
 Rows: every deterministic entry of `difflab.sampling.SOLVERS` (with AFS also on where it changes
-the parity of the NFE a solver can spend: heun and dpm2), AMED-Solver with a predictor fitted by
-`fit_amed` for each odd NFE in the list, and diffusers' DPMSolverMultistep (dpmsolver++ 2M),
+the parity of the NFE a solver can spend: heun and dpm2), AMED-Solver and AMED-Plugin (on ipndm,
+dpmpp_2m and, for the mixtures, unipc) with a predictor fitted by `fit_amed` for each odd NFE in the
+list (MIXTURE_AMED / DIGITS_AMED name the rows), and diffusers' DPMSolverMultistep (dpmsolver++ 2M),
 UniPCMultistep (bh2), EulerDiscrete and HeunDiscrete schedulers on the same model (wrapped as an
 ε-prediction VP model) and the same σ's. Combinations a solver cannot spend exactly are "n/a".
 
@@ -48,7 +49,8 @@ from difflab.data import default_gmm, load_digits
 from difflab.demo import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, cached_model
 from difflab.errors import ConfigError
 from difflab.sampling import SOLVERS, get_sigmas, sample, seeded_noise, sigmas_for_nfe
-from difflab.sampling.amed import amed_solver, predictor_sigmas
+from difflab.sampling.amed import predictor_sigmas
+from difflab.sampling.plugin import amed_plugin, amed_sample
 from difflab.train import TrainConfig
 from difflab.train.amed import fit_amed
 
@@ -60,6 +62,11 @@ DIFFUSERS = ("diffusers_dpmpp_2m", "diffusers_unipc_bh2", "diffusers_euler", "di
 DIFFUSERS_TWIN = {"diffusers_dpmpp_2m": "dpmpp_2m", "diffusers_unipc_bh2": "unipc", "diffusers_euler": "euler",
                   "diffusers_heun": "heun"}
 ROOT = Path(__file__).resolve().parent.parent
+# AMED rows per model: AMED-Solver with the recipe's teacher (M=1) and a finer one, and AMED-Plugin on the
+# best multistep bases with a teacher accurate enough to learn from (Heun on (M+1)(N−1)+1 points)
+MIXTURE_AMED = (("amed", "dpm2", 1), ("amed_M3", "dpm2", 3), ("amed_plugin_ipndm", "ipndm", 7),
+                ("amed_plugin_dpmpp_2m", "dpmpp_2m", 7), ("amed_plugin_unipc", "unipc", 7))
+DIGITS_AMED = (("amed", "dpm2", 1), ("amed_plugin_ipndm", "ipndm", 3), ("amed_plugin_dpmpp_2m", "dpmpp_2m", 3))
 
 
 # ----- models --------------------------------------------------------------------------------------
@@ -73,7 +80,8 @@ class Case:
     reference_steps: int
     amed_trajectories: int
     amed_batch: int
-    amed_teachers: tuple[int, ...] = (1,)     # teacher Heun's M per AMED row: 1 is the recipe (METHODS.md §1)
+    # AMED rows: (row, base solver, teacher Heun's M); ('amed', 'dpm2', 1) is AMED-Solver's recipe (METHODS.md §1)
+    amed_variants: tuple[tuple[str, str, int], ...] = (("amed", "dpm2", 1),)
     info: dict = field(default_factory=dict)
 
 
@@ -269,20 +277,20 @@ def run_case(case: Case, log: Callable[[str], None]) -> dict:
 
     amed: dict[str, dict] = {}
     predictors = {}
-    for M in case.amed_teachers:
-        row = "amed" if M == 1 else f"amed_M{M}"
+    for row, base, M in case.amed_variants:
         errors[row], nfe_measured[row], amed[row] = {str(n): "n/a" for n in NFES}, {}, {}
         for nfe in AMED_NFES:
             start = time.perf_counter()
             predictor, result = fit_amed(denoiser, nfe, "karras", SIGMA_MIN, SIGMA_MAX, teacher="heun", M=M,
                                          trajectories=case.amed_trajectories, batch_size=case.amed_batch,
-                                         shape=case.shape, dtype=case.dtype, rho=RHO, return_result=True)
+                                         shape=case.shape, dtype=case.dtype, rho=RHO, base_solver=base,
+                                         return_result=True)
             fit_seconds = time.perf_counter() - start
             predictors[(row, nfe)] = predictor
             grid = predictor_sigmas(predictor)
             counter.calls = 0
             with torch.no_grad():
-                x = amed_solver(denoiser, x0, grid, predictor)
+                x = amed_plugin(denoiser, x0, grid, predictor, base=base)
             nfe_measured[row][str(nfe)] = counter.calls
             errors[row][str(nfe)] = mean_l2(x, ref)
             amed[row][str(nfe)] = {
@@ -290,7 +298,8 @@ def run_case(case: Case, log: Callable[[str], None]) -> dict:
                 "batch_size": case.amed_batch,
                 "adam_steps": math.ceil(case.amed_trajectories / case.amed_batch) * (len(grid) - 1),
                 "final_loss": float(f"{result.losses[-1][1]:.4g}") if result.losses else None,
-                "grid_points": len(grid), "teacher": f"heun on {(M + 1) * (len(grid) - 1) + 1} points (M={M})"}
+                "grid_points": len(grid), "base_solver": base,
+                "teacher": f"heun on {(M + 1) * (len(grid) - 1) + 1} points (M={M})"}
             log(f"  {row} NFE {nfe}: fitted in {fit_seconds:.1f} s ({case.amed_trajectories} trajectories)")
         amed[row]["fit_seconds_total"] = round(sum(v["fit_seconds"] for v in amed[row].values()), 2)
     out["amed"] = amed
@@ -363,9 +372,10 @@ def frechet(case_out: dict, denoiser, n: int, reference_points: int) -> dict:
             x = sample(denoiser, x0, sigmas_for_nfe(solver, 5, "karras", SIGMA_MIN, SIGMA_MAX, RHO, afs=afs), solver,
                        afs=afs)
         result[f"best_training_free ({best}, NFE 5)"] = round(digits_frechet(x), 2)
-        predictor = case_out["_predictors"][("amed", 5)]
-        x = amed_solver(denoiser, x0, predictor_sigmas(predictor), predictor)
-        result["amed (NFE 5)"] = round(digits_frechet(x), 2)
+        for (row, nfe), predictor in case_out["_predictors"].items():
+            if nfe == 5:
+                x = amed_sample(denoiser, x0, predictor_sigmas(predictor), predictor)
+                result[f"{row} (NFE 5)"] = round(digits_frechet(x), 2)
         start = time.perf_counter()
         x = sample(denoiser, x0, get_sigmas("karras", reference_points, SIGMA_MIN, SIGMA_MAX, RHO), "heun")
         seconds = time.perf_counter() - start
@@ -404,7 +414,7 @@ def figure(results: dict, path: Path) -> None:
         if row.startswith("diffusers"):
             colour[row] = colour.get(DIFFUSERS_TWIN[row], "gray")
         elif row.startswith("amed"):
-            colour[row] = "black" if row == "amed" else "dimgray"
+            colour[row] = {"amed": "black", "amed_M3": "dimgray"}.get(row, palette[len(colour) % len(palette)])
         else:
             colour[row] = palette[len([c for c in colour if not c.startswith(("diffusers", "amed"))]) % len(palette)]
     handles = {}
@@ -415,7 +425,7 @@ def figure(results: dict, path: Path) -> None:
             if not pts:
                 continue
             if row.startswith("amed"):
-                style = dict(lw=2.6, ls="-" if row == "amed" else ":", marker="*", ms=12)
+                style = dict(lw=2.6, ls=":" if row == "amed_M3" else "-" if row == "amed" else "-.", marker="*", ms=12)
             elif row.startswith("diffusers"):
                 style = dict(lw=1.2, ls="--", marker="o", ms=8, mfc="none", mew=1.3)
             else:
@@ -458,14 +468,14 @@ def main() -> None:
     gmm64 = mixture_64d()
     data64 = gmm64.sample(20_000, generator=torch.Generator().manual_seed(1))
     cases = [
-        Case("gmm2d", default_gmm(), (2,), mixture_n, torch.float64, mixture_ref, mixture_traj, 32, (1, 3),
+        Case("gmm2d", default_gmm(), (2,), mixture_n, torch.float64, mixture_ref, mixture_traj, 32, MIXTURE_AMED,
              {"model": "difflab.data.default_gmm(): 8 isotropic Gaussians (std 0.2) on a circle of radius 2",
               "data_std": round(float(default_gmm().sample(20_000, generator=torch.Generator().manual_seed(1))
                                       .std()), 3)}),
-        Case("gmm64d", gmm64, (64,), mixture_n, torch.float64, mixture_ref, mixture_traj, 32, (1, 3),
+        Case("gmm64d", gmm64, (64,), mixture_n, torch.float64, mixture_ref, mixture_traj, 32, MIXTURE_AMED,
              {"model": "10 isotropic Gaussians in 64-D, means 0.6·N(0, I), stds U(0.2, 0.5), weights U(0.5, 1.5), "
                        "seed 0 (benchmarks/solvers.py: mixture_64d)", "data_std": round(float(data64.std()), 3)}),
-        Case("digits", digits, (1, 8, 8), digits_n, torch.float32, digits_ref, digits_traj, digits_batch, (1,),
+        Case("digits", digits, (1, 8, 8), digits_n, torch.float32, digits_ref, digits_traj, digits_batch, DIGITS_AMED,
              {"model": f"digits U-Net {DIGITS_UNET}, demo recipe ({digits_steps} steps, batch {DIGITS_BATCH}, "
                        "lr 2e-3, seed 0)", "train_seconds": round(train_seconds, 1),
               "parameters": sum(p.numel() for p in digits.parameters())}),

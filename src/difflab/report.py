@@ -55,6 +55,16 @@ def save_scatter(points: dict[str, Tensor], path: str | Path, title: str = "") -
     return path
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as a PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
 def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

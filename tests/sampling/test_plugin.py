@@ -148,3 +148,16 @@ def test_an_interrupted_continuation_fit_resumes_to_the_same_predictor(mixture, 
     resumed = fit_amed(mixture, **kwargs, out_dir=tmp_path)
     for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("base", BASE_SOLVERS)
+def test_a_non_finite_model_output_stops_the_plugin_at_its_step(mixture, base):
+    from difflab.errors import NonFiniteError
+
+    def broken(x, sigma, **cond):         # NaN once σ drops below 1: at the midpoint of step 2
+        out = mixture(x, sigma)
+        return torch.where(torch.as_tensor(sigma).reshape(-1, 1) < 1.0, torch.full_like(out, float("nan")), out)
+
+    sigmas = get_sigmas("karras", 5, 0.002, 80.0)          # 80, 17.5, 2.52, 0.170, 0.002
+    with pytest.raises(NonFiniteError, match=r"amed.* at step 2 \(sigma 2\.515"):
+        amed_plugin(broken, _noise(4), sigmas, ConstantPredictor(), base=base, afs=True)

@@ -38,6 +38,7 @@ from ..core.serialization import read_model_folder, write_model_folder
 from ..errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
 from ..nets.embeddings import sinusoidal_embedding  # a plain Fourier embedding, no diffusion maths
 from .grids import check_grid, get_sigmas, points_for_nfe
+from .guards import finite_guard
 from .solvers import first_eps
 
 Callback = Callable[[int, Tensor, float], None] | None
@@ -324,6 +325,7 @@ def amed_solver(denoiser, x: Tensor, sigmas: Tensor, predictor, callback: Callba
     sigmas = check_grid(sigmas, getattr(denoiser, "sigma_min", None), getattr(denoiser, "sigma_max", None))
     if check:
         check_predictor(predictor, denoiser, sigmas, afs, base_solver="dpm2")
+    callback = finite_guard("amed", sigmas, callback)          # NonFiniteError names the step and σ
     sigma_list = torch.as_tensor(sigmas).tolist()
     for i, (t_cur, t_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
         first = afs and i == 0
@@ -331,8 +333,7 @@ def amed_solver(denoiser, x: Tensor, sigmas: Tensor, predictor, callback: Callba
             x = x - t_cur * first_eps(denoiser, x, t_cur, first, **cond)
         else:
             x, _ = amed_step(denoiser, x, t_cur, t_next, predictor, analytic_first=first, **cond)
-        if callback:
-            callback(i, x, t_next)
+        callback(i, x, t_next)
     return x
 
 

@@ -27,6 +27,7 @@ from ..core.denoiser import append_dims, last_feature, sigma_batch
 from ..errors import ConfigError
 from .amed import AMEDParams, amed_solver, check_predictor
 from .grids import check_grid
+from .guards import finite_guard
 from .multistep import ipndm_weights, unipc_update
 from .solvers import dpmpp_update, lower_order_final
 
@@ -177,14 +178,14 @@ def amed_plugin(denoiser, x: Tensor, sigmas: Tensor, predictor, base: str = "ipn
     sigmas = check_grid(sigmas, getattr(denoiser, "sigma_min", None), getattr(denoiser, "sigma_max", None))
     if check:
         check_predictor(predictor, denoiser, sigmas, afs, base_solver=base)
+    callback = finite_guard(f"amed ({base})", sigmas, callback)   # NonFiniteError names the step and σ
     sigma_list = torch.as_tensor(sigmas).tolist()
     n_substeps = n_substeps_of(sigma_list)
     state = PluginState(x)
     for i, (t_cur, t_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
         state, _ = plugin_interval(denoiser, predictor, PLUGIN_BASES[base], state, t_cur, t_next, n_substeps,
                                    analytic_first=afs and i == 0, **cond)
-        if callback:
-            callback(i, state.x, t_next)
+        callback(i, state.x, t_next)
     return state.x
 
 

@@ -6,7 +6,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, NonFiniteError, ShapeError, UnknownNameError
+from ..errors import ConfigError, ShapeError, UnknownNameError
+from .guards import finite_guard
 from .grids import check_grid, get_sigmas, points_for_nfe
 from .noise import PerSampleGenerator
 from .solvers import SOLVERS
@@ -29,15 +30,8 @@ def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",
     _check_shape(denoiser, x)
     spec = SOLVERS[solver]
 
-    def guarded_callback(i: int, x_i: Tensor, sigma_next: float) -> None:
-        if not bool(torch.isfinite(x_i).all()):
-            raise NonFiniteError(f"solver {solver!r} produced a non-finite state at step {i} "
-                                 f"(sigma {float(sigmas[i]):.4g} -> {sigma_next:.4g}); check the model's output")
-        if callback:
-            callback(i, x_i, sigma_next)
-
     extra = {"generator": generator} if spec.stochastic else {}
-    return spec.fn(denoiser, x, sigmas, callback=guarded_callback, afs=afs, **extra, **cond)
+    return spec.fn(denoiser, x, sigmas, callback=finite_guard(solver, sigmas, callback), afs=afs, **extra, **cond)
 
 
 def sigmas_for_nfe(solver: str, nfe: int, kind: str = "karras", sigma_min: float = 0.002, sigma_max: float = 80.0,

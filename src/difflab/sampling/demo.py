@@ -1,0 +1,96 @@
+"""The demo's fast-sampling section: every solver at NFE 3 / 5 / 10 on the digits model against a
+fine reference, AMED-Solver and AMED-Plugin (iPNDM) fitted on the spot, an error-vs-NFE plot and
+sample grids."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..report import save_figure, save_image_grid
+from .grids import get_sigmas
+from .noise import seeded_noise
+from .plugin import amed_sample
+from .amed import predictor_sigmas
+from .sample import sample, sigmas_for_nfe
+
+DEMO_NFES = (3, 5, 10)
+DEMO_SOLVERS = ("euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_3m", "ipndm", "ipndm_v", "deis", "unipc")
+GRID_SOLVERS = ("euler", "dpmpp_2m", "unipc")          # shown as sample grids next to AMED
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def _mean_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x.float() - reference.float()).flatten(1).norm(dim=1).mean())
+
+
+def _solver_run(denoiser, noise: torch.Tensor, solver: str, nfe: int) -> torch.Tensor | None:
+    """The solver at exactly `nfe` evaluations (without AFS if it can, else with), or None if it cannot."""
+    for afs in (False, True):
+        try:
+            sigmas = sigmas_for_nfe(solver, nfe, "karras", SIGMA_MIN, SIGMA_MAX, afs=afs)
+        except ConfigError:
+            continue
+        return sample(denoiser, noise * float(sigmas[0]) / SIGMA_MAX, sigmas, solver, afs=afs)
+    return None
+
+
+def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:
+    """base["digits"]: a digits denoiser. Writes sampling_error.png and sampling_grids.png into `out`."""
+    from ..train.amed import default_config, fit_amed
+
+    denoiser = base["digits"].to(device)
+    n = 64 if quick else 256
+    noise = seeded_noise(range(seed, seed + n), (1, 8, 8), SIGMA_MAX, device=device)
+    with torch.no_grad():
+        reference = sample(denoiser, noise, get_sigmas("karras", 101 if quick else 201, SIGMA_MIN, SIGMA_MAX), "heun")
+        errors, finals = {}, {}
+        for solver in DEMO_SOLVERS:
+            for nfe in DEMO_NFES:
+                x = _solver_run(denoiser, noise, solver, nfe)
+                errors.setdefault(solver, {})[str(nfe)] = None if x is None else round(_mean_l2(x, reference), 4)
+                finals[(solver, nfe)] = x
+    amed, fit_seconds = {}, {}
+    for row, base_solver, M in (("amed", "dpm2", 1), ("amed_plugin_ipndm", "ipndm", 3)):
+        for nfe in (3, 5):
+            start = time.perf_counter()
+            predictor = fit_amed(denoiser, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, M=M,
+                                 trajectories=128 if quick else 1024, batch_size=32, base_solver=base_solver,
+                                 config=default_config(seed=seed, device=device))
+            fit_seconds[f"{row} NFE {nfe}"] = round(time.perf_counter() - start, 1)
+            with torch.no_grad():
+                x = amed_sample(denoiser, noise, predictor_sigmas(predictor), predictor)
+            errors.setdefault(row, {})[str(nfe)] = round(_mean_l2(x, reference), 4)
+            finals[(row, nfe)] = x
+        amed[row] = {"base_solver": base_solver, "teacher": f"heun, M={M}"}
+    _plot_errors(errors, out / "sampling_error.png")
+    rows = [(name, nfe) for name in (*GRID_SOLVERS, "amed_plugin_ipndm") for nfe in DEMO_NFES
+            if finals.get((name, nfe)) is not None]
+    save_image_grid(torch.cat([finals[key][:8].cpu() for key in rows] + [reference[:8].cpu()]),
+                    out / "sampling_grids.png", ncol=8)
+    at5 = {k: v["5"] for k, v in errors.items() if v.get("5") is not None and not k.startswith("amed")}
+    best = min(at5, key=at5.get)
+    return {"n_samples": n, "reference": f"heun on {101 if quick else 201} Karras points", "errors": errors,
+            "amed": amed, "amed_fit_seconds": fit_seconds, "best_training_free_nfe5": {best: at5[best]},
+            "grid_rows": [f"{name} NFE {nfe}" for name, nfe in rows] + ["reference"],
+            "figures": ["sampling_error.png", "sampling_grids.png"]}
+
+
+def _plot_errors(errors: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, cells in errors.items():
+        pts = [(int(k), v) for k, v in cells.items() if v is not None]
+        style = dict(marker="*", ms=11, lw=2.2) if name.startswith("amed") else dict(marker=".", lw=1.2)
+        ax.plot(*zip(*pts), label=name, **style)
+    ax.set(xscale="linear", yscale="log", xlabel="NFE", ylabel="mean L2 error to the reference",
+           title="digits: error vs NFE", xticks=list(DEMO_NFES))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
