@@ -126,3 +126,13 @@ def _single_intra_op_thread(request):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def quick_demo_dir(tmp_path_factory):
+    """`difflab demo --quick` run once per session (every section); tests read its report."""
+    from difflab.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, quick=True, seed=0, device="cpu")
+    return out

@@ -1,23 +1,61 @@
-"""`difflab demo --quick`: the main job runs end to end and writes a self-contained report."""
+"""`difflab demo --quick`: the main job runs every section end to end and writes a self-contained report."""
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from html.parser import HTMLParser
 
-from difflab.demo import run_demo
+from difflab.demo import SECTIONS, run_demo
 
 
-def test_quick_demo_writes_report_with_every_section_and_sane_numbers(tmp_path):
-    summary = run_demo(tmp_path, quick=True, seed=0, device="cpu")
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["sections"]) == {"gmm", "digits"}
-    gmm, digits = report["sections"]["gmm"], report["sections"]["digits"]
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs).get("src", ""))
+
+
+def _finite_leaves(value) -> list[float]:
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _finite_leaves(item)]
+    if isinstance(value, list):
+        return [v for item in value for v in _finite_leaves(item)]
+    return [value] if isinstance(value, float) else []
+
+
+def test_quick_demo_writes_every_section_with_sane_numbers(quick_demo_dir):
+    report = json.loads((quick_demo_dir / "report.json").read_text())
+    sections = report["sections"]
+    assert list(sections) == ["gmm", "digits", *[key for key, *_ in SECTIONS]]
+    for key, section in sections.items():
+        assert section.get("figures") or key == "cunet", key          # cunet: a table only
+        for name in section.get("figures", []):
+            assert (quick_demo_dir / name).stat().st_size > 1000, (key, name)
+        assert all(math.isfinite(v) for v in _finite_leaves(section) if v is not None), key
     # even a short run must land on the mixture: samples from the prior N(0, 80²) would score SW ≈ 40
+    gmm, digits = sections["gmm"], sections["digits"]
     assert gmm["sliced_wasserstein"]["learned"] < 0.5
     assert gmm["sliced_wasserstein"]["exact_denoiser"] < 0.2     # the exact denoiser + Heun 35 NFE
     assert digits["frechet"] > digits["frechet_floor"] > 0
-    html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<table>" in html   # images inlined, no links
-    assert summary["report"].endswith("report.html")
-    # a second run reuses the cached models instead of training again
-    again = run_demo(tmp_path, quick=True, seed=0, device="cpu")
+    # fast sampling: more evaluations help every training-free solver that can spend 3 and 10
+    errors = sections["sampling"]["errors"]
+    for solver in ("euler", "dpmpp_2m", "ipndm"):
+        assert errors[solver]["10"] < errors[solver]["3"], solver
+    # the report is self-contained: every image inlined, one per figure
+    html = (quick_demo_dir / "report.html").read_text()
+    images = _Images()
+    images.feed(html)
+    n_figures = sum(len(s.get("figures", [])) for s in sections.values())
+    assert len(images.sources) == n_figures and all(src.startswith("data:image/png;base64,") for src in images.sources)
+    for title, _ in report["titles"].values():
+        assert f"<h2>{title.replace('&', '&amp;')}</h2>" in html
+
+
+def test_a_second_run_reuses_the_cached_base_models(quick_demo_dir, tmp_path):
+    shutil.copytree(quick_demo_dir / "models", tmp_path / "models")    # (the shared report stays as it is)
+    again = run_demo(tmp_path, quick=True, seed=0, device="cpu", only=())
     assert again["gmm"]["train_seconds"] == 0.0 and again["digits"]["train_seconds"] == 0.0

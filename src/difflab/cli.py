@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from .cli_common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, fail,  # noqa: F401
+                         resolve_device)
 from .errors import ConfigError, DifflabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -16,51 +20,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "Gaussian-mixture checks, few-step sampling, composition, inverse problems, distillation).")
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 class Net(str, Enum):
     auto = "auto"
     mlp = "mlp"
     unet = "unet"
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit status 2: how every mistake the user can fix ends."""
-    typer.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def resolve_device(device: Device) -> str:
-    import torch
-
-    if device == Device.cuda and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given but torch sees no CUDA device; use --device cpu")
-    return "cuda" if device == Device.auto and torch.cuda.is_available() else ("cpu" if device == Device.auto else device.value)
-
-
-def check_output(path: Path, force: bool, suffixes: tuple[str, ...] | None = None) -> None:
-    """Validate an output path before any work: suffix, and no silent overwrite."""
-    if suffixes and path.suffix not in suffixes:
-        raise ConfigError(f"--out {path} must end in one of {', '.join(suffixes)}")
-    if path.exists() and not force:
-        raise ConfigError(f"{path} already exists; pass --force to overwrite it")
+    cunet = "cunet"
 
 
 @app.command()
 def train(
     data: str = typer.Option("digits", help="digits | moons | rings | gmm | PATH (image folder or HF dataset on disk)"),
-    net: Net = typer.Option(Net.auto, help="mlp (vectors), unet (images); auto picks by data shape"),
+    net: Net = typer.Option(Net.auto, help="mlp (vectors), unet or cunet (images); auto picks by data shape"),
     classes: bool = typer.Option(False, "--classes", help="class-conditional (with a null class for guidance)"),
-    steps: int = typer.Option(2000, min=1, help="optimiser steps"),
-    batch_size: int = typer.Option(128, min=1, help="batch per process"),
-    lr: float = typer.Option(2e-3, help="Adam learning rate"),
-    channels: int = typer.Option(None, help="U-Net base channels / MLP width (default: the network's)"),
+    label_dropout: float = typer.Option(0.1, min=0.0, max=1.0, help="with --classes: probability of training on the "
+                                        "null class instead (classifier-free guidance needs > 0)"),
+    steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="batch per process"),
+    lr: float = typer.Option(2e-3, help="Adam learning rate (finite, > 0)"),
+    channels: int = typer.Option(None, min=1, max=4096, help="U-Net base channels / MLP width (default: the network's)"),
     out: Path = typer.Option(..., help="model folder to write (config.json + model.safetensors)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED),
     device: Device = typer.Option(Device.auto),
     force: bool = typer.Option(False, help="overwrite an existing model folder"),
     resume: bool = typer.Option(True, help="continue from OUT/checkpoints if present"),
@@ -70,25 +49,30 @@ def train(
     Runs unchanged under `accelerate launch --num_processes N difflab train ...` (multi-GPU, multi-node).
     """
     from .data import get_dataset
-    from .nets import MLP, UNet
+    from .nets import MLP, CUNet, UNet
     from .train import TrainConfig
     from .train.denoiser import train_denoiser
 
     check_output(out, force)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"--lr must be a finite number > 0, got {lr}")
     dataset = get_dataset(data, seed=seed)
+    if label_dropout != 0.1 and not classes:
+        raise ConfigError("--label-dropout needs --classes")
     if classes and dataset.labels is None:
         raise ConfigError(f"--classes needs labels, but data set {data!r} has none")
     is_image = len(dataset.shape) == 3
     kind = net.value if net != Net.auto else ("unet" if is_image else "mlp")
-    if (kind == "unet") != is_image:
+    if (kind != "mlp") != is_image:
         raise ConfigError(f"--net {kind} does not fit data of per-sample shape {dataset.shape}")
     num_classes = dataset.num_classes if classes else 0
-    width = {} if channels is None else ({"base_channels": channels} if kind == "unet" else {"hidden": channels})
-    network = (UNet(in_channels=dataset.shape[0], num_classes=num_classes, **width) if kind == "unet"
+    width = {} if channels is None else ({"base_channels": channels} if kind != "mlp" else {"hidden": channels})
+    image_nets = {"unet": UNet, "cunet": CUNet}
+    network = (image_nets[kind](in_channels=dataset.shape[0], num_classes=num_classes, **width) if kind != "mlp"
                else MLP(dim=dataset.shape[0], num_classes=num_classes, **width))
     config = TrainConfig(steps=steps, lr=lr, seed=seed, device=device.value)
     denoiser, result = train_denoiser(network, dataset.x, dataset.labels if classes else None, config,
-                                      batch_size=batch_size, dataset=str(data),
+                                      batch_size=batch_size, dataset=str(data), label_dropout=label_dropout,
                                       out_dir=out.with_name(out.name + ".checkpoints"), resume=resume)
     if result.is_main_process:
         denoiser.save(out, overwrite=force)
@@ -96,28 +80,46 @@ def train(
                                "processes": result.num_processes}))
 
 
+MAX_NFE = 10_000          # far beyond any useful budget; refuses typos like 10**9 before building a grid
+PNG_MAX_SAMPLES = 256     # a 16 x 16 grid
+STEP_SEED_OFFSET = 2**40  # stochastic solvers' per-step noise for sample i comes from seed SEED+i+2^40
+
+
 @app.command()
 def sample(
     model: Path = typer.Option(..., help="model folder (difflab or diffusers)"),
     solver: str = typer.Option("heun", help="euler | heun | dpm2 | dpmpp_2m | dpmpp_3m | ipndm | ipndm_v | unipc | "
                                "deis | euler_maruyama | amed (with --predictor)"),
-    nfe: Optional[int] = typer.Option(None, min=1, help="model evaluations to spend; the grid is built to spend "
-                                      "exactly this (default 35; with --solver amed, the predictor's)"),
+    nfe: Optional[int] = typer.Option(None, min=1, max=MAX_NFE, help="model evaluations to spend; the grid is built "
+                                      "to spend exactly this (default 35; with --solver amed, the predictor's)"),
     grid: str = typer.Option("karras", help="karras | logsnr | time_uniform | time_quadratic | discrete"),
     afs: bool = typer.Option(False, "--afs", help="analytical first step: replace the first evaluation by "
                              "x/sqrt(1+σ²) (saves one evaluation)"),
     to_zero: bool = typer.Option(True, help="end the grid with σ = 0 (a last Euler step to the denoised sample, "
                                  "as in EDM: Heun at 35 NFE = 18 steps)"),
     predictor: Optional[Path] = typer.Option(None, help="AMED predictor folder (from `difflab amed fit`)"),
-    n: int = typer.Option(64, min=1, help="number of samples"),
-    seed: int = typer.Option(0, help="sample i uses seed SEED+i, whatever the batch size"),
-    batch_size: int = typer.Option(256, min=1),
-    class_label: Optional[int] = typer.Option(None, "--class", help="class label for a conditional model"),
+    steps: Optional[int] = typer.Option(None, min=1, max=MAX_NFE, help="a distilled student (`difflab distill`): "
+                                        "its number of steps (default: what it was distilled for)"),
+    w: Optional[float] = typer.Option(None, help="a distilled student: the guidance weight it is conditioned on "
+                                      "(default 0)"),
+    stochastic: bool = typer.Option(False, "--stochastic", help="a distilled student: the stochastic sampler "
+                                    "(two steps down, one back up; same NFE)"),
+    n: int = typer.Option(64, min=1, help="number of samples (.npz: streamed to disk a batch at a time, so memory "
+                          f"does not grow with N; .png: at most {PNG_MAX_SAMPLES})"),
+    seed: int = typer.Option(0, min=0, help="sample i uses seed SEED+i, whatever the batch size or process count"),
+    batch_size: int = typer.Option(256, min=1, help="samples per model call and per write to disk"),
+    class_label: Optional[int] = typer.Option(None, "--class", min=-1, max=2**31 - 1,
+                                              help="class label for a conditional model (-1: the null class)"),
     out: Path = typer.Option(..., help=".npz (array `x`) or .png (image grid)"),
     device: Device = typer.Option(Device.auto),
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
-    """Sample a model with a solver at an exact NFE budget; writes .npz or a .png grid."""
+    """Sample a model with a solver at an exact NFE budget; writes .npz or a .png grid.
+
+    Runs unchanged under `accelerate launch --num_processes N difflab sample ...`: process r takes
+    batches r, r+N, r+2N, ... of the same batches a single process would run, and the main process
+    writes them in order, so the output is the same whatever N.
+    """
     import torch
 
     from . import load
@@ -125,23 +127,139 @@ def sample(
     check_output(out, force, (".npz", ".png"))
     if (solver == "amed") != (predictor is not None):
         raise ConfigError("--solver amed needs --predictor DIR, and --predictor needs --solver amed")
-    dev = resolve_device(device)
+    if out.suffix == ".png" and n > PNG_MAX_SAMPLES:
+        raise ConfigError(f"a .png grid shows at most {PNG_MAX_SAMPLES} samples, --n {n} was given; "
+                          "write .npz for more")
+    if seed + n + STEP_SEED_OFFSET >= 2**64:
+        raise ConfigError(f"--seed {seed} with --n {n} gives seeds beyond 2^64 - 2^40; use a smaller seed")
+    rank, processes, gather, dev = _processes(resolve_device(device))
     denoiser = load(model, device=dev)
     data_shape = getattr(denoiser, "data_shape", None)
     if data_shape is None:
         raise ConfigError(f"{model} does not record its data shape; cannot draw noise for it")
     if out.suffix == ".png" and len(data_shape) != 3:
         raise ConfigError(f"a .png grid needs image data, this model's samples have shape {tuple(data_shape)}")
-    run = (_amed_runner(denoiser, predictor, nfe, dev) if solver == "amed"
-           else _solver_runner(denoiser, solver, 35 if nfe is None else nfe, grid, afs, to_zero))
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            seeds = range(seed + start, seed + min(n, start + batch_size))
-            cond = {} if class_label is None else {"class_labels": torch.full((len(seeds),), class_label, device=dev)}
-            chunks.append(run(seeds, data_shape, dev, cond).cpu())
-    _write_samples(torch.cat(chunks), out)
-    typer.echo(json.dumps({"out": str(out), "n": n, "solver": solver, "nfe": run.nfe, "points": run.points}))
+    _check_disk_space(out, n, data_shape)
+    class_label = _check_class_label(denoiser, class_label)
+    student = type(denoiser).__name__ == "GuidedStudent"
+    if student:
+        run = _student_runner(denoiser, steps, 0.0 if w is None else w, stochastic, class_label, nfe, predictor)
+        class_label = None                                   # the student runner conditions itself
+    elif steps is not None or w is not None or stochastic:
+        raise ConfigError("--steps, --w and --stochastic are for distilled students (difflab distill); this model "
+                          "takes --solver and --nfe")
+    else:
+        run = (_amed_runner(denoiser, predictor, nfe, dev) if solver == "amed"
+               else _solver_runner(denoiser, solver, 35 if nfe is None else nfe, grid, afs, to_zero))
+    batch_size = min(batch_size, n)
+    batches = [range(seed + start, seed + min(n, start + batch_size)) for start in range(0, n, batch_size)]
+
+    def run_batch(seeds: range):
+        cond = {} if class_label is None else {"class_labels": torch.full((len(seeds),), class_label, device=dev)}
+        return run(seeds, data_shape, dev, cond).to(torch.float32)
+
+    main_process = rank == 0
+    with torch.no_grad(), _sample_writer(out, n, data_shape, main_process) as write, \
+            _progress("sampling", len(batches), main_process) as advance:
+        for group in _round_robin(batches, rank, processes, run_batch, gather, (batch_size, *data_shape), dev):
+            for rows in group:
+                write(rows)
+            advance(len(group))
+    if main_process:
+        typer.echo(json.dumps({"out": str(out), "n": n, "solver": "student" if student else solver, "nfe": run.nfe,
+                               "points": run.points, "processes": processes}))
+
+
+def _student_runner(student, steps: int | None, w: float, stochastic: bool, class_label: int | None,
+                    nfe: int | None, predictor: Path | None):
+    """A batch sampler for a distilled guided student: sample i from seed i, whatever the batch."""
+    import math
+
+    from .distill.samplers import sample_student
+
+    if nfe is not None or predictor is not None:
+        raise ConfigError("a distilled student takes --steps (one evaluation per step), not --nfe or --predictor")
+    if not math.isfinite(w):
+        raise ConfigError(f"--w must be finite, got {w}")
+    steps = student.steps if steps is None else steps
+
+    def run(seeds, shape, device, cond):
+        return sample_student(student, len(seeds), steps, w, class_label, stochastic, seed=seeds.start, device=device,
+                              batch_size=len(seeds))
+
+    run.nfe, run.points = steps, steps + 1
+    return run
+
+
+def _processes(device: str):
+    """(rank, number of processes, gather, device): one process, or the group `accelerate launch` made."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None, device
+    from accelerate import PartialState
+    from accelerate.utils import gather
+
+    state = PartialState(cpu=device == "cpu")
+    return state.process_index, state.num_processes, gather, (device if device == "cpu" else str(state.device))
+
+
+def _round_robin(batches: list, rank: int, processes: int, run_batch, gather, padded_shape: tuple, device: str):
+    """Yield, round by round, the outputs of batches [k·P, (k+1)·P) in order (on every process).
+
+    Process r runs batch k·P + r of each round; a batch is the same seeds, in the same batch shape,
+    as in a single-process run, so the samples do not depend on P. Rows are padded to the batch
+    size so that every process contributes one tensor of one shape to the gather.
+    """
+    import torch
+
+    for first in range(0, len(batches), processes):
+        group = batches[first:first + processes]
+        if processes == 1:
+            yield [run_batch(group[0]).cpu()]
+            continue
+        mine = run_batch(group[rank]) if rank < len(group) else None
+        padded = torch.zeros(padded_shape, dtype=torch.float32, device=device)
+        if mine is not None:
+            padded[:len(mine)] = mine
+        every = gather(padded).cpu().reshape(processes, *padded_shape)
+        yield [every[r, :len(seeds)] for r, seeds in enumerate(group)]
+
+
+def _check_class_label(denoiser, label: int | None) -> int | None:
+    """The label to condition on (None: unconditional), refused before work if the model has no such class."""
+    if label is None:
+        return None
+    labels = getattr(denoiser, "labels", None)          # a GaussianMixture: one label per component
+    if labels is not None:
+        classes = sorted({int(c) for c in labels.tolist() if c >= 0})
+    else:
+        counts = [m.num_classes for m in getattr(denoiser, "modules", lambda: [])() if hasattr(m, "num_classes")]
+        if not counts:
+            return label                                # unknown: the model itself checks
+        classes = list(range(counts[0]))
+    if label == -1:
+        return -1 if classes else None                  # the null class; nothing to drop for an unconditional model
+    if label not in classes:
+        shown = classes if len(classes) <= 12 else f"{classes[0]}..{classes[-1]}"
+        raise ConfigError(f"--class {label}: " + (f"this model's classes are {shown}" if classes
+                                                  else "this model is unconditional; drop --class"))
+    return label
+
+
+def _check_disk_space(out: Path, n: int, data_shape) -> None:
+    """Refuse an .npz that cannot fit on its disk before sampling (float32 samples)."""
+    import math
+    import shutil
+
+    if out.suffix != ".npz":
+        return
+    needed = 4 * n * math.prod(data_shape)
+    folder = next(p for p in (out.resolve().parent, *out.resolve().parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ConfigError(f"--n {n} samples of shape {tuple(data_shape)} need {needed / 2**30:.3g} GiB, "
+                          f"{folder} has {free / 2**30:.3g} GiB free; ask for fewer samples")
 
 
 def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zero: bool):
@@ -155,7 +273,7 @@ def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zer
     def run(seeds, shape, device, cond):
         x = seeded_noise(seeds, shape, float(sigmas[0]), device=device)
         # a stochastic solver's per-step noise comes from seeds disjoint from the initial noise's
-        generator = PerSampleGenerator([s + 2**40 for s in seeds])
+        generator = PerSampleGenerator([s + STEP_SEED_OFFSET for s in seeds])
         return run_sample(denoiser, x, sigmas, solver=solver, generator=generator, afs=afs, **cond)
 
     run.nfe, run.points = nfe, len(sigmas)
@@ -163,9 +281,11 @@ def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zer
 
 
 def _amed_runner(denoiser, predictor_dir: Path, nfe: int | None, device: str):
-    """A batch sampler for AMED-Solver with a fitted predictor (refused for another model or NFE)."""
+    """A batch sampler for AMED-Solver / AMED-Plugin with a fitted predictor (refused for another model or NFE)."""
     from .sampling import seeded_noise
-    from .sampling.amed import amed_solver, check_predictor, load_predictor, predictor_sigmas
+    from .sampling.amed import check_predictor, load_predictor, predictor_sigmas
+    from .sampling.plugin import amed_sample
+    from .sampling.guards import finite_guard
 
     predictor = load_predictor(predictor_dir, base_model=denoiser, nfe=nfe, device=device)
     sigmas = predictor_sigmas(predictor)
@@ -174,25 +294,49 @@ def _amed_runner(denoiser, predictor_dir: Path, nfe: int | None, device: str):
 
     def run(seeds, shape, device, cond):
         x = seeded_noise(seeds, shape, float(sigmas[0]), device=device)
-        return amed_solver(denoiser, x, sigmas, predictor, afs=afs, check=False, **cond)
+        return amed_sample(denoiser, x, sigmas, predictor, afs=afs, check=False,
+                           callback=finite_guard("amed", sigmas), **cond)
 
     run.nfe, run.points = predictor.nfe, len(sigmas)
     return run
 
 
-def _write_samples(samples, out: Path) -> None:
-    """.png: an image grid; .npz: array `x`. Written to a temporary name and renamed."""
-    import numpy as np
+@contextmanager
+def _sample_writer(out: Path, n: int, data_shape, main_process: bool):
+    """`write(rows)` for the samples in order: .npz streamed to disk; .png kept (<= PNG_MAX_SAMPLES) and
+    drawn at the end. The file appears only if every sample was written; other processes write nothing."""
+    import torch
 
+    from .io import npz_rows
     from .report import save_image_grid
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
-        save_image_grid(samples, out)
+    if not main_process:
+        yield lambda rows: None
+    elif out.suffix == ".npz":
+        with npz_rows(out, n, data_shape) as rows:
+            yield rows.write
+    else:
+        kept = []
+        yield kept.append
+        save_image_grid(torch.cat(kept), out)
+
+
+@contextmanager
+def _progress(description: str, total: int, enabled: bool):
+    """`advance(k)`: a rich progress bar on stderr when it is a terminal, erased when done (so an error
+    stays one line)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield lambda k: None
         return
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, x=samples.numpy())
-    tmp.replace(out)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda k: bar.advance(task, k)
 
 
 amed_app = typer.Typer(no_args_is_help=True, help="AMED: a tiny learned predictor for ~5-step sampling "
@@ -204,34 +348,43 @@ app.add_typer(amed_app, name="amed")
 def amed_fit(
     model: Path = typer.Option(..., help="base model folder"),
     nfe: int = typer.Option(5, min=2, help="evaluations to fit for (with AFS: 3, 5, 7, 9 ↔ 3, 4, 5, 6 grid points)"),
-    base_solver: str = typer.Option("dpm2", help="dpm2 (AMED-Solver); AMED-Plugin on other solvers is not "
-                                    "implemented yet"),
+    base_solver: str = typer.Option("dpm2", help="dpm2 (AMED-Solver), or AMED-Plugin on euler, ipndm, dpmpp_2m, "
+                                    "dpmpp_3m, unipc"),
     grid: str = typer.Option("karras", help="grid family (the teacher uses the same family)"),
     teacher: str = typer.Option("heun", help="teacher solver for the reference trajectories"),
-    m: int = typer.Option(1, "--M", min=0, help="extra teacher points per student interval"),
-    trajectories: int = typer.Option(10_000, min=1, help="teacher trajectories to fit on"),
-    batch_size: int = typer.Option(128, min=1),
+    m: int = typer.Option(1, "--M", min=0, max=1000, help="extra teacher points per student interval (the teacher "
+                          "must be more accurate than the student: M=1 is the paper's recipe, 3-7 is safer)"),
+    trajectories: int = typer.Option(10_000, min=1, max=MAX_STEPS, help="teacher trajectories to fit on"),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH),
     out: Path = typer.Option(..., help="predictor folder to write"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED),
     device: Device = typer.Option(Device.auto),
     force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
 ) -> None:
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
     from . import load
+    from .sampling.plugin import check_base
     from .train.amed import default_config, fit_amed
 
     check_output(out, force)
-    if base_solver != "dpm2":
-        raise ConfigError(f"--base-solver {base_solver!r}: only dpm2 (AMED-Solver) is implemented; "
-                          "AMED-Plugin on other solvers is not yet")
+    check_base(base_solver)
     dev = resolve_device(device)
     denoiser = load(model, device=dev)
-    predictor = fit_amed(denoiser, nfe, grid=grid, teacher=teacher, M=m, trajectories=trajectories,
+    predictor = fit_amed(denoiser, nfe, grid=grid, teacher=teacher, M=m, trajectories=trajectories, base_solver=base_solver,
                          batch_size=batch_size, config=default_config(seed=seed, device=dev),
                          out_dir=out.with_name(out.name + ".checkpoints"), progress=True)
     predictor.save(out, overwrite=force)
     typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid, "parameters":
                            sum(p.numel() for p in predictor.parameters())}))
+
+
+from .cli_compose import app as compose_app  # noqa: E402  (sub-apps import only typer and this module's helpers)
+from .cli_condition import app as condition_app  # noqa: E402
+from .cli_distill import app as distill_app  # noqa: E402
+
+app.add_typer(compose_app, name="compose")
+app.add_typer(condition_app, name="condition")
+app.add_typer(distill_app, name="distill")
 
 
 @app.command()
@@ -246,27 +399,31 @@ def info(model: Path = typer.Argument(..., help="model folder")) -> None:
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
     quick: bool = typer.Option(False, help="a short run (smoke test)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED),
     device: Device = typer.Option(Device.auto),
+    force: bool = typer.Option(False, help="write into an existing folder that is not a demo folder"),
 ) -> None:
-    """The main job: train a digits denoiser and a 2-D one, sample them, write grids and metrics."""
-    from .demo import run_demo
+    """The main job: every capability end to end on embedded data, into OUT/report.html (+ report.json)."""
+    from .demo import check_demo_folder, run_demo
 
+    check_demo_folder(out, force)
     summary = run_demo(out, quick=quick, seed=seed, device=resolve_device(device))
     typer.echo(json.dumps(summary, indent=2))
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)
     except (DifflabError, FileExistsError) as err:
         fail(str(err))
     except Exception as err:  # click's usage errors arrive here in non-standalone mode
         if hasattr(err, "format_message"):
-            fail(err.format_message())
+            fail(" ".join(err.format_message().split()))        # one line, whatever click wrapped
         if type(err).__name__ == "Abort":
             fail("aborted")
         raise
+    if isinstance(status, int) and status != 0:               # e.g. 130 after Ctrl-C
+        sys.exit(status)
 
 
 if __name__ == "__main__":

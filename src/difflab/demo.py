@@ -1,8 +1,11 @@
 """`difflab demo`: the main job, end to end on the embedded defaults, into one HTML report.
 
-Today it shows the foundation: a base denoiser trained on a 2-D Gaussian mixture (checked against
-the exact mixture) and on scikit-learn's digits (checked with a Fréchet distance against the
-real-data floor), sampled with Heun. Trained models are cached in OUT/models and reused.
+Base models first: a denoiser trained on a 2-D Gaussian mixture (checked against the exact mixture)
+and on scikit-learn's digits (checked with a Fréchet distance against the real-data floor); trained
+models are cached in OUT/models and reused. Then one section per capability (SECTIONS: fast
+sampling and AMED, SuperDiff, DEFT / DPS / ΠGDM, guided distillation, cU-Net), each a
+`demo_section(out, quick, seed, device, base)` in its own package returning JSON-able numbers and
+the PNGs it wrote. Output: OUT/report.json (every number) and OUT/report.html (self-contained).
 """
 from __future__ import annotations
 
@@ -21,6 +24,19 @@ from .sampling import get_sigmas, sample, seeded_noise
 from .train import TrainConfig
 
 console = Console(stderr=True)
+
+
+def check_demo_folder(out: Path, force: bool) -> None:
+    """A demo writes into its own folder (reusing the models cached there); a file, or a non-empty
+    folder that is not a demo folder, is refused unless force (a file always)."""
+    from .errors import ConfigError
+
+    out = Path(out)
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out {out} is a file; the demo writes a folder")
+    if out.is_dir() and not force and any(out.iterdir()) and not (
+            (out / "report.json").is_file() or (out / "models").is_dir()):
+        raise ConfigError(f"{out} exists and is not a difflab demo folder; pass --force to write into it")
 
 
 def heun_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
@@ -71,7 +87,7 @@ def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
                                    "fresh_exact_samples": sliced_wasserstein(truth.sample(
                                        n, generator=torch.Generator().manual_seed(seed + 2)), reference)},
             "nll": {"learned": exact_nll(truth, learned), "exact_samples": exact_nll(truth, reference)},
-            "figure": "gmm.png"}
+            "figures": ["gmm.png"]}
 
 
 def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
@@ -101,61 +117,156 @@ def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     return {"train_steps": steps, "train_seconds": round(train_seconds, 1),
             "parameters": sum(p.numel() for p in denoiser.parameters()), "n_samples": n,
             "frechet": digits_frechet(samples), "frechet_floor": digits_frechet_floor(n),
-            "figure": "digits.png", "real_figure": "digits_real.png"}
+            "figures": ["digits.png", "digits_real.png"]}, denoiser
 
 
 DIGITS_UNET = {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [4]}
 DIGITS_STEPS, DIGITS_BATCH = 500, 128  # the default recipe (benchmarks/train_digits.py measures it)
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0, device: str = "cpu") -> dict:
-    """Run every section, write OUT/report.json and OUT/report.html; returns the summary."""
+# ----- the sections ------------------------------------------------------------------------------
+# (key, title, what it shows, "module:function"); each function is demo_section(out, quick, seed, device, base)
+SECTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("sampling", "Fast sampling: every solver at NFE 3 / 5 / 10, AMED fitted on the spot",
+     "Mean L2 distance at σ_min to a fine Heun solution from the same noise, on the digits model; AMED-Solver "
+     "and AMED-Plugin (iPNDM) predictors are fitted here (METHODS.md §1). Grid rows: solver × NFE, then the "
+     "reference.", "difflab.sampling.demo:demo_section"),
+    ("compose", "SuperDiff: OR and AND of two models",
+     "Two Gaussian mixtures composed by SuperDiff with the Itô density estimator (METHODS.md §2).",
+     "difflab.compose.demo:demo_section"),
+    ("condition", "Inverse problems: DEFT vs DPS vs ΠGDM",
+     "Digit reconstruction from partial measurements with a small learned h-transform (DEFT) fitted here, "
+     "against the gradient-guided baselines at equal steps (METHODS.md §3).", "difflab.condition.demo:demo_section"),
+    ("distill", "Guided distillation: a 4-step student next to the guided teacher",
+     "A class-conditional digits teacher with classifier-free guidance, distilled into a w-conditioned "
+     "few-step student (METHODS.md §4).", "difflab.distill.demo:demo_section"),
+    ("cunet", "cU-Net vs U-Net", "The U-Net whose stages are ODE blocks, against the baseline U-Net (METHODS.md §5).",
+     "difflab.nets.cunet_demo:demo_section"),
+)
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0, device: str = "cpu",
+             only: tuple[str, ...] | None = None) -> dict:
+    """Run every section, write OUT/report.json and OUT/report.html; returns the summary.
+
+    The base models (2-D mixture MLP, digits U-Net) are trained first (or loaded from OUT/models);
+    `only` restricts the capability sections to those keys (the base sections always run).
+    """
+    import importlib
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sections = {}
-    for name, section in (("gmm", gmm_section), ("digits", digits_section)):
-        console.rule(f"[bold]{name}")
+    sections: dict[str, dict] = {}
+    base: dict = {}
+    plan = [("gmm", "Base model: 2-D Gaussian mixture", "", None), ("digits", "Base model: digits", "", None),
+            *[spec for spec in SECTIONS if only is None or spec[0] in only]]
+    for number, (key, title, _, target) in enumerate(plan, 1):
+        console.rule(f"[bold]{number}/{len(plan)} {title}")
         start = time.perf_counter()
-        sections[name] = section(out, quick, seed, device)
-        sections[name]["seconds"] = round(time.perf_counter() - start, 1)
-    report = {"quick": quick, "seed": seed, "device": device, "sections": sections}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.html").write_text(render_html(report, out))
+        if key == "gmm":
+            sections[key] = gmm_section(out, quick, seed, device)
+        elif key == "digits":
+            sections[key], base["digits"] = digits_section(out, quick, seed, device)
+            base["digits_dir"] = out / "models" / f"digits-{sections[key]['train_steps']}"
+        else:
+            module, function = target.split(":")
+            sections[key] = getattr(importlib.import_module(module), function)(out, quick, seed, device, base)
+        sections[key]["seconds"] = round(time.perf_counter() - start, 1)
+        console.print(f"{title}: {sections[key]['seconds']} s")
+    report = {"quick": quick, "seed": seed, "device": device, "sections": sections,
+              "titles": {key: (title, text) for key, title, text, _ in plan}}
+    _write_text(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
+    _write_text(out / "report.html", render_html(report, out))
     return {"report": str(out / "report.html"), **{k: _headline(v) for k, v in sections.items()}}
 
 
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _headline(section: dict) -> dict:
-    return {k: v for k, v in section.items() if not k.endswith("figure")}
+    """The scalars of a section (what `difflab demo` prints)."""
+    return {k: v for k, v in section.items() if isinstance(v, (int, float, str)) and "figure" not in k}
 
 
+# ----- the page ------------------------------------------------------------------------------------
 def _img(out: Path, name: str) -> str:
     data = base64.b64encode((out / name).read_bytes()).decode()
-    return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+    return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(name)}</figcaption></figure>'
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
+def _tables(section: dict) -> str:
+    """Scalars as one key/value table; a dict of scalars as its own table; a dict of dicts of scalars
+    as a matrix (rows × columns); lists of scalars inline; figures are rendered elsewhere."""
+    scalars, blocks = [], []
+    for key, value in section.items():
+        if "figure" in key:
+            continue
+        if _is_scalar(value):
+            scalars.append((key, value))
+        elif isinstance(value, list) and all(_is_scalar(v) for v in value):
+            scalars.append((key, ", ".join(_fmt(v) for v in value)))
+        elif isinstance(value, dict) and value and all(_is_scalar(v) for v in value.values()):
+            rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in value.items())
+            blocks.append(f"<h3>{html.escape(key)}</h3><table>{rows}</table>")
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) and all(_is_scalar(c) for c in v.values())
+                                                       for v in value.values()):
+            columns = list(dict.fromkeys(c for v in value.values() for c in v))
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+            rows = "".join(f"<tr><td>{html.escape(str(k))}</td>" + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in columns)
+                           + "</tr>" for k, v in value.items())
+            blocks.append(f"<h3>{html.escape(key)}</h3><div class=scroll><table><tr><th></th>{head}</tr>{rows}</table></div>")
+    table = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in scalars)
+    return (f"<table>{table}</table>" if table else "") + "".join(blocks)
+
+
+def _figures(section: dict, out: Path) -> list[str]:
+    names = list(section.get("figures", []))
+    names += [v for k, v in section.items() if k.endswith("figure") and isinstance(v, str)]
+    return [name for name in names if (out / name).is_file()]
 
 
 def render_html(report: dict, out: Path) -> str:
     """A self-contained page (images inlined) that reads on a phone and a laptop."""
-    gmm, digits = report["sections"]["gmm"], report["sections"]["digits"]
-    sw = gmm["sliced_wasserstein"]
-    rows = [("2-D mixture: sliced W₂, learned vs exact samples", f"{sw['learned']:.4f}"),
-            ("2-D mixture: sliced W₂, exact denoiser + Heun", f"{sw['exact_denoiser']:.4f}"),
-            ("2-D mixture: sliced W₂, fresh exact samples (floor)", f"{sw['fresh_exact_samples']:.4f}"),
-            ("2-D mixture: exact NLL of learned samples", f"{gmm['nll']['learned']:.3f}"),
-            ("2-D mixture: exact NLL of exact samples", f"{gmm['nll']['exact_samples']:.3f}"),
-            (f"digits: Fréchet distance, {digits['n_samples']} samples", f"{digits['frechet']:.2f}"),
-            ("digits: real-data floor at the same n", f"{digits['frechet_floor']:.2f}"),
-            ("digits: U-Net parameters", f"{digits['parameters']:,}")]
-    table = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
+    body = []
+    for key, section in report["sections"].items():
+        title, text = report["titles"][key]
+        figures = "".join(_img(out, name) for name in _figures(section, out))
+        body.append(f"<section id={key}><h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"
+                    f"<div class=figs>{figures}</div>{_tables(section)}</section>")
+    toc = "".join(f'<li><a href="#{k}">{html.escape(report["titles"][k][0])}</a></li>' for k in report["sections"])
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>difflab demo</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:auto;padding:1rem;line-height:1.45}}
-img{{max-width:100%;height:auto;image-rendering:pixelated}}table{{border-collapse:collapse}}
-td{{border-bottom:1px solid #ddd;padding:.3rem .6rem}}td:last-child{{text-align:right;font-variant-numeric:tabular-nums}}
-.pair{{display:flex;flex-wrap:wrap;gap:1rem}}.pair figure{{margin:0;flex:1 1 16rem}}</style></head><body>
-<h1>difflab demo</h1><p>seed {report['seed']}, device {report['device']}{', quick run' if report['quick'] else ''}.
-Every model here was trained on this machine; the 2-D model is checked against the exact mixture.</p>
-<h2>Metrics</h2><table>{table}</table>
-<h2>2-D Gaussian mixture</h2>{_img(out, gmm['figure'])}
-<h2>Digits (Heun, 35 NFE)</h2><div class="pair"><figure>{_img(out, digits['figure'])}<figcaption>samples</figcaption></figure>
-<figure>{_img(out, digits['real_figure'])}<figcaption>training images</figcaption></figure></div>
-</body></html>"""
+<style>body{{font-family:system-ui,sans-serif;max-width:62rem;margin:auto;padding:1rem;line-height:1.45}}
+img{{max-width:100%;height:auto;image-rendering:pixelated}}table{{border-collapse:collapse;margin:.4rem 0}}
+td,th{{border-bottom:1px solid #ddd;padding:.25rem .5rem;font-size:.92rem}}
+td:not(:first-child){{text-align:right;font-variant-numeric:tabular-nums}}.scroll{{overflow-x:auto}}
+.figs{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;flex:1 1 18rem}}figcaption{{color:#666;font-size:.8rem}}
+section{{border-top:2px solid #eee;margin-top:1.5rem}}</style></head><body>
+<h1>difflab demo</h1><p>seed {report['seed']}, device {html.escape(report['device'])}{', quick run' if report['quick'] else ''}.
+Every model here was trained or fitted on this machine; the 2-D results are checked against the exact mixture.</p>
+<ol>{toc}</ol>{''.join(body)}</body></html>"""

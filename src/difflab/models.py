@@ -65,10 +65,22 @@ def _load_amed_predictor(config: dict, tensors: dict[str, Tensor], path: Path):
     return AMEDPredictor.from_folder(config, tensors, path)
 
 
+def _load_guided_student(config: dict, tensors: dict[str, Tensor], path: Path):
+    from .distill.student import GuidedStudent  # lazy: distill/ reads model folders through this module
+    return GuidedStudent.from_folder(config, tensors, path)
+
+
+def _load_deft_hnet(config: dict, tensors: dict[str, Tensor], path: Path):
+    from .condition.deft import HNetwork  # lazy: condition/ reads model folders through this module
+    return HNetwork.from_folder(config, tensors, path)
+
+
 LOADERS: dict[str, Callable[[dict, dict, Path], Any]] = {
+    "DEFTHNetwork": _load_deft_hnet,
     "EDMDenoiser": _load_edm,
     "GaussianMixture": _load_mixture,
     "AMEDPredictor": _load_amed_predictor,
+    "GuidedStudent": _load_guided_student,
 }
 
 

@@ -161,5 +161,7 @@ def test_tiny_mlp_overfits_a_fixed_target():
     assert losses[-1] < losses[0] / 10
 
 
-def test_networks_allow_list_names_both_classes():
-    assert NETWORKS == {"MLP": MLP, "UNet": UNet}
+def test_networks_allow_list_names_every_network_class():
+    from difflab.nets import CUNet
+
+    assert NETWORKS == {"MLP": MLP, "UNet": UNet, "CUNet": CUNet}

@@ -1,4 +1,4 @@
-"""Sample-quality metrics: sliced Wasserstein, MMD, Fréchet distance, exact NLL, a digit classifier."""
+"""Sample-quality metrics: sliced Wasserstein, MMD, Fréchet distance, exact NLL, a digit classifier, PSNR / SSIM."""
 
 from difflab.metrics.digit_classifier import (
     DigitClassifier,
@@ -7,8 +7,9 @@ from difflab.metrics.digit_classifier import (
     get_digit_classifier,
 )
 from difflab.metrics.distances import exact_nll, frechet_distance, mmd, sliced_wasserstein
+from difflab.metrics.images import psnr, ssim
 
 __all__ = [
     "DigitClassifier", "digits_frechet", "digits_frechet_floor", "exact_nll", "frechet_distance",
-    "get_digit_classifier", "mmd", "sliced_wasserstein",
+    "get_digit_classifier", "mmd", "psnr", "sliced_wasserstein", "ssim",
 ]

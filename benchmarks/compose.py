@@ -1,0 +1,279 @@
+"""Benchmark: SuperDiff composition (METHODS.md §2) on exact 2-D mixtures and on the digits.
+
+Prints tables and writes benchmarks/results/compose.json (compose_quick.json with --quick), the 2-D
+OR/AND figure benchmarks/results/compose_2d.png and digit grids compose_digits_*.png:
+
+1. 2-D (the paper's Figure 2): each model alone, averaging, OR, AND over two exact mixtures: exact
+   NLL and sliced W2 to the exact union ½A + ½B, the AND gap |log q_A − log q_B|.
+2. Estimator accuracy: |estimated − exact| log q along SDE (Itô) and ODE (Hutchinson) paths vs steps,
+   and along AND paths with and without the noise correction (compose/ito.py).
+3. Cost: SDE SuperDiff wall time / the time of its M model evaluations per step (the estimator must
+   be nearly free: target ≤ 1.1), and the ODE form's cost ratio to the SDE form.
+4. Digits, OR (the paper's Table 1 analogue): two unconditional U-Nets trained on digits 0–4 and
+   5–9, each alone, averaging, OR at T = 1 and T = 100, and a U-Net trained on all digits: Fréchet
+   distance (digit-classifier features), its real-data floor, the smallest class fraction.
+5. Digits, AND (the min-CLIP analogue): pairs of classes of one class-conditional U-Net (label
+   dropout 0.1): the mean over samples of min(p(c1), p(c2)) by the digit classifier, for AND,
+   averaging and each class alone.
+
+Models are trained with the project loop (train_denoiser → train.loop.fit) and cached under
+runs/bench/compose/. CPU-heavy: the full run trains four U-Nets; --quick trains for a few steps and
+samples little (a smoke run of every code path, not numbers to quote).
+
+    python benchmarks/compose.py [--quick] [--seed S] [--device cpu|cuda] [--cache DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.compose import Components, superdiff
+from difflab.compose.demo import compose_2d, demo_mixtures, save_figure, summarise
+from difflab.core.denoiser import eps
+from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
+
+RESULTS = Path(__file__).parent / "results"
+AND_PAIRS = [(1, 7), (3, 8), (4, 9), (0, 6), (2, 5)]
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"n_2d": 600, "steps_2d": 40, "sde_steps": [20, 80], "ode_steps": [10, 40], "n_estimator": 150,
+                "train_steps": 30, "n_digits": 60, "nfe_digits": 20, "n_and": 30, "and_pairs": AND_PAIRS[:1],
+                "cost_steps": 5, "cost_batch": 64}
+    return {"n_2d": 4000, "steps_2d": 200, "sde_steps": [25, 100, 400], "ode_steps": [12, 48, 192],
+            "n_estimator": 500, "train_steps": 500, "n_digits": 1000, "nfe_digits": 100, "n_and": 200,
+            "and_pairs": AND_PAIRS, "cost_steps": 20, "cost_batch": 256}
+
+
+# ----- 1. the 2-D picture ------------------------------------------------------------------------------
+def two_d(cfg: dict, seed: int, figure: Path) -> dict:
+    with torch.no_grad():
+        run = compose_2d(cfg["n_2d"], cfg["steps_2d"], seed)
+    rows = summarise(run)
+    save_figure(run, figure)
+    _table("2-D mixtures (exact): SuperDiff SDE, %d samples, %d steps" % (cfg["n_2d"], cfg["steps_2d"]),
+           ["run", "NLL under ½A+½B", "sliced W2 to ½A+½B", "AND gap median", "log q error"],
+           [[name, r.get("nll_union"), r.get("sliced_w2_to_union"), r.get("and_gap_median", "–"),
+             r.get("log_q_error_mean", "–")] for name, r in rows.items()])
+    return rows
+
+
+# ----- 2. estimator accuracy ---------------------------------------------------------------------------
+def estimator_accuracy(cfg: dict, seed: int) -> dict:
+    """Mean |estimated − exact| log q at the end of OR paths (SDE, ODE) and AND paths (SDE, with and
+    without the noise correction; plus AND's exact gap |log q_A − log q_B|), against the steps."""
+    a, b = demo_mixtures()
+    n = cfg["n_estimator"]
+    x = seeded_noise(range(seed, seed + n), (2,), 80.0, dtype=torch.float64)
+    runs = [("or_sde", "or", True, False, cfg["sde_steps"]), ("or_ode", "or", False, False, cfg["ode_steps"]),
+            ("and_sde", "and", True, False, cfg["sde_steps"]),
+            ("and_sde_noise_corrected", "and", True, True, cfg["sde_steps"])]
+    out = {}
+    for name, mode, sde, correct, steps_list in runs:
+        for steps in steps_list:
+            sigmas = get_sigmas("karras", steps + 1, 0.01, 80.0)
+            result = superdiff(Components.over_models([a, b], divergence="vjp"), x, sigmas, mode=mode, sde=sde,
+                               noise_correction=correct,
+                               generator=PerSampleGenerator([s + 2**40 for s in range(seed, seed + n)]))
+            exact = torch.stack([m.log_prob(result.x, sigmas[-1]) - m.log_prob(x, sigmas[0]) for m in (a, b)], 1)
+            error = (result.log_q - exact).abs()
+            out[f"{name}_{steps}"] = {"mean_abs_error": round(float(error.mean()), 4),
+                                      "median_abs_error": round(float(error.median()), 4),
+                                      "exact_gap_median": round(float((exact[:, 0] - exact[:, 1]).abs().median()), 4)}
+    _table("Log-density estimator vs exact log_prob (2-D mixtures; gap = |log q_A − log q_B|, AND's target 0)",
+           ["path, steps", "mean abs error", "median abs error", "exact gap median"],
+           [[k, *v.values()] for k, v in out.items()])
+    return out
+
+
+# ----- 3. cost -----------------------------------------------------------------------------------------
+def _timed(fn, repeats: int = 3) -> float:
+    fn()                                                   # warm-up (allocations, torch.func tracing)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cost(models: list, cfg: dict, device: str) -> dict:
+    """SDE SuperDiff vs its bare model evaluations over the same steps; the ODE form vs the SDE form."""
+    steps, n = cfg["cost_steps"], cfg["cost_batch"]
+    sigmas = get_sigmas("karras", steps + 1, 0.002, 80.0)
+    x = seeded_noise(range(n), tuple(models[0].data_shape), 80.0, device=device)
+
+    def bare():
+        with torch.no_grad():
+            for sigma in sigmas[:-1].tolist():
+                for model in models:
+                    eps(model, x, sigma)
+
+    def run(mode: str, sde: bool):
+        def go():
+            grad = torch.no_grad() if sde else torch.enable_grad()
+            with grad:
+                superdiff(models, x, sigmas, mode=mode, sde=sde, generator=PerSampleGenerator(range(n)))
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return go
+
+    t_bare = _timed(bare)
+    row = {"steps": steps, "batch": n, "models": len(models), "bare_evals_s": round(t_bare, 4)}
+    for mode in ("or", "and"):
+        t_sde, t_ode = _timed(run(mode, True)), _timed(run(mode, False), repeats=1)
+        row[f"{mode}_sde_s"], row[f"{mode}_ode_s"] = round(t_sde, 4), round(t_ode, 4)
+        row[f"{mode}_sde_over_bare"] = round(t_sde / t_bare, 3)
+        row[f"{mode}_ode_over_sde"] = round(t_ode / t_sde, 2)
+    _table(f"Cost: {len(models)} digit U-Nets, {steps} steps, batch {n}", list(row), [list(row.values())])
+    return row
+
+
+# ----- 4./5. digits ------------------------------------------------------------------------------------
+def train_digit_models(cfg: dict, seed: int, cache: Path, device: str) -> dict:
+    """The four digit models, trained with the project loop and cached (safetensors + config.json)."""
+    from difflab.data import load_digits
+    from difflab.demo import DIGITS_BATCH, DIGITS_UNET, cached_model
+    from difflab.nets import UNet
+    from difflab.train import TrainConfig
+    from difflab.train.denoiser import train_denoiser
+
+    train = load_digits("train")
+    steps = cfg["train_steps"]
+    low = train.labels < 5
+    specs = {"digits_0-4": (train.x[low], None, 0), "digits_5-9": (train.x[~low], None, 0),
+             "digits_all": (train.x, None, 0), "digits_classes": (train.x, train.labels, 10)}
+    models = {}
+    for name, (x, labels, num_classes) in specs.items():
+        def fit(x=x, labels=labels, num_classes=num_classes, name=name):
+            torch.manual_seed(seed)
+            config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)
+            return train_denoiser(UNet(**DIGITS_UNET, num_classes=num_classes), x, labels, config,
+                                  batch_size=DIGITS_BATCH, dataset=name, label_dropout=0.1,
+                                  out_dir=cache / f"{name}-{steps}.checkpoints")[0]
+        models[name], seconds = cached_model(cache / f"{name}-{steps}", fit)
+        models[name] = models[name].to(device)
+        print(f"{name}: {'trained in %.0f s' % seconds if seconds else 'cached'}")
+    return models
+
+
+def _class_stats(samples: torch.Tensor, classifier) -> tuple[list[float], torch.Tensor]:
+    probs = classifier.class_probs(samples.cpu())
+    fractions = torch.bincount(probs.argmax(1), minlength=10).float() / len(samples)
+    return [round(f, 3) for f in fractions.tolist()], probs
+
+
+def digits_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
+    from difflab.metrics import digits_frechet, digits_frechet_floor, get_digit_classifier
+    from difflab.report import save_image_grid
+
+    classifier = get_digit_classifier()
+    n, nfe = cfg["n_digits"], cfg["nfe_digits"]
+    sigmas = get_sigmas("karras", nfe + 1, 0.002, 80.0)
+    halves = [models["digits_0-4"], models["digits_5-9"]]
+    runs = {"0-4 alone": (halves, "average", [0.0, -float("inf")], 1.0),
+            "5-9 alone": (halves, "average", [-float("inf"), 0.0], 1.0),
+            "averaging": (halves, "average", None, 1.0), "OR T=1": (halves, "or", None, 1.0),
+            "OR T=100": (halves, "or", None, 100.0), "all digits": ([models["digits_all"]], "average", None, 1.0)}
+    rows, grids = {}, []
+    for name, (group, mode, bias, temperature) in runs.items():
+        x = seeded_noise(range(seed, seed + n), (1, 8, 8), float(sigmas[0]), device=device)
+        with torch.no_grad():
+            result = superdiff(group, x, sigmas, mode=mode, bias=bias, temperature=temperature,
+                               generator=PerSampleGenerator([s + 2**40 for s in range(seed, seed + n)]))
+        samples = result.x.clamp(-1, 1).cpu()
+        fractions, _ = _class_stats(samples, classifier)
+        rows[name] = {"frechet": round(digits_frechet(samples), 2), "min_class_fraction": min(fractions),
+                      "class_fractions": fractions}
+        grids.append(samples[:10])
+    floor = round(digits_frechet_floor(min(n, 1500)), 2)
+    figure = f"compose_digits_or{suffix}.png"
+    save_image_grid(torch.cat(grids), RESULTS / figure, ncol=10)
+    _table(f"Digits OR ({n} samples, SDE {nfe} steps; real-data floor {floor})",
+           ["run", "Fréchet", "min class fraction"],
+           [[k, v["frechet"], v["min_class_fraction"]] for k, v in rows.items()])
+    return {"runs": rows, "frechet_floor": floor, "figure": figure,
+            "grid_rows": list(runs)}
+
+
+def digits_and(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
+    from difflab.metrics import get_digit_classifier
+    from difflab.report import save_image_grid
+
+    classifier = get_digit_classifier()
+    model = models["digits_classes"]
+    n, nfe = cfg["n_and"], cfg["nfe_digits"]
+    sigmas = get_sigmas("karras", nfe + 1, 0.002, 80.0)
+    rows, grids = {}, []
+    for c1, c2 in cfg["and_pairs"]:
+        conds = [{"class_labels": c1}, {"class_labels": c2}]
+        runs = {"AND": ("and", None), "averaging": ("average", None),
+                f"class {c1} alone": ("average", [0.0, -float("inf")]),
+                f"class {c2} alone": ("average", [-float("inf"), 0.0])}
+        pair = {}
+        for name, (mode, bias) in runs.items():
+            x = seeded_noise(range(seed, seed + n), (1, 8, 8), float(sigmas[0]), device=device)
+            with torch.no_grad():
+                result = superdiff(Components.over_conditions(model, conds), x, sigmas, mode=mode, bias=bias,
+                                   generator=PerSampleGenerator([s + 2**40 for s in range(seed, seed + n)]))
+            samples = result.x.clamp(-1, 1).cpu()
+            _, probs = _class_stats(samples, classifier)
+            min_prob = torch.minimum(probs[:, c1], probs[:, c2])
+            pair[name] = {"mean_min_prob": round(float(min_prob.mean()), 4),
+                          "guarded_steps_mean": round(float(result.guarded_steps.float().mean()), 2)}
+            grids.append(samples[:10])
+        rows[f"{c1}&{c2}"] = pair
+    mean_over_pairs = {k: round(sum(p[k]["mean_min_prob"] for p in rows.values()) / len(rows), 4)
+                       for k in ("AND", "averaging")}
+    figure = f"compose_digits_and{suffix}.png"
+    save_image_grid(torch.cat(grids), RESULTS / figure, ncol=10)
+    _table(f"Digits AND of two classes of one class-conditional U-Net ({n} samples per run): "
+           "mean min(p(c1), p(c2))", ["pair", *next(iter(rows.values())).keys()],
+           [[pair, *[v["mean_min_prob"] for v in runs.values()]] for pair, runs in rows.items()])
+    return {"pairs": rows, "mean_over_pairs": mean_over_pairs, "figure": figure}
+
+
+def _table(title: str, header: list, rows: list) -> None:
+    print(f"\n{title}")
+    print("| " + " | ".join(str(h) for h in header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every part (numbers not to quote)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench/compose"), help="trained models")
+    parser.add_argument("--skip-digits", action="store_true", help="only the 2-D, estimator and cost parts")
+    args = parser.parse_args()
+    cfg = settings(args.quick)
+    suffix = "_quick" if args.quick else ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    report = {"quick": args.quick, "seed": args.seed, "device": args.device, "settings": cfg,
+              "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+    report["two_d"] = two_d(cfg, args.seed, RESULTS / f"compose_2d{suffix}.png")
+    report["two_d"]["figure"] = f"compose_2d{suffix}.png"
+    report["estimator"] = estimator_accuracy(cfg, args.seed)
+    if not args.skip_digits:
+        models = train_digit_models(cfg, args.seed, args.cache / ("quick" if args.quick else "full"), args.device)
+        report["cost"] = cost([models["digits_0-4"], models["digits_5-9"]], cfg, args.device)
+        report["digits_or"] = digits_or(models, cfg, args.seed, args.device, suffix)
+        report["digits_and"] = digits_and(models, cfg, args.seed, args.device, suffix)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    out = RESULTS / f"compose{suffix}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out} in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""`difflab distill guided | progressive`: the two stages of guided distillation (Meng et al., CVPR 2023).
+
+Mounted by the main app as `difflab distill`. Every mistake the user can fix is a DifflabError raised
+before any training; model folders are written atomically; `--force` replaces an existing one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import typer
+
+from .cli_common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device
+from .errors import ConfigError
+
+app = typer.Typer(no_args_is_help=True, help="Distil a classifier-free-guided model into a few-step student: "
+                  "stage 1 (one student for every guidance weight w), stage 2 (progressive halving of the steps).")
+
+
+def _conditional_teacher(path: Path, device: str):
+    """The class-conditional base model of stage 1, checked: a difflab network with classes."""
+    from .core.wrappers import EDMDenoiser
+    from .distill.student import GuidedStudent, PredictionDenoiser
+    from .models import load
+
+    teacher = load(path, device=device)
+    if isinstance(teacher, GuidedStudent):
+        raise ConfigError(f"{path} is already a distilled student; stage 1 starts from the class-conditional model "
+                          "(`difflab train --classes`); for stage 2 use `difflab distill progressive --teacher`")
+    if not isinstance(teacher, (EDMDenoiser, PredictionDenoiser)):
+        raise ConfigError(f"{path} holds a {type(teacher).__name__}; stage 1 needs a difflab network model trained "
+                          "with `difflab train --classes`")
+    num_classes = int(teacher.net.config.get("num_classes", 0))
+    if num_classes < 1:
+        raise ConfigError(f"{path} is not class-conditional (num_classes=0), so it has no guidance to distil; "
+                          "train it with `difflab train --classes` (label dropout gives the null class)")
+    return teacher, num_classes
+
+
+def _training_data(data: Optional[str], model, num_classes: int, seed: int):
+    """The labelled data set to diffuse (default: the one the model was trained on), checked against it."""
+    from .data import get_dataset
+
+    name = data or (getattr(model, "meta", {}) or {}).get("dataset") or getattr(model, "distilled", {}).get("dataset")
+    if not name:
+        raise ConfigError("the model does not record its data set; pass --data")
+    dataset = get_dataset(name, seed=seed)
+    if dataset.labels is None:
+        raise ConfigError(f"data set {name!r} has no labels; guided distillation needs the class of each sample")
+    if model.data_shape is not None and tuple(dataset.shape) != tuple(model.data_shape):
+        raise ConfigError(f"data set {name!r} has per-sample shape {dataset.shape}, the model {tuple(model.data_shape)}")
+    if int(dataset.labels.max()) >= num_classes:
+        raise ConfigError(f"data set {name!r} has labels up to {int(dataset.labels.max())}, the model knows "
+                          f"{num_classes} classes")
+    return str(name), dataset
+
+
+@app.command("guided")
+def guided(
+    teacher: Path = typer.Option(..., help="class-conditional model folder (difflab train --classes)"),
+    w_range: Tuple[float, float] = typer.Option((0.0, 4.0), "--w-range", help="guidance weights w ~ U[W_MIN, W_MAX] "
+                                                "(w = 0: the conditional model; diffusers' scale is 1 + w)"),
+    data: Optional[str] = typer.Option(None, help="data set to diffuse (default: the teacher's)"),
+    steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="batch per process"),
+    lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
+    out: Path = typer.Option(..., help="student folder to write"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED),
+    device: Device = typer.Option(Device.auto),
+    force: bool = typer.Option(False, help="overwrite an existing student folder"),
+    resume: bool = typer.Option(True, help="continue from OUT.checkpoints if present"),
+) -> None:
+    """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
+    from .core.wrappers import CFGDenoiser
+    from .distill import dataset_batches, distill_guided, make_student
+    from .distill.guided import check_w_range
+    from .sampling.amed import model_id
+    from .train import TrainConfig
+
+    check_output(out, force)
+    w_min, w_max = check_w_range(w_range)
+    dev = resolve_device(device)
+    model, num_classes = _conditional_teacher(teacher, dev)
+    name, dataset = _training_data(data, model, num_classes, seed)
+    base_id = model_id(model)
+    student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max)
+    config = TrainConfig(steps=steps, lr=lr, seed=seed, device=dev, checkpoint_every=max(steps // 4, 1))
+    start = time.perf_counter()
+    trained, result = distill_guided(CFGDenoiser(model), student, dataset_batches(dataset.x, dataset.labels), config,
+                                     batch_size, (w_min, w_max), out_dir=out.with_name(out.name + ".checkpoints"),
+                                     resume=resume)
+    if result.is_main_process:
+        trained.save(out, overwrite=force)
+        typer.echo(json.dumps({"out": str(out), "stage": "guided", "w_range": [w_min, w_max], "steps": steps,
+                               "final_loss": result.losses[-1][1], "seconds": round(time.perf_counter() - start, 1),
+                               "base_model": base_id[:12]}))
+
+
+@app.command("progressive")
+def progressive(
+    teacher: Path = typer.Option(..., help="w-conditioned student folder (from `difflab distill guided`, or a "
+                                 "previous progressive run)"),
+    n_from: int = typer.Option(256, "--from", help="the teacher's sampling steps (a power of two)"),
+    n_to: int = typer.Option(1, "--to", help="the final student's steps (a power of two below --from)"),
+    data: Optional[str] = typer.Option(None, help="data set to diffuse (default: the teacher's)"),
+    steps_per_round: int = typer.Option(1000, min=1, max=MAX_STEPS, help="optimiser steps per halving round"),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="batch per process"),
+    lr: float = typer.Option(1e-4, min=1e-8, max=10.0, help="Adam learning rate (restarted, with warm-up, every round)"),
+    out: Path = typer.Option(..., help="the final student's folder; every round's student goes to OUT.rounds/steps-NNNN"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED),
+    device: Device = typer.Option(Device.auto),
+    force: bool = typer.Option(False, help="overwrite an existing output folder"),
+    resume: bool = typer.Option(True, help="reuse finished rounds and checkpoints in OUT.rounds"),
+) -> None:
+    """Stage 2: halve the sampling steps round by round (teacher 2N steps → student N), from --from to --to."""
+    from accelerate import PartialState
+
+    from .distill import dataset_batches, distill_progressive
+    from .distill.progressive import check_halving
+    from .distill.student import GuidedStudent
+    from .models import load
+    from .train import TrainConfig
+
+    check_output(out, force)
+    check_halving(n_from, n_to)
+    dev = resolve_device(device)
+    student = load(teacher, device=dev)
+    if not isinstance(student, GuidedStudent):
+        raise ConfigError(f"{teacher} holds a {type(student).__name__}; stage 2 starts from a w-conditioned student: "
+                          "run `difflab distill guided` first")
+    if student.steps is not None and student.steps != n_from:
+        raise ConfigError(f"{teacher} was distilled for {student.steps} steps; continue from it with --from "
+                          f"{student.steps}")
+    name, dataset = _training_data(data, student, student.num_classes, seed)
+    config = TrainConfig(steps=steps_per_round, lr=lr, seed=seed, device=dev,
+                         checkpoint_every=max(steps_per_round // 4, 1))
+    w_range = (student.distilled["w_min"], student.distilled["w_max"])
+    rounds_dir = out.with_name(out.name + ".rounds")
+    finished: list[int] = []
+    start = time.perf_counter()
+    final = distill_progressive(student, dataset_batches(dataset.x, dataset.labels), n_from, n_to, config, batch_size,
+                                w_range, rounds_dir=rounds_dir, resume=resume,
+                                on_round=lambda n, _: finished.append(n))
+    if PartialState().is_main_process:
+        final.save(out, overwrite=force)
+    typer.echo(json.dumps({"out": str(out), "stage": "progressive", "rounds": finished, "steps": n_to,
+                           "rounds_dir": str(rounds_dir), "seconds": round(time.perf_counter() - start, 1)}))

@@ -1,0 +1,200 @@
+"""The distillation section of `difflab demo`, and the helpers the benchmark shares with it.
+
+A class-conditional digits U-Net with label dropout is trained (or read from OUT/models), distilled
+into a w-conditioned student (stage 1), then halved from N₀ steps down to 4 (stage 2). The figure
+puts the guided teacher (DDIM, N₀ steps, two evaluations per step) beside the 4-step student, one
+row per class; the numbers are the classifier's agreement with the requested class and the Fréchet
+distance in the digit classifier's features.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..core.wrappers import CFGDenoiser
+from ..sampling.noise import seeded_noise
+from .samplers import per_sample_generator, run_sampler
+from .schedule import student_sigmas
+
+NUM_CLASSES = 10
+# quick: a smaller U-Net and short runs (< 60 s on one core); full: the demo's digits U-Net
+RECIPES = {
+    True: {"unet": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
+           "teacher_steps": 150, "batch": 64, "guided_steps": 50, "n0": 16, "round_steps": 30, "n_per_class": 20},
+    False: {"unet": {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [4]},
+            "teacher_steps": 1500, "batch": 128, "guided_steps": 600, "n0": 64, "round_steps": 300,
+            "n_per_class": 100},
+}
+
+
+def class_labels_for(n: int, device: str | torch.device = "cpu") -> Tensor:
+    """Sample i asks for class i mod 10: [n] long."""
+    return torch.arange(n, device=device) % NUM_CLASSES
+
+
+def guided_samples(model: Callable[..., Tensor], n: int, steps: int, w: float, seed: int = 0,
+                   device: str | torch.device = "cpu", stochastic: bool = False, sigma_max: float = 80.0) -> Tensor:
+    """n class-balanced samples [n, 1, 8, 8] of a model taking (w, class_labels), `steps` DDIM steps on the
+    cosine grid; sample i from seed + i (so teacher and student start from the same noise)."""
+    seeds = list(range(seed, seed + n))
+    sigmas = student_sigmas(steps, sigma_max)
+    x = seeded_noise(seeds, (1, 8, 8), float(sigmas[0]), device=device)
+    cond = {"w": torch.full((n,), float(w), device=device), "class_labels": class_labels_for(n, device)}
+    with torch.no_grad():
+        return run_sampler(model, x, sigmas, stochastic, per_sample_generator(seeds), **cond).cpu()
+
+
+def evaluate(samples: Tensor) -> dict:
+    """Class accuracy (the digit classifier agrees with the requested class i mod 10) and Fréchet distance."""
+    from ..metrics import digits_frechet, get_digit_classifier
+
+    accuracy = get_digit_classifier().accuracy(samples, class_labels_for(len(samples)))
+    return {"accuracy": round(accuracy, 3), "frechet": round(digits_frechet(samples), 2)}
+
+
+def classes_by_steps_figure(panels: dict[str, dict[int, Tensor]], path: Path, title: str = "") -> Path:
+    """One panel per model: rows = classes 0–9, columns = step counts. panels[name][steps] holds samples of
+    classes i mod 10 (the first 10 are used)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report import _atomic_write, image_grid
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 1.1 * sum(len(p) for p in panels.values()), 5.2),
+                             squeeze=False)
+    for ax, (name, by_steps) in zip(axes[0], panels.items()):
+        steps = sorted(by_steps)
+        cells = torch.stack([by_steps[s][c] for c in range(NUM_CLASSES) for s in steps])   # row-major: class, steps
+        ax.imshow(image_grid(cells, ncol=len(steps)), cmap="gray", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([4 + 9 * j for j in range(len(steps))], [str(s) for s in steps], fontsize=7)
+        ax.set_yticks([4 + 9 * c for c in range(NUM_CLASSES)], [str(c) for c in range(NUM_CLASSES)], fontsize=7)
+        ax.set_xlabel("steps", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def train_teacher(recipe: dict, seed: int, device: str, progress: bool = False) -> nn.Module:
+    """A class-conditional digits U-Net with label dropout 0.1 (the null class −1 for guidance)."""
+    from ..data import load_digits
+    from ..nets import UNet
+    from ..train import TrainConfig
+    from ..train.denoiser import train_denoiser
+
+    data = load_digits("train")
+    torch.manual_seed(seed)
+    net = UNet(num_classes=NUM_CLASSES, **recipe["unet"])
+    config = TrainConfig(steps=recipe["teacher_steps"], lr=2e-3, seed=seed, device=device,
+                         checkpoint_every=recipe["teacher_steps"])
+    return train_denoiser(net, data.x, data.labels, config, batch_size=recipe["batch"], label_dropout=0.1,
+                          dataset="digits", progress=progress)[0]
+
+
+def distil(teacher: nn.Module, recipe: dict, seed: int, device: str, n_to: int = 4, rounds_dir: Path | None = None,
+           progress: bool = False) -> tuple[nn.Module, nn.Module, float]:
+    """(stage-1 student, n_to-step student, seconds): stage 1 then progressive rounds N₀ → n_to."""
+    from ..data import load_digits
+    from ..sampling.amed import model_id
+    from ..train import TrainConfig
+    from .guided import dataset_batches, distill_guided
+    from .progressive import distill_progressive
+    from .student import make_student
+
+    data = load_digits("train")
+    batches = dataset_batches(data.x, data.labels)
+    base_id = model_id(teacher)
+    start = time.perf_counter()
+    student = make_student(teacher, base_model=base_id, teacher=base_id, dataset="digits")
+    config = TrainConfig(steps=recipe["guided_steps"], lr=1e-3, warmup_steps=20, seed=seed, device=device,
+                         checkpoint_every=recipe["guided_steps"])
+    stage1, _ = distill_guided(CFGDenoiser(teacher), student, batches, config, recipe["batch"], (0.0, 4.0),
+                               progress=progress)
+    config = TrainConfig(steps=recipe["round_steps"], lr=3e-4, warmup_steps=10, seed=seed, device=device,
+                         checkpoint_every=recipe["round_steps"])
+    final = distill_progressive(stage1, batches, recipe["n0"], n_to, config, recipe["batch"], (0.0, 4.0),
+                                rounds_dir=rounds_dir, progress=progress)
+    return stage1, final.eval().requires_grad_(False), time.perf_counter() - start
+
+
+def _cached(folder: Path, build: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
+    from ..models import load
+
+    if (folder / "config.json").is_file():
+        return load(folder), True
+    model = build()
+    model.save(folder, overwrite=True)
+    return load(folder), False
+
+
+def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:
+    """Train (or load from OUT/models) a class-conditional digits teacher, distil a 4-step student, write
+    `distill.png` (guided teacher at N₀ DDIM steps vs the 4-step student, w = 2) and return the numbers.
+
+    base: the demo's summary so far (its digits Fréchet floor is reused when present).
+    """
+    out = Path(out)
+    recipe = RECIPES[bool(quick)]
+    tag = "quick" if quick else "full"
+    start = time.perf_counter()
+    teacher, teacher_cached = _cached(out / "models" / f"digits-cond-{tag}",
+                                      lambda: train_teacher(recipe, seed, device))
+    teacher = teacher.to(device)
+    seconds: dict = {"teacher_train": 0.0 if teacher_cached else round(time.perf_counter() - start, 1)}
+    student_folder = out / "models" / f"distill-student-4-{tag}"
+    if (student_folder / "config.json").is_file():
+        from ..models import load
+        student, seconds["distillation"] = load(student_folder).to(device), 0.0
+    else:
+        _, student, distil_seconds = distil(teacher, recipe, seed, device, n_to=4)
+        student.save(student_folder, overwrite=True)
+        seconds["distillation"] = round(distil_seconds, 1)
+    n, w, n0 = NUM_CLASSES * recipe["n_per_class"], 2.0, recipe["n0"]
+    guided_teacher = CFGDenoiser(teacher)
+    rows = {f"teacher DDIM {n0} steps ({2 * n0} NFE)": guided_samples(guided_teacher, n, n0, w, seed, device),
+            "teacher DDIM 4 steps (8 NFE)": guided_samples(guided_teacher, n, 4, w, seed, device),
+            "student 4 steps (4 NFE)": guided_samples(student, n, 4, w, seed, device),
+            "student 4 steps, stochastic": guided_samples(student, n, 4, w, seed, device, stochastic=True)}
+    metrics = {name: evaluate(samples) for name, samples in rows.items()}
+    panels = {name: {0: samples[:NUM_CLASSES * 6]} for name, samples in list(rows.items())[:3]}
+    _samples_figure(panels, out / "distill.png", f"guided digits, w = {w:g}: one row per class")
+    digits = base.get("digits") if isinstance(base, dict) else None
+    floor = digits.get("frechet_floor") if isinstance(digits, dict) else None
+    return {"quick": bool(quick), "w": w, "n_samples": n, "n0": n0, "metrics": metrics, "seconds": seconds,
+            "frechet_floor": floor, "figures": ["distill.png"]}
+
+
+def _samples_figure(panels: dict[str, dict[int, Tensor]], path: Path, title: str) -> Path:
+    """Side-by-side grids: rows = classes, 6 samples per class (samples ordered i ↦ class i mod 10)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report import _atomic_write, image_grid
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 4.4), squeeze=False)
+    for ax, (name, by) in zip(axes[0], panels.items()):
+        samples = by[0]
+        per_class = len(samples) // NUM_CLASSES
+        order = torch.tensor([c + NUM_CLASSES * j for c in range(NUM_CLASSES) for j in range(per_class)])
+        ax.imshow(image_grid(samples[order], ncol=per_class), cmap="gray", interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+__all__ = ["demo_section", "guided_samples", "evaluate", "classes_by_steps_figure", "train_teacher", "distil",
+           "RECIPES"]
