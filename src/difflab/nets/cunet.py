@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from difflab.errors import ConfigError, ShapeError
+from difflab.errors import ConfigError
 from difflab.nets.embeddings import ConditionEmbedding
 from difflab.nets.ode import ODESolver, integrate
-from difflab.nets.unet import SelfAttention, group_norm, zero_init
+from difflab.nets.unet import SelfAttention, check_images, group_norm, zero_init
 
 
 class ODEFunc(nn.Module):
@@ -200,14 +200,7 @@ class CUNet(nn.Module):
         return h[..., :height, :width]
 
     def _check_x(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
-            given = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ShapeError(
-                f"CUNet expects images x of shape [B, {self.in_channels}, H, W], got {given}; "
-                "add a channel axis (x[:, None]) or build the CUNet with the right `in_channels`."
-            )
-        if not x.is_floating_point():
-            raise ShapeError(f"CUNet expects a floating-point x, got dtype {x.dtype}.")
+        check_images(x, self.in_channels, type(self).__name__)
 
 
 def _check_config(cfg: dict) -> None:

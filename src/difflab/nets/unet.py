@@ -267,14 +267,19 @@ class UNet(nn.Module):
         return h[..., :height, :width]
 
     def _check_x(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.in_channels:
-            given = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ShapeError(
-                f"UNet expects images x of shape [B, {self.in_channels}, H, W], got {given}; "
-                "add a channel axis (x[:, None]) or build the UNet with the right `in_channels`."
-            )
-        if not x.is_floating_point():
-            raise ShapeError(f"UNet expects a floating-point x, got dtype {x.dtype}.")
+        check_images(x, self.in_channels, type(self).__name__)
+
+
+def check_images(x: Tensor, in_channels: int, network: str) -> None:
+    """Raise ShapeError unless x is a floating-point image batch [B, in_channels, H, W]."""
+    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != in_channels:
+        given = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeError(
+            f"{network} expects images x of shape [B, {in_channels}, H, W], got {given}; "
+            f"add a channel axis (x[:, None]) or build the {network} with the right `in_channels`."
+        )
+    if not x.is_floating_point():
+        raise ShapeError(f"{network} expects a floating-point x, got dtype {x.dtype}.")
 
 
 def _check_config(cfg: dict) -> None:
