@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow bench clean install
+.PHONY: demo test test-slow bench clean install browser screenshot
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,23 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/difflab demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -m "not slow" tests
+
+# Headless Chromium for the browser test (tests/test_report_browser.py, marker `browser`): installs
+# Debian's `chromium` when it is missing and we are root with apt-get. It never fails: when it cannot
+# install (not root, no apt-get, no registry) it says so and the test is skipped with that reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser test (apt-get)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium missing and apt-get unusable (needs root): the browser test will be skipped"; fi; }
+
+# docs/images/report.png, the README's screenshot: the browser test on the quick report, laptop width
+screenshot: $(VENV)/.installed browser
+	DIFFLAB_SCREENSHOT_DIR=docs/images $(PY) -m pytest -q -m browser tests/test_report_browser.py
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
