@@ -1,8 +1,10 @@
-"""Figure: digits sample grids at NFE 3, 5 and 10 for a few solvers, from the same noise.
+"""Figure: digits sample grids at NFE 3, 5 and 10 for a few solvers and AMED, from the same noise.
 
 Uses the digits U-Net cached by benchmarks/solvers.py (runs/bench/digits; trained with the demo
 recipe if missing). Writes benchmarks/results/solver_grids.png: one row per solver, one column per
-NFE, 16 samples each, next to the 1,000-step Heun reference.
+NFE, 16 samples each, next to the 1,000-step Heun reference. The AMED rows (AMED-Solver and
+AMED-Plugin on iPNDM, fitted here: 2,048 trajectories, teacher Heun with M = 3) spend odd NFEs only
+(AFS), so their last column is NFE 9.
 
     OMP_NUM_THREADS=2 python benchmarks/solver_grids.py
 """
@@ -21,11 +23,16 @@ from difflab.demo import DIGITS_STEPS  # noqa: E402
 from difflab.report import image_grid  # noqa: E402
 from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  # noqa: E402
 from difflab.errors import ConfigError  # noqa: E402
+from difflab.sampling.amed import predictor_sigmas  # noqa: E402
+from difflab.sampling.plugin import amed_sample  # noqa: E402
+from difflab.train.amed import fit_amed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from solvers import digits_model  # noqa: E402
 
 SOLVERS, NFES = ["euler", "dpmpp_2m", "unipc", "ipndm", "deis"], [3, 5, 10]
+AMED_ROWS = {"amed": "dpm2", "amed_plugin_ipndm": "ipndm"}      # row -> base solver
+AMED_NFE = {3: 3, 5: 5, 10: 9}                                   # AFS: odd budgets only
 
 
 def main() -> None:
@@ -41,13 +48,19 @@ def main() -> None:
                     rows[solver, nfe] = sample(denoiser, x_start, sigmas_for_nfe(solver, nfe), solver)
                 except ConfigError:
                     rows[solver, nfe] = None
-    fig, axes = plt.subplots(len(SOLVERS), len(NFES) + 1, figsize=(2.2 * (len(NFES) + 1), 2.3 * len(SOLVERS)))
-    for r, solver in enumerate(SOLVERS):
+    for row, base in AMED_ROWS.items():
+        for nfe in NFES:
+            predictor = fit_amed(denoiser, AMED_NFE[nfe], M=3, trajectories=2048, batch_size=32, base_solver=base)
+            with torch.no_grad():
+                rows[row, nfe] = amed_sample(denoiser, x_start, predictor_sigmas(predictor), predictor)
+    names = SOLVERS + list(AMED_ROWS)
+    fig, axes = plt.subplots(len(names), len(NFES) + 1, figsize=(2.2 * (len(NFES) + 1), 2.3 * len(names)))
+    for r, solver in enumerate(names):
         for c, nfe in enumerate(NFES):
             ax = axes[r, c]
             if rows[solver, nfe] is not None:
                 ax.imshow(image_grid(rows[solver, nfe], ncol=4), cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{solver}, NFE {nfe}", fontsize=8)
+            ax.set_title(f"{solver}, NFE {AMED_NFE[nfe] if solver in AMED_ROWS else nfe}", fontsize=8)
             ax.axis("off")
         axes[r, -1].imshow(image_grid(reference, ncol=4), cmap="gray", vmin=0, vmax=255)
         axes[r, -1].set_title("reference (Heun 1000 steps)", fontsize=8)
