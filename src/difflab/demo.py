@@ -65,7 +65,7 @@ def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
 
     truth: GaussianMixture = default_gmm()
     data = truth.sample(20_000, generator=torch.Generator().manual_seed(seed))
-    steps = 600 if quick else 2000
+    steps = 600 if quick else 1000
 
     def train():
         config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)

@@ -94,7 +94,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
     denoiser = base["digits"].to(device).eval().requires_grad_(False)
     tasks = {"inpaint": {"mask": "box", "fraction": 0.5}} if quick else \
         {"inpaint": {"mask": "box", "fraction": 0.5}, "superres": {"factor": 2}}
-    n, fit_steps, batch_size, nfe = (12, 80, 32, 9) if quick else (64, 1000, 64, 19)
+    n, fit_steps, batch_size, nfe = (12, 80, 32, 9) if quick else (64, 400, 64, 19)
     solver = "heun"
     result: dict = {"solver": solver, "nfe": nfe, "n_images": n, "sigma_y": 0.05, "tasks": {}, "figures": []}
     for task, options in tasks.items():

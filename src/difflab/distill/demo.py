@@ -26,7 +26,7 @@ RECIPES = {
     True: {"unet": {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attn_resolutions": []},
            "teacher_steps": 150, "batch": 64, "guided_steps": 50, "n0": 16, "round_steps": 30, "n_per_class": 20},
     False: {"unet": {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [4]},
-            "teacher_steps": 1500, "batch": 128, "guided_steps": 600, "n0": 64, "round_steps": 300,
+            "teacher_steps": 500, "batch": 128, "guided_steps": 200, "n0": 16, "round_steps": 100,
             "n_per_class": 100},
 }
 

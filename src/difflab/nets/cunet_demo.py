@@ -81,7 +81,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
     section["forward_seconds"] = {"batch_size": forward_batch, **{k: round(v, 4) for k, v in seconds.items()},
                                   "cunet_over_unet": round(seconds["cunet"] / seconds["unet"], 3)}
     if "digits" in base:
-        steps, batch_size = (30, 64) if quick else (500, DIGITS_BATCH)
+        steps, batch_size = (30, 64) if quick else (300, DIGITS_BATCH)
         train_x = load_digits("train").x
 
         def train():
