@@ -40,9 +40,11 @@ from difflab.condition.demo import save_comparison
 from difflab.condition.reconstruct import (DPS_ZETA, PIGDM_WEIGHT, make_denoiser, make_operator, psnr, reconstruct,
                                            simulate, ssim, summarise)
 from difflab.data import load_digits
-from difflab.demo import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, cached_model
+from difflab.demo import DIGITS_STEPS
 from difflab.metrics import get_digit_classifier
-from difflab.train import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from solvers import digits_model  # noqa: E402  (the demo's digits U-Net, cached; shared by the benchmarks)
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {"inpaint": {"mask": "box", "fraction": 0.5}, "superres": {"factor": 2},
@@ -50,20 +52,6 @@ TASKS = {"inpaint": {"mask": "box", "fraction": 0.5}, "superres": {"factor": 2},
 METHODS = ("deft", "dps", "pigdm", "uncond")
 LABELS = {"deft": "DEFT", "dps": "DPS", "pigdm": "ΠGDM", "uncond": "unconditional"}
 SIGMA_Y = 0.05
-
-
-def digits_model(cache: Path, steps: int, seed: int = 0):
-    """The demo's digits U-Net, trained once and cached (shared with benchmarks/solvers.py)."""
-    from difflab.nets import UNet
-    from difflab.train.denoiser import train_denoiser
-
-    def train():
-        config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device="cpu", checkpoint_every=steps)
-        return train_denoiser(UNet(**DIGITS_UNET), load_digits("train").x, config=config, batch_size=DIGITS_BATCH,
-                              dataset="digits", progress=False)[0]
-
-    denoiser, seconds = cached_model(cache, train)
-    return denoiser.eval().requires_grad_(False), seconds
 
 
 def run_task(base, task: str, options: dict, n: int, fit_steps: int, fit_batch: int, nfe: int, zeta: float,

@@ -25,6 +25,7 @@ import torch
 
 from difflab import CFGDenoiser, load
 from difflab.data import load_digits
+from difflab.demo import cached_model
 from difflab.distill import dataset_batches, distill_guided, distill_progressive, make_student
 from difflab.distill.demo import RECIPES, classes_by_steps_figure, evaluate, guided_samples, train_teacher
 from difflab.metrics import digits_frechet_floor
@@ -35,16 +36,6 @@ FULL = {**RECIPES[False], "teacher_steps": 2000, "guided_steps": 2000, "n0": 256
         "n_per_class": 100, "teacher_reference_steps": 256}
 QUICK = {**RECIPES[True], "n0": 16, "round_steps": 20, "n_per_class": 10, "teacher_reference_steps": 64}
 STEPS, WEIGHTS = (1, 2, 4, 8), (0.0, 1.0, 2.0, 4.0)
-
-
-def cached(folder: Path, build):
-    if (folder / "config.json").is_file():
-        return load(folder), 0.0
-    start = time.perf_counter()
-    model = build()
-    seconds = time.perf_counter() - start
-    model.save(folder, overwrite=True)
-    return load(folder), seconds
 
 
 def distil_all(teacher, recipe: dict, cache: Path, seed: int, device: str) -> tuple[dict[int, object], float]:
@@ -60,7 +51,7 @@ def distil_all(teacher, recipe: dict, cache: Path, seed: int, device: str) -> tu
         return distill_guided(CFGDenoiser(teacher), student, batches, config, recipe["batch"], (0.0, 4.0),
                               out_dir=cache / "stage1.checkpoints")[0]
 
-    student, stage1_seconds = cached(cache / "stage1", stage1)
+    student, stage1_seconds = cached_model(cache / "stage1", stage1)
     config = TrainConfig(steps=recipe["round_steps"], lr=3e-4, warmup_steps=10, seed=seed, device=device,
                          checkpoint_every=max(recipe["round_steps"] // 2, 1))
     start = time.perf_counter()
@@ -83,7 +74,7 @@ def main() -> None:
     cache = args.cache or Path("runs") / f"bench-distill{tag.replace('_', '-')}"
     out = args.out or Path(__file__).parent / "results" / f"distill{tag}.json"
 
-    teacher, teacher_seconds = cached(cache / "teacher", lambda: train_teacher(recipe, args.seed, args.device, True))
+    teacher, teacher_seconds = cached_model(cache / "teacher", lambda: train_teacher(recipe, args.seed, args.device, True))
     teacher = teacher.to(args.device)
     students, distill_seconds = distil_all(teacher, recipe, cache, args.seed, args.device)
     guided_teacher = CFGDenoiser(teacher)

@@ -112,12 +112,16 @@ def np_denoiser(case: MixtureCase, x: np.ndarray, sigma, keep=None) -> np.ndarra
     return out
 
 
-@pytest.fixture(autouse=True)
+SINGLE_THREAD_FOLDERS = ("core", "sampling", "compose", "condition", "distill")
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _single_intra_op_thread(request):
-    """The core/sampling tests use tiny tensors, for which intra-op threads only add wake-up cost
-    (~12 ms per softmax on a 2-core machine with one busy core, 3000× the op). Scoped to those
-    directories so network tests elsewhere keep their threads."""
-    if request.node.path.parent.name not in ("core", "sampling"):
+    """These folders' tests use tiny tensors, for which intra-op threads only add wake-up cost
+    (~12 ms per softmax on a 2-core machine with one busy core, 3000× the op; a 2-D DEFT fit ran 30×
+    slower with 2 threads). Module-scoped, so it is in force for module-scoped fixtures (fits) too;
+    other folders keep their threads."""
+    if request.path.parent.name not in SINGLE_THREAD_FOLDERS:
         yield
         return
     threads = torch.get_num_threads()

@@ -141,7 +141,9 @@ def sample(
         raise ConfigError(f"a .png grid needs image data, this model's samples have shape {tuple(data_shape)}")
     _check_disk_space(out, n, data_shape)
     class_label = _check_class_label(denoiser, class_label)
-    student = type(denoiser).__name__ == "GuidedStudent"
+    from .distill.student import GuidedStudent
+
+    student = isinstance(denoiser, GuidedStudent)
     if student:
         run = _student_runner(denoiser, steps, 0.0 if w is None else w, stochastic, class_label, nfe, predictor)
         class_label = None                                   # the student runner conditions itself

@@ -1,5 +1,4 @@
-"""Distillation tests use tiny networks: one intra-op thread is faster on a shared 2-core machine
-(thread wake-ups dominate; measured 40× on a loaded machine)."""
+"""Shared distillation fixtures (one intra-op thread for this folder: tests/conftest.py)."""
 from __future__ import annotations
 
 import pytest
@@ -9,16 +8,6 @@ from difflab import CFGDenoiser, GaussianMixture
 from difflab.distill import GuidedStudent, PredictionDenoiser, dataset_batches, distill_guided
 from difflab.nets import MLP
 from difflab.train import TrainConfig
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

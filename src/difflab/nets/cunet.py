@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from difflab.errors import ConfigError
 from difflab.nets.embeddings import ConditionEmbedding
 from difflab.nets.ode import ODESolver, integrate
-from difflab.nets.unet import SelfAttention, check_images, group_norm, zero_init
+from difflab.nets.unet import SelfAttention, check_images, group_norm, level_has_attention, pad_to_levels, zero_init
 
 
 class ODEFunc(nn.Module):
@@ -169,10 +169,7 @@ class CUNet(nn.Module):
             zero_init(self.conv_out)
 
     def _level_has_attention(self, level: int) -> bool:
-        """Whether level `level` (size padded_image_size / 2^level) is in attn_resolutions."""
-        multiple = 2 ** (self.num_levels - 1)
-        padded_size = -(-self.config["image_size"] // multiple) * multiple
-        return padded_size // 2**level in self.config["attn_resolutions"]
+        return level_has_attention(level, self.num_levels, self.config["image_size"], self.config["attn_resolutions"])
 
     def forward(
         self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
@@ -184,8 +181,7 @@ class CUNet(nn.Module):
         self._check_x(x)
         emb = self.cond_embed(x.shape[0], c_noise, class_labels, extra)  # [B, embed_dim]
         height, width = x.shape[-2:]
-        multiple = 2 ** (self.num_levels - 1)
-        h = self.stem(F.pad(x, (0, -width % multiple, 0, -height % multiple)))
+        h = self.stem(pad_to_levels(x, self.num_levels))
         skips = []
         for stage, widen in zip(self.encoder, self.widen):
             h = stage(h, emb)

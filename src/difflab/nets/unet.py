@@ -201,10 +201,7 @@ class UNet(nn.Module):
             zero_init(self.conv_out)
 
     def _level_has_attention(self, level: int) -> bool:
-        """Whether level `level` (size padded_image_size / 2^level) is in attn_resolutions."""
-        multiple = 2 ** (self.num_levels - 1)
-        padded_size = -(-self.config["image_size"] // multiple) * multiple
-        return padded_size // 2**level in self.config["attn_resolutions"]
+        return level_has_attention(level, self.num_levels, self.config["image_size"], self.config["attn_resolutions"])
 
     def _build_encoder(self, embed_dim: int) -> tuple[nn.ModuleList, list[int]]:
         """Encoder layers, and the channel count of each skip the decoder will read (in order)."""
@@ -250,8 +247,7 @@ class UNet(nn.Module):
         self._check_x(x)
         emb = self.cond_embed(x.shape[0], c_noise, class_labels, extra)  # [B, 4·base_channels]
         height, width = x.shape[-2:]
-        multiple = 2 ** (self.num_levels - 1)
-        h = self.conv_in(F.pad(x, (0, -width % multiple, 0, -height % multiple)))
+        h = self.conv_in(pad_to_levels(x, self.num_levels))
         skips = [h]
         for layer in self.encoder:
             h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
@@ -268,6 +264,19 @@ class UNet(nn.Module):
 
     def _check_x(self, x: Tensor) -> None:
         check_images(x, self.in_channels, type(self).__name__)
+
+
+def pad_to_levels(x: Tensor, num_levels: int) -> Tensor:
+    """Zero-pad images [B, C, H, W] at the bottom/right up to a multiple of 2^(num_levels−1) (cropped back later)."""
+    multiple = 2 ** (num_levels - 1)
+    return F.pad(x, (0, -x.shape[-1] % multiple, 0, -x.shape[-2] % multiple))
+
+
+def level_has_attention(level: int, num_levels: int, image_size: int, attn_resolutions) -> bool:
+    """Whether level `level` (size padded_image_size / 2^level) is in attn_resolutions."""
+    multiple = 2 ** (num_levels - 1)
+    padded_size = -(-image_size // multiple) * multiple
+    return padded_size // 2**level in attn_resolutions
 
 
 def check_images(x: Tensor, in_channels: int, network: str) -> None:
