@@ -38,6 +38,11 @@ class Method(str, Enum):
     uncond = "uncond"
 
 
+class HNet(str, Enum):
+    unet = "unet"
+    cunet = "cunet"
+
+
 class MaskKind(str, Enum):
     box = "box"
     random = "random"
@@ -95,6 +100,7 @@ def fit(
     steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
     batch_size: int = typer.Option(64, min=1, max=MAX_BATCH),
     lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
+    net: HNet = typer.Option(HNet.unet, help="images: NN1 of the h-network, a small U-Net or cU-Net (ODE blocks)"),
     out: Path = typer.Option(..., help="h-network folder to write (config.json + model.safetensors)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED),
     device: Device = typer.Option(Device.auto),
@@ -108,6 +114,7 @@ def fit(
     check_output(out, force)
     dev = resolve_device(device)
     base, shape = _load_base(model, dev)
+    nn1_class = _nn1_class(net, shape)
     operator = _operator(task, shape, sigma_y, mask, fraction, factor, kernel_size, kernel_std, angles, oversample)
     data_name = data or getattr(base, "meta", {}).get("dataset")
     if not data_name:
@@ -120,12 +127,21 @@ def fit(
     hnet, result = fit_deft(base, operator, dataset.x[:pairs].to(dev), steps=steps, batch_size=batch_size,
                             config=default_config(lr=lr, seed=seed, device=dev),
                             out_dir=out.with_name(out.name + ".checkpoints"), progress=True, resume=resume,
-                            return_result=True)
+                            nn1_class=nn1_class, return_result=True)
     if result.is_main_process:
         hnet.save(out, overwrite=force)
         typer.echo(json.dumps({"out": str(out), "task": task.value, "operator": operator.config() | {"mask": None},
                                "steps": steps, "final_loss": result.losses[-1][1],
                                "hnet_fraction_of_base": round(parameter_fraction(hnet, base), 4)}))
+
+
+def _nn1_class(net: HNet, shape: tuple[int, ...]) -> str | None:
+    """The h-network's NN1 class for --net: None (the default) for vectors, which only a VectorNet reads."""
+    if len(shape) != 3:
+        if net is not HNet.unet:
+            raise ConfigError(f"--net {net.value} needs image data [C, H, W]; this model's samples have shape {shape}")
+        return None
+    return {HNet.unet: "UNet", HNet.cunet: "CUNet"}[net]
 
 
 @app.command()

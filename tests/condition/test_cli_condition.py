@@ -114,3 +114,21 @@ def test_fit_refuses_bad_options(tmp_path):
         result = runner.invoke(app, common + extra)
         assert isinstance(result.exception, error), (extra, result.exception)
     assert not (tmp_path / "h").exists()
+
+
+def test_fit_with_a_cunet_h_network_runs_and_vectors_refuse_it(tmp_path):
+    model = tiny_digits_model(tmp_path / "base")
+    result = runner.invoke(app, ["fit", "--model", str(model), "--task", "superres", "--net", "cunet", "--pairs", "16",
+                                 "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "h"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["nn1"]["class"] == "CUNet"
+    result = runner.invoke(app, ["run", "--model", str(model), "--method", "deft", "--hnet", str(tmp_path / "h"),
+                                 "--simulate", "2", "--solver", "euler", "--nfe", "2", "--out", str(tmp_path / "x.npz"),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    from difflab import GaussianMixture
+    GaussianMixture([[0.0, 0.0], [1.0, 1.0]], stds=[[1.0, 1.0], [1.0, 1.0]]).save(tmp_path / "gmm")
+    result = runner.invoke(app, ["fit", "--model", str(tmp_path / "gmm"), "--task", "inpaint", "--net", "cunet",
+                                 "--data", "gmm", "--steps", "1", "--out", str(tmp_path / "h2")])
+    assert isinstance(result.exception, ConfigError) and "image" in str(result.exception)
+    assert not (tmp_path / "h2").exists()

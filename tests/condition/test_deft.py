@@ -67,11 +67,21 @@ def test_deft_samples_match_the_exact_posterior(fitted):
     assert abs(float((deft_heun[:, 1] > 0).float().mean()) - exact_upper) < 0.08
 
 
-def test_at_init_the_conditional_denoiser_is_the_base_plus_the_nn2_term():
+def image_base() -> EDMDenoiser:
+    torch.manual_seed(0)
+    return EDMDenoiser(UNet(base_channels=16, channel_mults=[1, 2], attn_resolutions=[], zero_init_output=False),
+                       data_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("nn1_class", [None, "UNet", "CUNet"])
+def test_at_init_the_conditional_denoiser_is_the_base_plus_the_nn2_term(nn1_class):
     for base, op, shape in [(prior_2d(), observe_first(), (2,)),
-                            (EDMDenoiser(UNet(base_channels=16, channel_mults=[1, 2], attn_resolutions=[]),
-                                         data_shape=(1, 8, 8)), SuperResolution(2, sigma_y=0.1), (1, 8, 8))]:
-        hnet = HNetwork(shape, op, model_id(base), nn2_bias=0.007).double()
+                            (image_base(), SuperResolution(2, sigma_y=0.1), (1, 8, 8))]:
+        vector = len(shape) == 1
+        if vector and nn1_class is not None:
+            continue
+        hnet = HNetwork(shape, op, model_id(base), nn2_bias=0.007, nn1_class=nn1_class).double()
+        assert type(hnet.nn1).__name__ == ("VectorNet" if vector else nn1_class or "UNet")
         base = base.double()
         g = torch.Generator().manual_seed(0)
         x = 3 * torch.randn((4, *shape), generator=g, dtype=torch.float64)
@@ -185,3 +195,25 @@ def test_the_fitting_loss_is_the_epsilon_matching_loss():
     expected = float((weights * s**2 / (s**2 + sigma**2)).sum() / np.sqrt(np.pi))
     # 40,000 draws of (x0, σ, ε): relative error ≈ 1% (expected 0.456; an x0-space loss, no 1/σ², gives 0.136)
     assert abs(float(loss.detach()) - expected) < 0.04 * expected
+
+
+def test_a_cunet_h_network_fits_on_images_saves_loads_and_bad_classes_are_refused(tmp_path):
+    base, op = image_base(), Inpaint(kind="box", shape=(1, 8, 8), sigma_y=0.05)
+    data = torch.rand(64, 1, 8, 8) * 2 - 1
+    hnet = fit_deft(base, op, data, steps=4, batch_size=8, config=default_config(seed=0, ema_decay=0.0),
+                    nn1_class="CUNet")
+    fresh = HNetwork((1, 8, 8), op, model_id(base), nn1_class="CUNet")
+    assert type(hnet.nn1).__name__ == "CUNet"
+    assert not torch.equal(hnet.nn1.conv_out.weight, fresh.nn1.conv_out.weight)   # the fit moved NN1
+    hnet.save(tmp_path / "h")
+    loaded = load_hnet(tmp_path / "h", base=base, operator=op)
+    assert type(loaded.nn1).__name__ == "CUNet"
+    g = torch.Generator().manual_seed(1)
+    x, sigma = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([0.1, 1.0, 10.0])
+    y = op.measure(data[:3], g)
+    with torch.no_grad():
+        assert torch.equal(DEFTDenoiser(base, loaded)(x, sigma, y=y), DEFTDenoiser(base, hnet)(x, sigma, y=y))
+    with pytest.raises(ConfigError, match="one of"):
+        HNetwork((1, 8, 8), op, nn1_class="MLP")
+    with pytest.raises(ConfigError, match="VectorNet"):
+        HNetwork((2,), observe_first(), nn1_class="CUNet")

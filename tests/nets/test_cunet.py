@@ -203,6 +203,26 @@ def test_amed_reads_the_bottleneck_and_samples():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_a_guided_student_from_a_cunet_teacher_equals_it_until_trained_and_takes_a_distillation_step():
+    from difflab.distill import make_student
+    from difflab.distill.guided import dataset_batches, guided_loss
+
+    teacher = EDMDenoiser(randomize_zero_init(CUNet(**SMALL, num_classes=10)), data_shape=(1, 8, 8)).eval()
+    student = make_student(CFGDenoiser(teacher))
+    assert isinstance(student.denoiser.net, CUNet) and student.denoiser.net.config["extra_embed"]
+    x, _ = make_inputs()
+    sigma, labels = torch.tensor([0.2, 1.0, 5.0]), torch.tensor([3, -1, 5])
+    with torch.no_grad():   # the zero-initialised w projection: the student is the teacher for every w
+        for w in (0.0, 3.0):
+            assert torch.equal(student(x, sigma, w=w, class_labels=labels), teacher(x, sigma, class_labels=labels))
+    batches = dataset_batches(torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,)))
+    loss = guided_loss(CFGDenoiser(teacher), batches, 8, (0.0, 4.0))(student, torch.Generator().manual_seed(0))
+    loss.backward()
+    w_projection = student.denoiser.net.cond_embed.extra_embed
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                        for p in w_projection.parameters())
+
+
 @pytest.mark.skipif(not torchdiffeq_available(), reason="torchdiffeq not installed")
 def test_torchdiffeq_block_agrees_with_fine_rk4_and_its_adjoint_gradients_reach_the_embedding():
     reference = randomize_zero_init(ODEBlock(8, 16, 4, ODESolver("rk4", steps=16)))

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from ..core.denoiser import append_dims, sigma_batch
 from ..core.serialization import read_model_folder, write_model_folder
 from ..errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
-from ..nets import UNet
+from ..nets import CUNet, UNet
 from ..nets.embeddings import sinusoidal_embedding
 from ..sampling.amed import model_id
 from ..train.loop import TrainConfig, TrainResult, fit
@@ -79,6 +79,23 @@ class SigmaScalar(nn.Module):
         return self.output(F.silu(self.hidden(features)))[:, 0]
 
 
+# NN1 for images: the network class and its defaults (≈4% of the demo's digits U-Net for the U-Net,
+# ≈2% for the cU-Net; the paper: 4–9% of the base). Anything else is refused, never imported by name.
+IMAGE_NN1 = {
+    "UNet": (UNet, {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                    "groups": 4}),
+    "CUNet": (CUNet, {"base_channels": 8, "channel_mults": [1, 2], "attn_resolutions": [], "groups": 4,
+                      "embed_dim": 32}),
+}
+
+
+def _image_nn1(name: str, image_size: int) -> tuple[type, dict]:
+    if name not in IMAGE_NN1:
+        raise ConfigError(f"DEFT's image NN1 is one of {sorted(IMAGE_NN1)}, got {name!r}")
+    network, defaults = IMAGE_NN1[name]
+    return network, {**defaults, "image_size": image_size}
+
+
 def input_channels(operator: Operator) -> int:
     """How many x-shaped inputs NN1 reads: x, x̂0, g, and y / mask where the operator has them."""
     return 3 + int(operator.image_like) + int(operator.mask is not None)
@@ -87,16 +104,17 @@ def input_channels(operator: Operator) -> int:
 class HNetwork(nn.Module):
     """ε_φ = NN1([x·c_in, x̂0, g·σ_y², (y), (mask)], σ) − NN2(σ)·g.
 
-    data_shape: per-sample shape ([C, H, W]: NN1 is a `difflab.nets.UNet`; [D]: a `VectorNet`);
+    data_shape: per-sample shape ([C, H, W]: NN1 is an image network, `nn1_class`; [D]: a `VectorNet`);
     operator: the measurement operator (its config is saved); base_model: the base's `model_id`;
-    sigma_data: the c_in scale; nn1: keyword arguments of NN1; nn2_bias: NN2's initial output
+    sigma_data: the c_in scale; nn1: keyword arguments of NN1; nn1_class: for images "UNet" (None:
+    the default) or "CUNet" (the lighter ODE-block U-Net of nets/cunet.py); nn2_bias: NN2's initial output
     (default 0.01·σ_y², so that the initial term σ·NN2·g = 0.01·σ·Aᵀ(y − A x̂0) stays small whatever
     σ_y: with a bare 0.01 and σ_y = 0.05 it would move x̂0 by 4σ times the residual).
     """
 
     def __init__(self, data_shape: Sequence[int], operator: Operator, base_model: str | None = None,
                  sigma_data: float = 0.5, nn1: dict | None = None, nn2_hidden: int = 32,
-                 nn2_bias: float | None = None):
+                 nn2_bias: float | None = None, nn1_class: str | None = None):
         super().__init__()
         self.data_shape = tuple(int(s) for s in data_shape)
         self.operator_config = operator.config()
@@ -105,12 +123,12 @@ class HNetwork(nn.Module):
         nn1 = dict(nn1 or {})
         if len(self.data_shape) == 3:
             channels = self.data_shape[0]
-            # ~4% of the demo's digits U-Net (the paper: 4–9% of the base)
-            defaults = {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                        "groups": 4, "image_size": self.data_shape[-1]}
-            self.nn1 = UNet(in_channels=channels * self.inputs, out_channels=channels, zero_init_output=True,
-                            **{**defaults, **nn1})
+            network, defaults = _image_nn1(nn1_class or "UNet", self.data_shape[-1])
+            self.nn1 = network(in_channels=channels * self.inputs, out_channels=channels, zero_init_output=True,
+                               **{**defaults, **nn1})
         elif len(self.data_shape) == 1:
+            if nn1_class not in (None, "VectorNet"):
+                raise ConfigError(f"DEFT's NN1 for vectors is a VectorNet, got nn1_class={nn1_class!r}")
             dim = self.data_shape[0]
             self.nn1 = VectorNet(dim * self.inputs, dim, **nn1)
         else:
@@ -159,14 +177,14 @@ class HNetwork(nn.Module):
         """Rebuild from a folder's (config, tensors); `difflab.load` dispatches here."""
         try:
             operator = operator_from_config(config["operator"])
-            nn1_args = dict(config["nn1"]["args"])
-            if config["nn1"]["class"] == "UNet":
+            nn1_args, nn1_class = dict(config["nn1"]["args"]), config["nn1"]["class"]
+            if len(config["data_shape"]) == 3:
                 nn1_args = {k: v for k, v in nn1_args.items() if k not in ("in_channels", "out_channels",
                                                                            "zero_init_output")}
             else:
                 nn1_args = {k: v for k, v in nn1_args.items() if k not in ("in_dim", "out_dim")}
             hnet = cls(config["data_shape"], operator, config.get("base_model"), config.get("sigma_data", 0.5),
-                       nn1_args, config["nn2"]["hidden"], config["nn2"]["bias"])
+                       nn1_args, config["nn2"]["hidden"], config["nn2"]["bias"], nn1_class)
             hnet.load_state_dict(tensors)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ModelFormatError(f"{path} is not a valid DEFT h-network ({err})") from err
@@ -254,7 +272,8 @@ def deft_loss(base: nn.Module, operator: Operator, x0_data: Tensor, batch_size: 
 
 def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, steps: int = 1000, batch_size: int = 64,
              config: TrainConfig | None = None, out_dir: str | Path | None = None, nn1: dict | None = None,
-             nn2_bias: float | None = None, p_mean: float = -0.5, p_std: float = 1.5, progress: bool = False,
+             nn1_class: str | None = None, nn2_bias: float | None = None, p_mean: float = -0.5, p_std: float = 1.5,
+             progress: bool = False,
              resume: bool = True, return_result: bool = False) -> HNetwork | tuple[HNetwork, TrainResult]:
     """Fit a DEFT h-network for `base` and `operator` on clean data x0_data [N, *shape].
 
@@ -263,6 +282,7 @@ def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, steps: int = 
     between modes at noise levels of the data's scale (on the 2-D mixture test, (0.5, 1.5) halved
     the sliced Wasserstein distance to the exact posterior against (−1.2, 1.2)).
     config: the loop's settings (default `default_config()`), its `steps` replaced by `steps`.
+    nn1, nn1_class: NN1's keyword arguments and, for images, its class ("UNet" or "CUNet").
     Returns the EMA h-network (eval mode, frozen), or (hnet, TrainResult) with return_result=True.
     """
     if steps < 1 or batch_size < 1 or len(x0_data) < 1:
@@ -275,7 +295,8 @@ def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, steps: int = 
     config = dataclasses.replace(config or default_config(), steps=steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)   # the h-network's initial weights depend only on the seed
-        hnet = HNetwork(shape, operator, model_id(base), getattr(base, "sigma_data", 0.5), nn1, nn2_bias=nn2_bias)
+        hnet = HNetwork(shape, operator, model_id(base), getattr(base, "sigma_data", 0.5), nn1, nn2_bias=nn2_bias,
+                        nn1_class=nn1_class)
     hnet = hnet.to(x0_data.dtype)
     grad_flags = [p.requires_grad for p in base.parameters()] if isinstance(base, nn.Module) else []
     if isinstance(base, nn.Module):
