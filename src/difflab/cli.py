@@ -7,12 +7,14 @@ import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .cli_common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, fail,  # noqa: F401
                          resolve_device)
+from .cli_compose import expand_greedy
 from .errors import ConfigError, DifflabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -27,13 +29,24 @@ class Net(str, Enum):
     cunet = "cunet"
 
 
-@app.command()
+class KeepClassesCommand(TyperCommand):
+    """Lets `--keep-classes 0 1 2` mean `--keep-classes 0 --keep-classes 1 --keep-classes 2`, as
+    `difflab compose --classes 3 8` does (click options take one value each)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_greedy(list(args), ("--keep-classes",)))
+
+
+@app.command(cls=KeepClassesCommand)
 def train(
     data: str = typer.Option("digits", help="digits | moons | rings | gmm | PATH (image folder or HF dataset on disk)"),
     net: Net = typer.Option(Net.auto, help="mlp (vectors), unet or cunet (images); auto picks by data shape"),
     classes: bool = typer.Option(False, "--classes", help="class-conditional (with a null class for guidance)"),
     label_dropout: float = typer.Option(0.1, min=0.0, max=1.0, help="with --classes: probability of training on the "
                                         "null class instead (classifier-free guidance needs > 0)"),
+    keep_classes: Optional[List[int]] = typer.Option(None, "--keep-classes", help="train only on the samples of "
+                                                     "these classes: --keep-classes 0 1 2 3 4 (recorded in the "
+                                                     "model's config as kept_classes)"),
     steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
     batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="batch per process"),
     lr: float = typer.Option(2e-3, help="Adam learning rate (finite, > 0)"),
@@ -61,6 +74,9 @@ def train(
         raise ConfigError("--label-dropout needs --classes")
     if classes and dataset.labels is None:
         raise ConfigError(f"--classes needs labels, but data set {data!r} has none")
+    kept = None if keep_classes is None else sorted(set(keep_classes))
+    if kept is not None:
+        dataset = _keep_classes(dataset, kept, data)
     is_image = len(dataset.shape) == 3
     kind = net.value if net != Net.auto else ("unet" if is_image else "mlp")
     if (kind != "mlp") != is_image:
@@ -74,10 +90,26 @@ def train(
     denoiser, result = train_denoiser(network, dataset.x, dataset.labels if classes else None, config,
                                       batch_size=batch_size, dataset=str(data), label_dropout=label_dropout,
                                       out_dir=out.with_name(out.name + ".checkpoints"), resume=resume)
+    if kept is not None:
+        denoiser.meta["kept_classes"] = kept
     if result.is_main_process:
         denoiser.save(out, overwrite=force)
         typer.echo(json.dumps({"out": str(out), "steps": steps, "final_loss": result.losses[-1][1],
                                "processes": result.num_processes}))
+
+
+def _keep_classes(dataset, kept: list[int], data: str):
+    """The samples of `dataset` whose label is in `kept` (labels unchanged), refused if a class has none."""
+    import torch
+
+    if dataset.labels is None:
+        raise ConfigError(f"--keep-classes needs labels, but data set {data!r} has none")
+    present = sorted(int(c) for c in dataset.labels.unique())
+    absent = [c for c in kept if c not in present]
+    if absent:
+        raise ConfigError(f"--keep-classes: data set {data!r} has no samples of class(es) {absent}; "
+                          f"its classes are {present}")
+    return dataset.subset(torch.isin(dataset.labels, torch.tensor(kept)).nonzero().squeeze(1))
 
 
 MAX_NFE = 10_000          # far beyond any useful budget; refuses typos like 10**9 before building a grid

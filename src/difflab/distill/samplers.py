@@ -1,4 +1,4 @@
-"""Few-step samplers for a (distilled) denoiser, in σ-space (Meng et al. 2023, §4.3 and §5).
+"""Few-step samplers for a (distilled) denoiser, in σ-space (Meng et al. 2023, §3.3; editing: §4).
 
 A DDIM step in VP form, z_s = α_s x̂ + σ_s (z_t − α_t x̂)/σ_t, divided by α_s is
 x_s = x̂ + (σ_s/σ_t)(x_t − x̂): the Euler step of the probability-flow ODE in σ-space. It is
@@ -80,7 +80,7 @@ def sample_deterministic(student, x: Tensor, sigmas: Tensor, replace: Replace = 
 
 def sample_stochastic(student, x: Tensor, sigmas: Tensor, generator: Generator = None, replace: Replace = None,
                       **cond: Any) -> Tensor:
-    """The stochastic N-step sampler (Meng et al. 2023, §4.3): N evaluations, like the deterministic one.
+    """The stochastic N-step sampler (Meng et al. 2023, §3.3): N evaluations, like the deterministic one.
 
     Step i: x̂ = student(x, σ_i); DDIM two levels down to σ_{i+2}; forward kernel back up to σ_{i+1}
     (`renoise`). The last step (σ_{N−1} → σ_N, no level below) is a plain DDIM step. Noise comes
@@ -110,7 +110,7 @@ def run_sampler(student, x: Tensor, sigmas: Tensor, stochastic: bool = False, ge
 
 def img2img(student, image: Tensor, sigmas: Tensor, start: int, stochastic: bool = False,
             generator: Generator = None, **cond: Any) -> Tensor:
-    """Image-to-image editing (SDEdit with a student, Meng et al. 2023, §5): noise `image` to
+    """Image-to-image editing (SDEdit with a student, Meng et al. 2023, §4): noise `image` to
     sigmas[start] and finish with the len(sigmas) − 1 − start remaining student steps.
 
     image: [B, ...] clean; sigmas: the student's grid [N + 1]; start: 0 < start < N (start = N − 2
@@ -126,7 +126,7 @@ def img2img(student, image: Tensor, sigmas: Tensor, start: int, stochastic: bool
 
 def inpaint(student, known: Tensor, mask: Tensor, sigmas: Tensor, stochastic: bool = False,
             generator: Generator = None, **cond: Any) -> Tensor:
-    """Inpainting with a student (Meng et al. 2023, §5): sample from noise and, after every step, set
+    """Inpainting with a student (Meng et al. 2023, §4): sample from noise and, after every step, set
     the known pixels to the known image re-noised to the new level (fresh noise each step).
 
     known: [B, ...] the image (its unknown pixels are ignored); mask: broadcastable to known, 1 where

@@ -23,7 +23,7 @@ Callback = Callable[[int, Tensor, float], None] | None
 def first_eps(denoiser, x: Tensor, sigma: float, afs: bool, **cond: Any) -> Tensor:
     """ε̂ for a solver's first step: the model's, or with AFS d = x/sqrt(1 + σ0²), no evaluation.
 
-    AFS (AMED, Zhou et al. 2024, §3.3): at σ_max the state is almost pure noise, x ≈ sqrt(1 + σ²)·ε.
+    AFS (AMED, Zhou et al. 2024, §3.4): at σ_max the state is almost pure noise, x ≈ sqrt(1 + σ²)·ε.
     """
     if afs:
         return x / math.sqrt(1 + float(sigma) ** 2)
