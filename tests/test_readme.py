@@ -41,8 +41,8 @@ SCALE_DOWN = [
     ("--nfe 100 ", "--nfe 3 "),                         # difflab compose
     ('get_sigmas("karras", 101,', 'get_sigmas("karras", 4,'),   # superdiff's grid
     ("--pairs 1000 ", "--pairs 16 "),                   # condition fit
-    ("--from 256 ", "--from 8 "),                       # distill progressive: rounds 8 → 4 → 2 → 1
-    ("--steps-per-round 1000 ", "--steps-per-round 1 "),
+    ("--from 32 ", "--from 8 "),                        # distill progressive: rounds 8 → 4 → 2 → 1
+    ("--steps-per-round 300 ", "--steps-per-round 1 "),
 ]
 
 
