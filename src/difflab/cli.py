@@ -61,7 +61,7 @@ def train(
 
     Runs unchanged under `accelerate launch --num_processes N difflab train ...` (multi-GPU, multi-node).
     """
-    from .data import get_dataset
+    from .data import get_dataset, keep_classes as keep_only
     from .nets import MLP, CUNet, UNet
     from .train import TrainConfig
     from .train.denoiser import train_denoiser
@@ -75,8 +75,7 @@ def train(
     if classes and dataset.labels is None:
         raise ConfigError(f"--classes needs labels, but data set {data!r} has none")
     kept = None if keep_classes is None else sorted(set(keep_classes))
-    if kept is not None:
-        dataset = _keep_classes(dataset, kept, data)
+    dataset = keep_only(dataset, kept, data)
     is_image = len(dataset.shape) == 3
     kind = net.value if net != Net.auto else ("unet" if is_image else "mlp")
     if (kind != "mlp") != is_image:
@@ -96,20 +95,6 @@ def train(
         denoiser.save(out, overwrite=force)
         typer.echo(json.dumps({"out": str(out), "steps": steps, "final_loss": result.losses[-1][1],
                                "processes": result.num_processes}))
-
-
-def _keep_classes(dataset, kept: list[int], data: str):
-    """The samples of `dataset` whose label is in `kept` (labels unchanged), refused if a class has none."""
-    import torch
-
-    if dataset.labels is None:
-        raise ConfigError(f"--keep-classes needs labels, but data set {data!r} has none")
-    present = sorted(int(c) for c in dataset.labels.unique())
-    absent = [c for c in kept if c not in present]
-    if absent:
-        raise ConfigError(f"--keep-classes: data set {data!r} has no samples of class(es) {absent}; "
-                          f"its classes are {present}")
-    return dataset.subset(torch.isin(dataset.labels, torch.tensor(kept)).nonzero().squeeze(1))
 
 
 MAX_NFE = 10_000          # far beyond any useful budget; refuses typos like 10**9 before building a grid
@@ -262,6 +247,8 @@ def _round_robin(batches: list, rank: int, processes: int, run_batch, gather, pa
 
 def _check_class_label(denoiser, label: int | None) -> int | None:
     """The label to condition on (None: unconditional), refused before work if the model has no such class."""
+    from .data import model_classes
+
     if label is None:
         return None
     labels = getattr(denoiser, "labels", None)          # a GaussianMixture: one label per component
@@ -272,6 +259,9 @@ def _check_class_label(denoiser, label: int | None) -> int | None:
         if not counts:
             return label                                # unknown: the model itself checks
         classes = list(range(counts[0]))
+    kept = model_classes(denoiser)                      # trained on some classes only (train --keep-classes)
+    if kept and classes:
+        classes = [c for c in classes if c in kept]
     if label == -1:
         return -1 if classes else None                  # the null class; nothing to drop for an unconditional model
     if label not in classes:

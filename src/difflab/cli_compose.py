@@ -156,6 +156,7 @@ def _validate(models, model, classes, w, nfe, bias, n, batch_size, out: Path, fo
 def _load(plan: dict, device: str, out: Path):
     """Load the models and check they fit together (shapes, classes, output kind)."""
     from . import load
+    from .data import model_classes
 
     if plan["models"] is not None:
         denoisers = [load(folder, device=device) for folder in plan["models"]]
@@ -168,6 +169,10 @@ def _load(plan: dict, device: str, out: Path):
         bad = [c for c in plan["classes"] if c >= num_classes]
         if bad:
             raise ConfigError(f"class label(s) {bad} out of range: {plan['model']} has classes 0..{num_classes - 1}")
+        kept = model_classes(denoiser)
+        if kept and any(c not in kept for c in plan["classes"]):
+            raise ConfigError(f"class label(s) {[c for c in plan['classes'] if c not in kept]}: {plan['model']} was "
+                              f"trained only on classes {kept}")
         denoisers, conds = denoiser, [{"class_labels": c} for c in plan["classes"]]
     shapes = {tuple(getattr(d, "data_shape", None) or ()) for d in (denoisers if conds is None else [denoisers])}
     if len(shapes) != 1 or () in shapes:

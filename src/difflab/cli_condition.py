@@ -109,7 +109,7 @@ def fit(
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from .condition.deft import default_config, fit_deft, parameter_fraction
-    from .data import get_dataset
+    from .data import get_dataset, keep_classes, model_classes
 
     check_output(out, force)
     dev = resolve_device(device)
@@ -120,6 +120,8 @@ def fit(
     if not data_name:
         raise ConfigError(f"{model} does not name its data set; pass --data NAME_OR_FOLDER")
     dataset = get_dataset(data_name, n=pairs if data_name in ("moons", "rings", "gmm") else None, seed=seed)
+    if not data:   # the model's own data: only the classes it was trained on
+        dataset = keep_classes(dataset, model_classes(base), data_name)
     if tuple(dataset.shape) != shape:
         raise ShapeError(f"data {data_name!r} has per-sample shape {dataset.shape}, the model expects {shape}")
     if pairs > len(dataset):
@@ -217,12 +219,13 @@ def run(
 
 
 def _held_out(base, model: Path, n: int, shape):
-    from .data import get_dataset
+    from .data import get_dataset, keep_classes, model_classes
 
     name = getattr(base, "meta", {}).get("dataset")
     if not name:
         raise ConfigError(f"{model} does not name its data set; --simulate needs held-out data (use --input)")
     dataset = get_dataset(name, n=n, seed=12345) if name in ("moons", "rings", "gmm") else get_dataset(name, split="test")
+    dataset = keep_classes(dataset, model_classes(base), name)   # held-out samples of the model's classes
     if tuple(dataset.shape) != tuple(shape):
         raise ShapeError(f"data {name!r} has per-sample shape {dataset.shape}, the model expects {tuple(shape)}")
     if n > len(dataset):

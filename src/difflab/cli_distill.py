@@ -40,13 +40,16 @@ def _conditional_teacher(path: Path, device: str):
 
 
 def _training_data(data: Optional[str], model, num_classes: int, seed: int):
-    """The labelled data set to diffuse (default: the one the model was trained on), checked against it."""
-    from .data import get_dataset
+    """The labelled data set to diffuse (default: the one the model was trained on, only the classes
+    it kept), checked against it."""
+    from .data import get_dataset, keep_classes, model_classes
 
     name = data or (getattr(model, "meta", {}) or {}).get("dataset") or getattr(model, "distilled", {}).get("dataset")
     if not name:
         raise ConfigError("the model does not record its data set; pass --data")
     dataset = get_dataset(name, seed=seed)
+    if not data:   # the model's own data: only the classes it was trained on
+        dataset = keep_classes(dataset, model_classes(model), name)
     if dataset.labels is None:
         raise ConfigError(f"data set {name!r} has no labels; guided distillation needs the class of each sample")
     if model.data_shape is not None and tuple(dataset.shape) != tuple(model.data_shape):
@@ -74,6 +77,7 @@ def guided(
 ) -> None:
     """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
     from .core.wrappers import CFGDenoiser
+    from .data import model_classes
     from .distill import dataset_batches, distill_guided, make_student
     from .distill.guided import check_w_range
     from .sampling.amed import model_id
@@ -85,7 +89,8 @@ def guided(
     model, num_classes = _conditional_teacher(teacher, dev)
     name, dataset = _training_data(data, model, num_classes, seed)
     base_id = model_id(model)
-    student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max)
+    student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max,
+                           kept_classes=None if data else model_classes(model))
     config = TrainConfig(steps=steps, lr=lr, seed=seed, device=dev, checkpoint_every=max(steps // 4, 1))
     start = time.perf_counter()
     trained, result = distill_guided(CFGDenoiser(model), student, dataset_batches(dataset.x, dataset.labels), config,

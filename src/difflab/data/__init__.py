@@ -22,8 +22,8 @@ _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 __all__ = [
     "DATASET_NAMES", "Dataset", "ImageFolder", "default_gmm", "digits_split_indices",
-    "get_dataset", "images_to_tensor", "load_digits", "load_hf_dataset", "make_gmm", "make_moons",
-    "make_rings",
+    "get_dataset", "images_to_tensor", "keep_classes", "load_digits", "load_hf_dataset", "make_gmm",
+    "make_moons", "make_rings", "model_classes",
 ]
 
 
@@ -63,3 +63,27 @@ def _random_subset(dataset: Dataset, n: int, seed: int) -> Dataset:
         )
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
     return dataset.subset(keep)
+
+
+def keep_classes(dataset: Dataset, classes: list[int] | None, name: str = "the data set") -> Dataset:
+    """The samples of `dataset` whose label is in `classes`, labels unchanged (None: all of them).
+
+    Raises ConfigError if the data set has no labels or one of the classes has no sample.
+    """
+    if classes is None:
+        return dataset
+    if dataset.labels is None:
+        raise ConfigError(f"keeping classes {list(classes)} needs labels, but data set {name!r} has none")
+    present = sorted(int(c) for c in dataset.labels.unique())
+    absent = [c for c in classes if c not in present]
+    if absent:
+        raise ConfigError(f"data set {name!r} has no samples of class(es) {absent}; its classes are {present}")
+    return dataset.subset(torch.isin(dataset.labels, torch.tensor(list(classes))).nonzero().squeeze(1))
+
+
+def model_classes(model) -> list[int] | None:
+    """The classes a model was trained on when it kept only some (`difflab train --keep-classes`),
+    read from its meta or, for a distilled student, from what it was distilled on; else None."""
+    meta = getattr(model, "meta", None) or {}
+    distilled = getattr(model, "distilled", None) or {}
+    return meta.get("kept_classes") or distilled.get("kept_classes")

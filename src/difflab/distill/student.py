@@ -97,13 +97,15 @@ class GuidedStudent(nn.Module):
     config.json): base_model (the model_id of the guided teacher's conditional model), teacher
     (model_id of the model it was distilled from in its last stage), stage ("guided" / "progressive"),
     steps (the sampling steps a progressive student was trained for; None: any), w_min, w_max,
-    grid_sigma_max (top of the cosine σ-grid), dataset.
+    grid_sigma_max (top of the cosine σ-grid), dataset, kept_classes (the teacher's classes when it
+    was trained on some only).
     """
 
     def __init__(self, denoiser: nn.Module, w_slot: str = "extra", w_embed_dim: int | None = None, *,
                  base_model: str | None = None, teacher: str | None = None, stage: str = "guided",
                  steps: int | None = None, w_min: float = 0.0, w_max: float = 4.0,
-                 grid_sigma_max: float | None = None, dataset: str | None = None):
+                 grid_sigma_max: float | None = None, dataset: str | None = None,
+                 kept_classes: list[int] | None = None):
         super().__init__()
         if w_slot not in W_SLOTS:
             raise ConfigError(f"w_slot must be one of {W_SLOTS}, got {w_slot!r}")
@@ -113,7 +115,7 @@ class GuidedStudent(nn.Module):
         self.distilled = {"base_model": base_model, "teacher": teacher, "stage": stage, "steps": steps,
                           "w_min": float(w_min), "w_max": float(w_max),
                           "grid_sigma_max": grid_sigma_max or getattr(denoiser, "sigma_max", None),
-                          "dataset": dataset}
+                          "dataset": dataset, "kept_classes": None if kept_classes is None else list(kept_classes)}
 
     # the denoiser attributes samplers and the CLI read
     sigma_min = property(lambda self: getattr(self.denoiser, "sigma_min", None))
@@ -163,7 +165,8 @@ class GuidedStudent(nn.Module):
             denoiser = LOADERS["EDMDenoiser"](inner_config, inner_tensors, path)
         else:
             raise ModelFormatError(f"{path}: a GuidedStudent cannot wrap a {inner_config.get('class')!r}")
-        keys = ("base_model", "teacher", "stage", "steps", "w_min", "w_max", "grid_sigma_max", "dataset")
+        keys = ("base_model", "teacher", "stage", "steps", "w_min", "w_max", "grid_sigma_max", "dataset",
+                "kept_classes")
         try:
             student = cls(denoiser, config.get("w_slot", "extra"), config.get("w_embed_dim"),
                           **{k: config[k] for k in keys if k in config})
