@@ -8,21 +8,7 @@ import numpy as np
 import pytest
 
 from difflab.cli import main
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `difflab ARGV` in-process; returns (exit status, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["difflab", *map(str, argv)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli.helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ refused with one line before any output (model folder or checkpoints) is made.""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -12,25 +11,10 @@ import torch
 
 import difflab
 import difflab.train.denoiser as denoiser_module
-from difflab.cli import main
 from difflab.data import load_digits
+from tests.cli.helpers import run
 
 TRAIN = ["train", "--channels", "8", "--steps", "1", "--batch-size", "4", "--device", "cpu", "--out", "m"]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `difflab ARGV` in-process; returns (exit status, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["difflab", *map(str, argv)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -14,20 +14,7 @@ import difflab.cli as cli
 from difflab import GaussianMixture, load
 from difflab.io import NpyRows, npz_rows
 from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    """`difflab ARGV` in-process: (exit status, stdout, stderr)."""
-    old, sys.argv = sys.argv, ["difflab", *map(str, argv)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli.helpers import run
 
 
 @pytest.fixture(scope="module")
