@@ -13,8 +13,7 @@ import typer
 from typer.core import TyperCommand
 
 from .cli_common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, fail,  # noqa: F401
-                         resolve_device)
-from .cli_compose import expand_greedy
+                         greedy_options, resolve_device)
 from .errors import ConfigError, DifflabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,15 +28,7 @@ class Net(str, Enum):
     cunet = "cunet"
 
 
-class KeepClassesCommand(TyperCommand):
-    """Lets `--keep-classes 0 1 2` mean `--keep-classes 0 --keep-classes 1 --keep-classes 2`, as
-    `difflab compose --classes 3 8` does (click options take one value each)."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, expand_greedy(list(args), ("--keep-classes",)))
-
-
-@app.command(cls=KeepClassesCommand)
+@app.command(cls=greedy_options(TyperCommand, ("--keep-classes",)))
 def train(
     data: str = typer.Option("digits", help="digits | moons | rings | gmm | PATH (image folder or HF dataset on disk)"),
     net: Net = typer.Option(Net.auto, help="mlp (vectors), unet or cunet (images); auto picks by data shape"),
@@ -247,7 +238,7 @@ def _round_robin(batches: list, rank: int, processes: int, run_batch, gather, pa
 
 def _check_class_label(denoiser, label: int | None) -> int | None:
     """The label to condition on (None: unconditional), refused before work if the model has no such class."""
-    from .data import model_classes
+    from .data import model_class_list
 
     if label is None:
         return None
@@ -258,10 +249,7 @@ def _check_class_label(denoiser, label: int | None) -> int | None:
         counts = [m.num_classes for m in getattr(denoiser, "modules", lambda: [])() if hasattr(m, "num_classes")]
         if not counts:
             return label                                # unknown: the model itself checks
-        classes = list(range(counts[0]))
-    kept = model_classes(denoiser)                      # trained on some classes only (train --keep-classes)
-    if kept and classes:
-        classes = [c for c in classes if c in kept]
+        classes = model_class_list(denoiser, counts[0])  # less any it never saw (train --keep-classes)
     if label == -1:
         return -1 if classes else None                  # the null class; nothing to drop for an unconditional model
     if label not in classes:

@@ -44,3 +44,38 @@ def check_output(path: Path, force: bool, suffixes: tuple[str, ...] | None = Non
         raise ConfigError(f"--out {path} must end in one of {', '.join(suffixes)}")
     if path.exists() and not force:
         raise ConfigError(f"{path} already exists; pass --force to overwrite it")
+
+
+def expand_greedy(args: list[str], greedy: tuple[str, ...]) -> list[str]:
+    """Repeat a greedy flag before each of the values that follow it, up to the next option:
+    ["--models", "a", "b"] -> ["--models", "a", "--models", "b"] (click options take one value each)."""
+    out, current = [], None
+    for token in args:
+        if token.startswith("-") and not _is_number(token):
+            current = token if token in greedy else None
+            out.append(token)
+        elif current is not None and out and out[-1] != current:
+            out.extend([current, token])
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def greedy_options(base: type, flags: tuple[str, ...]) -> type:
+    """A subclass of the click command / group class `base` whose options `flags` take several values
+    after one flag (`--models a b c`), as well as the flag repeated."""
+
+    class Greedy(base):
+        def parse_args(self, ctx, args: list[str]) -> list[str]:
+            return super().parse_args(ctx, expand_greedy(list(args), flags))
+
+    Greedy.__name__ = Greedy.__qualname__ = f"Greedy{base.__name__}"
+    return Greedy

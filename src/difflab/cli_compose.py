@@ -21,7 +21,8 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from .cli_common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device
+from .cli_common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, greedy_options,
+                         resolve_device)
 from .errors import ConfigError
 
 GREEDY_OPTIONS = ("--models", "--classes", "--bias")
@@ -30,33 +31,7 @@ PNG_MAX_SAMPLES = 256
 STEP_SEED_OFFSET = 2**40   # per-step noise of sample i comes from seed SEED+i+2^40 (as `difflab sample`)
 
 
-class GreedyListGroup(TyperGroup):
-    """Lets `--models a b c` mean `--models a --models b --models c` (click options take one value each)."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, expand_greedy(list(args)))
-
-
-def expand_greedy(args: list[str], greedy: tuple[str, ...] = GREEDY_OPTIONS) -> list[str]:
-    """Repeat a greedy flag before each of the values that follow it, up to the next option."""
-    out, current = [], None
-    for token in args:
-        if token.startswith("-") and not _is_number(token):
-            current = token if token in greedy else None
-            out.append(token)
-        elif current is not None and out and out[-1] != current:
-            out.extend([current, token])
-        else:
-            out.append(token)
-    return out
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-        return True
-    except ValueError:
-        return False
+GreedyListGroup = greedy_options(TyperGroup, GREEDY_OPTIONS)
 
 
 class Mode(str, Enum):
@@ -156,7 +131,7 @@ def _validate(models, model, classes, w, nfe, bias, n, batch_size, out: Path, fo
 def _load(plan: dict, device: str, out: Path):
     """Load the models and check they fit together (shapes, classes, output kind)."""
     from . import load
-    from .data import model_classes
+    from .data import model_class_list
 
     if plan["models"] is not None:
         denoisers = [load(folder, device=device) for folder in plan["models"]]
@@ -166,13 +141,10 @@ def _load(plan: dict, device: str, out: Path):
         num_classes = _num_classes(denoiser)
         if num_classes == 0:
             raise ConfigError(f"{plan['model']} is not class-conditional; train it with --classes or use --models")
-        bad = [c for c in plan["classes"] if c >= num_classes]
+        known = model_class_list(denoiser, num_classes)   # less any it never saw (train --keep-classes)
+        bad = [c for c in plan["classes"] if c not in known]
         if bad:
-            raise ConfigError(f"class label(s) {bad} out of range: {plan['model']} has classes 0..{num_classes - 1}")
-        kept = model_classes(denoiser)
-        if kept and any(c not in kept for c in plan["classes"]):
-            raise ConfigError(f"class label(s) {[c for c in plan['classes'] if c not in kept]}: {plan['model']} was "
-                              f"trained only on classes {kept}")
+            raise ConfigError(f"class label(s) {bad} not among the classes {plan['model']} was trained on, {known}")
         denoisers, conds = denoiser, [{"class_labels": c} for c in plan["classes"]]
     shapes = {tuple(getattr(d, "data_shape", None) or ()) for d in (denoisers if conds is None else [denoisers])}
     if len(shapes) != 1 or () in shapes:

@@ -100,7 +100,8 @@ def fit(
     steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
     batch_size: int = typer.Option(64, min=1, max=MAX_BATCH),
     lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
-    net: HNet = typer.Option(HNet.unet, help="images: NN1 of the h-network, a small U-Net or cU-Net (ODE blocks)"),
+    net: Optional[HNet] = typer.Option(None, help="images: NN1 of the h-network, a small U-Net (default) or "
+                                       "cU-Net (ODE blocks); vectors always use an MLP"),
     out: Path = typer.Option(..., help="h-network folder to write (config.json + model.safetensors)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED),
     device: Device = typer.Option(Device.auto),
@@ -109,7 +110,7 @@ def fit(
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from .condition.deft import default_config, fit_deft, parameter_fraction
-    from .data import get_dataset, keep_classes, model_classes
+    from .data import model_dataset
 
     check_output(out, force)
     dev = resolve_device(device)
@@ -119,9 +120,8 @@ def fit(
     data_name = data or getattr(base, "meta", {}).get("dataset")
     if not data_name:
         raise ConfigError(f"{model} does not name its data set; pass --data NAME_OR_FOLDER")
-    dataset = get_dataset(data_name, n=pairs if data_name in ("moons", "rings", "gmm") else None, seed=seed)
-    if not data:   # the model's own data: only the classes it was trained on
-        dataset = keep_classes(dataset, model_classes(base), data_name)
+    # only the classes the model was trained on
+    dataset = model_dataset(data_name, base, n=pairs if data_name in ("moons", "rings", "gmm") else None, seed=seed)
     if tuple(dataset.shape) != shape:
         raise ShapeError(f"data {data_name!r} has per-sample shape {dataset.shape}, the model expects {shape}")
     if pairs > len(dataset):
@@ -137,13 +137,11 @@ def fit(
                                "hnet_fraction_of_base": round(parameter_fraction(hnet, base), 4)}))
 
 
-def _nn1_class(net: HNet, shape: tuple[int, ...]) -> str | None:
-    """The h-network's NN1 class for --net: None (the default) for vectors, which only a VectorNet reads."""
-    if len(shape) != 3:
-        if net is not HNet.unet:
-            raise ConfigError(f"--net {net.value} needs image data [C, H, W]; this model's samples have shape {shape}")
-        return None
-    return {HNet.unet: "UNet", HNet.cunet: "CUNet"}[net]
+def _nn1_class(net: HNet | None, shape: tuple[int, ...]) -> str | None:
+    """The h-network's NN1 class for --net (None: the default, a U-Net for images, an MLP for vectors)."""
+    if net is not None and len(shape) != 3:
+        raise ConfigError(f"--net {net.value} needs image data [C, H, W]; this model's samples have shape {shape}")
+    return None if net is None else {HNet.unet: "UNet", HNet.cunet: "CUNet"}[net]
 
 
 @app.command()
@@ -219,13 +217,14 @@ def run(
 
 
 def _held_out(base, model: Path, n: int, shape):
-    from .data import get_dataset, keep_classes, model_classes
+    from .data import model_dataset
 
     name = getattr(base, "meta", {}).get("dataset")
     if not name:
         raise ConfigError(f"{model} does not name its data set; --simulate needs held-out data (use --input)")
-    dataset = get_dataset(name, n=n, seed=12345) if name in ("moons", "rings", "gmm") else get_dataset(name, split="test")
-    dataset = keep_classes(dataset, model_classes(base), name)   # held-out samples of the model's classes
+    # held-out samples of the classes the model was trained on
+    toy = name in ("moons", "rings", "gmm")
+    dataset = model_dataset(name, base, n=n, seed=12345) if toy else model_dataset(name, base, split="test")
     if tuple(dataset.shape) != tuple(shape):
         raise ShapeError(f"data {name!r} has per-sample shape {dataset.shape}, the model expects {tuple(shape)}")
     if n > len(dataset):

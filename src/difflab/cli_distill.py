@@ -42,14 +42,12 @@ def _conditional_teacher(path: Path, device: str):
 def _training_data(data: Optional[str], model, num_classes: int, seed: int):
     """The labelled data set to diffuse (default: the one the model was trained on, only the classes
     it kept), checked against it."""
-    from .data import get_dataset, keep_classes, model_classes
+    from .data import model_dataset
 
     name = data or (getattr(model, "meta", {}) or {}).get("dataset") or getattr(model, "distilled", {}).get("dataset")
     if not name:
         raise ConfigError("the model does not record its data set; pass --data")
-    dataset = get_dataset(name, seed=seed)
-    if not data:   # the model's own data: only the classes it was trained on
-        dataset = keep_classes(dataset, model_classes(model), name)
+    dataset = model_dataset(name, model, seed=seed)   # only the classes the model was trained on
     if dataset.labels is None:
         raise ConfigError(f"data set {name!r} has no labels; guided distillation needs the class of each sample")
     if model.data_shape is not None and tuple(dataset.shape) != tuple(model.data_shape):
@@ -90,7 +88,7 @@ def guided(
     name, dataset = _training_data(data, model, num_classes, seed)
     base_id = model_id(model)
     student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max,
-                           kept_classes=None if data else model_classes(model))
+                           kept_classes=model_classes(model))
     config = TrainConfig(steps=steps, lr=lr, seed=seed, device=dev, checkpoint_every=max(steps // 4, 1))
     start = time.perf_counter()
     trained, result = distill_guided(CFGDenoiser(model), student, dataset_batches(dataset.x, dataset.labels), config,

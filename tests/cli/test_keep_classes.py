@@ -4,6 +4,7 @@ refused with one line before any output (model folder or checkpoints) is made.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import difflab
 import difflab.train.denoiser as denoiser_module
-from difflab.data import load_digits
+from difflab.data import load_digits, make_moons
 from tests.cli.helpers import run
 
 TRAIN = ["train", "--channels", "8", "--steps", "1", "--batch-size", "4", "--device", "cpu", "--out", "m"]
@@ -75,41 +76,101 @@ def test_a_class_the_data_lack_is_refused_before_any_output(trained_on, tmp_path
     assert trained_on == [] and list(tmp_path.iterdir()) == []  # no model folder, no checkpoints
 
 
-def test_commands_that_read_the_model_s_data_keep_to_its_classes(trained_on, monkeypatch, capsys):
-    """sample / compose refuse a class the model never saw; condition fit, condition run --simulate and
-    distill guided draw only the kept classes' samples, and the student records them."""
+@pytest.fixture
+def kept_model(trained_on, capsys):
+    """A class-conditional digits model trained (one step) on classes 3 and 5 only, folder "m"."""
     code, _, err = run([*TRAIN, "--data", "digits", "--classes", "--keep-classes", "3", "5"], capsys)
     assert code == 0, err
-    for argv in (["sample", "--model", "m", "--class", "7", "--nfe", "2", "--solver", "euler", "--n", "2",
-                  "--out", "s.npz"],
-                 ["compose", "--model", "m", "--classes", "3", "7", "--nfe", "2", "--n", "2", "--out", "c.npz"]):
-        code, out, err = run(argv, capsys)
-        assert code == 2 and "7" in err and "[3, 5]" in err, err
-    code, _, err = run(["sample", "--model", "m", "--class", "5", "--nfe", "2", "--solver", "euler", "--n", "2",
-                        "--out", "s.npz"], capsys)
+    digits = load_digits("train")
+    return digits.x[(digits.labels == 3) | (digits.labels == 5)]
+
+
+SAMPLE = ["--nfe", "2", "--n", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--model", "m", "--class", "7", "--solver", "euler", *SAMPLE, "--out", "s.npz"],
+     "--class 7: this model's classes are [3, 5]"),
+    (["compose", "--model", "m", "--classes", "3", "7", *SAMPLE, "--out", "c.npz"],
+     "class label(s) [7] not among the classes m was trained on, [3, 5]"),
+])
+def test_a_class_the_model_never_saw_is_refused(kept_model, capsys, argv, message):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and message in err, err
+    assert not any(Path(name).exists() for name in ("s.npz", "c.npz"))
+
+
+def test_a_class_the_model_saw_samples(kept_model, capsys):
+    code, _, err = run(["sample", "--model", "m", "--class", "5", "--solver", "euler", *SAMPLE, "--out", "s.npz"], capsys)
     assert code == 0, err
 
+
+@pytest.mark.parametrize("data", [[], ["--data", "digits"]])
+def test_condition_fit_draws_only_the_kept_classes(kept_model, monkeypatch, capsys, data):
     import difflab.condition.deft as deft_module
-    import difflab.distill as distill_module
-    digits, seen = load_digits("train"), {}
-    wanted = digits.x[(digits.labels == 3) | (digits.labels == 5)]
-    real_fit, real_batches = deft_module.fit_deft, distill_module.dataset_batches
-    monkeypatch.setattr(deft_module, "fit_deft", lambda base, op, x0, **kw: seen.setdefault("deft", x0) is None
-                        or real_fit(base, op, x0, **kw))
-    monkeypatch.setattr(distill_module, "dataset_batches",
-                        lambda x, labels=None: seen.setdefault("distill", (x, labels)) and real_batches(x, labels))
-    code, _, err = run(["condition", "fit", "--model", "m", "--task", "superres", "--pairs", "100", "--steps", "1",
-                        "--batch-size", "4", "--out", "h", "--device", "cpu"], capsys)
+
+    real_fit, seen = deft_module.fit_deft, []
+
+    def spy(base, operator, x0_data, **kwargs):
+        seen.append(x0_data)
+        return real_fit(base, operator, x0_data, **kwargs)
+
+    monkeypatch.setattr(deft_module, "fit_deft", spy)
+    code, _, err = run(["condition", "fit", "--model", "m", "--task", "superres", *data, "--pairs", "100", "--steps",
+                        "1", "--batch-size", "4", "--out", "h", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert torch.equal(seen["deft"], wanted[:100])
-    code, _, err = run(["distill", "guided", "--teacher", "m", "--steps", "1", "--batch-size", "4", "--out", "st",
-                        "--device", "cpu"], capsys)
-    assert code == 0, err
-    x, labels = seen["distill"]
-    assert torch.equal(x, wanted) and set(labels.tolist()) == {3, 5}
-    assert difflab.load("st").distilled["kept_classes"] == [3, 5]
-    code, out, err = run(["condition", "run", "--model", "m", "--method", "dps", "--task", "superres", "--simulate",
-                          "3", "--solver", "euler", "--nfe", "2", "--out", "r.npz", "--device", "cpu"], capsys)
+    assert torch.equal(seen[0], kept_model[:100])
+
+
+def test_condition_run_simulates_held_out_digits_of_the_kept_classes(kept_model, capsys):
+    code, _, err = run(["condition", "run", "--model", "m", "--method", "dps", "--task", "superres", "--simulate", "3",
+                        "--solver", "euler", "--nfe", "2", "--out", "r.npz", "--device", "cpu"], capsys)
     assert code == 0, err
     test = load_digits("test")
     assert np.array_equal(np.load("r.npz")["truth"], test.x[(test.labels == 3) | (test.labels == 5)][:3].numpy())
+
+
+@pytest.mark.parametrize("data", [[], ["--data", "digits"]])
+def test_distillation_diffuses_only_the_kept_classes_and_the_students_record_them(kept_model, monkeypatch, capsys,
+                                                                                 data):
+    import difflab.distill as distill_module
+
+    real_batches, seen = distill_module.dataset_batches, []
+
+    def spy(x, labels=None):
+        seen.append((x, labels))
+        return real_batches(x, labels)
+
+    monkeypatch.setattr(distill_module, "dataset_batches", spy)
+    code, _, err = run(["distill", "guided", "--teacher", "m", *data, "--steps", "1", "--batch-size", "4", "--out",
+                        "st", "--device", "cpu"], capsys)
+    assert code == 0, err
+    x, labels = seen[0]
+    assert torch.equal(x, kept_model) and set(labels.tolist()) == {3, 5}
+    assert difflab.load("st").distilled["kept_classes"] == [3, 5]
+    code, _, err = run(["distill", "progressive", "--teacher", "st", "--from", "2", "--to", "1", "--steps-per-round",
+                        "1", "--batch-size", "4", "--out", "st1", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert torch.equal(seen[1][0], kept_model)
+    assert difflab.load("st1.rounds/steps-0001").distilled["kept_classes"] == [3, 5]
+
+
+def test_a_toy_model_on_one_class_gets_that_many_samples_of_it(trained_on, monkeypatch, capsys):
+    """moons drawn larger, then restricted, then cut: --pairs N gives N samples of the kept class."""
+    import difflab.condition.deft as deft_module
+
+    code, _, err = run([*TRAIN, "--data", "moons", "--keep-classes", "0"], capsys)
+    assert code == 0, err
+    real_fit, seen = deft_module.fit_deft, []
+
+    def spy(base, operator, x0_data, **kwargs):
+        seen.append(x0_data)
+        return real_fit(base, operator, x0_data, **kwargs)
+
+    monkeypatch.setattr(deft_module, "fit_deft", spy)
+    code, _, err = run(["condition", "fit", "--model", "m", "--task", "inpaint", "--pairs", "1000", "--steps", "1",
+                        "--batch-size", "4", "--out", "h", "--device", "cpu"], capsys)
+    assert code == 0, err
+    moons = make_moons(10_000, seed=0)   # what the command drew before keeping class 0 (--seed 0)
+    moon_0 = {tuple(row) for row in moons.x[moons.labels == 0].tolist()}
+    assert len(seen[0]) == 1000 and all(tuple(row) in moon_0 for row in seen[0].tolist())

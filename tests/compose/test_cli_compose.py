@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from difflab import GaussianMixture
-from difflab.cli_compose import app, expand_greedy
+from difflab.cli_common import expand_greedy
+from difflab.cli_compose import GREEDY_OPTIONS, app
 from difflab.errors import ConfigError
 
 runner = CliRunner()
@@ -31,7 +32,7 @@ def invoke(args):
 
 
 def test_greedy_flags_take_several_values():
-    assert expand_greedy(["--models", "a", "b", "--bias", "-1", "0.5", "--n", "3"]) == [
+    assert expand_greedy(["--models", "a", "b", "--bias", "-1", "0.5", "--n", "3"], GREEDY_OPTIONS) == [
         "--models", "a", "--models", "b", "--bias", "-1", "--bias", "0.5", "--n", "3"]
 
 
@@ -69,7 +70,7 @@ def test_ode_and_png_grid(folders, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--models", "{a}", "--out", "{out}"], "at least two"),
     (["--models", "{a}", "{b}", "--model", "{a}", "--out", "{out}"], "either --models"),
-    (["--model", "{lab}", "--classes", "0", "7", "--out", "{out}"], "out of range"),
+    (["--model", "{lab}", "--classes", "0", "7", "--out", "{out}"], "not among the classes"),
     (["--model", "{a}", "--classes", "0", "1", "--out", "{out}"], "not class-conditional"),
     (["--models", "{a}", "{b}", "--bias", "1", "--out", "{out}"], "one number per model"),
     (["--models", "{a}", "{b}", "--w", "2", "--out", "{out}"], "go with --model"),

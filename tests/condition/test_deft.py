@@ -217,3 +217,17 @@ def test_a_cunet_h_network_fits_on_images_saves_loads_and_bad_classes_are_refuse
         HNetwork((1, 8, 8), op, nn1_class="MLP")
     with pytest.raises(ConfigError, match="VectorNet"):
         HNetwork((2,), observe_first(), nn1_class="CUNet")
+
+
+@pytest.mark.parametrize("bogus", ["Bogus", "VectorNet", None])
+def test_a_saved_h_network_naming_an_unknown_nn1_is_refused(tmp_path, bogus):
+    import json
+
+    base, op = image_base(), SuperResolution(2, sigma_y=0.1)
+    HNetwork((1, 8, 8), op, model_id(base)).save(tmp_path / "h")
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["nn1"]["class"] == "UNet"
+    config["nn1"]["class"] = bogus
+    (tmp_path / "h" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="not a valid DEFT h-network"):
+        load_hnet(tmp_path / "h")

@@ -90,6 +90,7 @@ IMAGE_NN1 = {
 
 
 def _image_nn1(name: str, image_size: int) -> tuple[type, dict]:
+    """(network class, default keyword arguments) of the image NN1 called `name`; ConfigError if none."""
     if name not in IMAGE_NN1:
         raise ConfigError(f"DEFT's image NN1 is one of {sorted(IMAGE_NN1)}, got {name!r}")
     network, defaults = IMAGE_NN1[name]
@@ -184,7 +185,7 @@ class HNetwork(nn.Module):
             else:
                 nn1_args = {k: v for k, v in nn1_args.items() if k not in ("in_dim", "out_dim")}
             hnet = cls(config["data_shape"], operator, config.get("base_model"), config.get("sigma_data", 0.5),
-                       nn1_args, config["nn2"]["hidden"], config["nn2"]["bias"], nn1_class)
+                       nn1_args, config["nn2"]["hidden"], config["nn2"]["bias"], str(nn1_class))
             hnet.load_state_dict(tensors)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ModelFormatError(f"{path} is not a valid DEFT h-network ({err})") from err
@@ -272,9 +273,9 @@ def deft_loss(base: nn.Module, operator: Operator, x0_data: Tensor, batch_size: 
 
 def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, steps: int = 1000, batch_size: int = 64,
              config: TrainConfig | None = None, out_dir: str | Path | None = None, nn1: dict | None = None,
-             nn1_class: str | None = None, nn2_bias: float | None = None, p_mean: float = -0.5, p_std: float = 1.5,
-             progress: bool = False,
-             resume: bool = True, return_result: bool = False) -> HNetwork | tuple[HNetwork, TrainResult]:
+             nn2_bias: float | None = None, p_mean: float = -0.5, p_std: float = 1.5, progress: bool = False,
+             resume: bool = True, return_result: bool = False, *,
+             nn1_class: str | None = None) -> HNetwork | tuple[HNetwork, TrainResult]:
     """Fit a DEFT h-network for `base` and `operator` on clean data x0_data [N, *shape].
 
     The base is frozen (requires_grad off for the fit, restored after) and only called under no_grad.

@@ -23,7 +23,7 @@ _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 __all__ = [
     "DATASET_NAMES", "Dataset", "ImageFolder", "default_gmm", "digits_split_indices",
     "get_dataset", "images_to_tensor", "keep_classes", "load_digits", "load_hf_dataset", "make_gmm",
-    "make_moons", "make_rings", "model_classes",
+    "make_moons", "make_rings", "model_class_list", "model_classes", "model_dataset",
 ]
 
 
@@ -87,3 +87,24 @@ def model_classes(model) -> list[int] | None:
     meta = getattr(model, "meta", None) or {}
     distilled = getattr(model, "distilled", None) or {}
     return meta.get("kept_classes") or distilled.get("kept_classes")
+
+
+def model_class_list(model, num_classes: int) -> list[int]:
+    """The labels 0..num_classes-1 that `model` was trained on (all, unless it kept some only)."""
+    kept = model_classes(model)
+    return [c for c in range(num_classes) if kept is None or c in kept]
+
+
+def model_dataset(name: str | os.PathLike, model, n: int | None = None, seed: int = 0,
+                  split: str = "train") -> Dataset:
+    """`get_dataset(name, n, seed, split)` as `model` saw it: only the classes it was trained on when
+    it kept some (`difflab train --keep-classes`) and the data have labels. A toy set is drawn
+    larger, restricted, then cut to n, so n samples of the kept classes remain."""
+    kept = model_classes(model)
+    if kept is None:
+        return get_dataset(name, n=n, seed=seed, split=split)
+    toy = str(name) in TOY_DATASETS
+    dataset = get_dataset(name, n=max(DEFAULT_TOY_SIZE, 4 * n) if toy and n else None, seed=seed, split=split)
+    if dataset.labels is not None:   # unlabelled data (a folder of images) is taken as given
+        dataset = keep_classes(dataset, kept, str(name))
+    return dataset if n is None else _random_subset(dataset, n, seed)

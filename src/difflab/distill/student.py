@@ -115,7 +115,9 @@ class GuidedStudent(nn.Module):
         self.distilled = {"base_model": base_model, "teacher": teacher, "stage": stage, "steps": steps,
                           "w_min": float(w_min), "w_max": float(w_max),
                           "grid_sigma_max": grid_sigma_max or getattr(denoiser, "sigma_max", None),
-                          "dataset": dataset, "kept_classes": None if kept_classes is None else list(kept_classes)}
+                          "dataset": dataset}
+        if kept_classes is not None:   # only when set: the config (hence model_id) of other students is unchanged
+            self.distilled["kept_classes"] = [int(c) for c in kept_classes]
 
     # the denoiser attributes samplers and the CLI read
     sigma_min = property(lambda self: getattr(self.denoiser, "sigma_min", None))

@@ -52,7 +52,9 @@ def train_denoiser(net: nn.Module, x: Tensor, labels: Tensor | None = None, conf
     config = config or TrainConfig()
     sigma_data = float(x.std()) if sigma_data is None else sigma_data
     # the network's class count (a subset of classes keeps the labels, so max + 1 can undercount)
-    num_classes = 0 if labels is None else int(getattr(net, "config", {}).get("num_classes") or labels.max() + 1)
+    net_config = getattr(net, "config", None)
+    net_classes = net_config.get("num_classes") if isinstance(net_config, dict) else None
+    num_classes = 0 if labels is None else int(net_classes or labels.max() + 1)
     denoiser = EDMDenoiser(net, sigma_data=round(sigma_data, 4), data_shape=tuple(x.shape[1:]),
                            meta={"dataset": dataset, "num_classes": num_classes})
     loss_fn = denoiser_loss(x, labels, batch_size, denoiser.sigma_data, label_dropout)
