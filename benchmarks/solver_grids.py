@@ -10,6 +10,7 @@ AMED-Plugin on iPNDM, fitted here: 2,048 trajectories, teacher Heun with M = 3) 
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ AMED_NFE = {3: 3, 5: 5, 10: 9}                                   # AFS: odd budg
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     root = Path(__file__).resolve().parents[1]
     denoiser, _ = digits_model(root / "runs" / "bench" / "digits", DIGITS_STEPS)
     x_start = seeded_noise(range(16), (1, 8, 8), 80.0)
