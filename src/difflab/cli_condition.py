@@ -110,7 +110,7 @@ def fit(
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from .condition.deft import default_config, fit_deft, parameter_fraction
-    from .data import model_dataset
+    from .data import TOY_DATASETS, model_dataset
 
     check_output(out, force)
     dev = resolve_device(device)
@@ -121,7 +121,7 @@ def fit(
     if not data_name:
         raise ConfigError(f"{model} does not name its data set; pass --data NAME_OR_FOLDER")
     # only the classes the model was trained on
-    dataset = model_dataset(data_name, base, n=pairs if data_name in ("moons", "rings", "gmm") else None, seed=seed)
+    dataset = model_dataset(data_name, base, n=pairs if data_name in TOY_DATASETS else None, seed=seed)
     if tuple(dataset.shape) != shape:
         raise ShapeError(f"data {data_name!r} has per-sample shape {dataset.shape}, the model expects {shape}")
     if pairs > len(dataset):
@@ -217,13 +217,13 @@ def run(
 
 
 def _held_out(base, model: Path, n: int, shape):
-    from .data import model_dataset
+    from .data import TOY_DATASETS, model_dataset
 
     name = getattr(base, "meta", {}).get("dataset")
     if not name:
         raise ConfigError(f"{model} does not name its data set; --simulate needs held-out data (use --input)")
     # held-out samples of the classes the model was trained on
-    toy = name in ("moons", "rings", "gmm")
+    toy = name in TOY_DATASETS
     dataset = model_dataset(name, base, n=n, seed=12345) if toy else model_dataset(name, base, split="test")
     if tuple(dataset.shape) != tuple(shape):
         raise ShapeError(f"data {name!r} has per-sample shape {dataset.shape}, the model expects {tuple(shape)}")
