@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from difflab.compose import Components, superdiff
-from difflab.compose.demo import compose_2d, demo_mixtures, save_figure, summarise
+from difflab.apps.demo.compose import compose_2d, demo_mixtures, save_figure, summarise
 from difflab.core.denoiser import eps
 from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
 
@@ -139,7 +139,7 @@ def cost(models: list, cfg: dict, device: str) -> dict:
 def train_digit_models(cfg: dict, seed: int, cache: Path, device: str) -> dict:
     """The four digit models, trained with the project loop and cached (safetensors + config.json)."""
     from difflab.data import load_digits
-    from difflab.demo import DIGITS_BATCH, DIGITS_UNET, cached_model
+    from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_UNET, cached_model
     from difflab.nets import UNet
     from difflab.train import TrainConfig
     from difflab.train.denoiser import train_denoiser
@@ -171,7 +171,7 @@ def _class_stats(samples: torch.Tensor, classifier) -> tuple[list[float], torch.
 
 def digits_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
     from difflab.metrics import digits_frechet, digits_frechet_floor, get_digit_classifier
-    from difflab.report import save_image_grid
+    from difflab.apps.figures import save_image_grid
 
     classifier = get_digit_classifier()
     n, nfe = cfg["n_digits"], cfg["nfe_digits"]
@@ -204,7 +204,7 @@ def digits_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "")
 
 def digits_and(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
     from difflab.metrics import get_digit_classifier
-    from difflab.report import save_image_grid
+    from difflab.apps.figures import save_image_grid
 
     classifier = get_digit_classifier()
     model = models["digits_classes"]

@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 from difflab.condition.deft import default_config, fit_deft, parameter_fraction
-from difflab.condition.demo import save_comparison
+from difflab.apps.demo.condition import save_comparison
 from difflab.condition.reconstruct import (DPS_ZETA, PIGDM_WEIGHT, make_denoiser, make_operator, psnr, reconstruct,
                                            simulate, ssim, summarise)
 from difflab.data import load_digits
-from difflab.demo import DIGITS_STEPS
+from difflab.apps.demo.run import DIGITS_STEPS
 from difflab.metrics import get_digit_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -25,11 +25,11 @@ import torch
 
 from difflab import CFGDenoiser, load
 from difflab.data import load_digits
-from difflab.demo import cached_model
+from difflab.apps.demo.run import cached_model
 from difflab.distill import dataset_batches, distill_guided, distill_progressive, make_student
-from difflab.distill.demo import RECIPES, classes_by_steps_figure, evaluate, guided_samples, train_teacher
+from difflab.apps.demo.distill import RECIPES, classes_by_steps_figure, evaluate, guided_samples, train_teacher
 from difflab.metrics import digits_frechet_floor
-from difflab.sampling.amed import model_id
+from difflab.core.fingerprint import fingerprint
 from difflab.train import TrainConfig
 
 # The full run fits ~30 minutes on 2 CPU cores: N₀ = 32 (five halving rounds to 1 step) rather than the
@@ -44,7 +44,7 @@ def distil_all(teacher, recipe: dict, cache: Path, seed: int, device: str) -> tu
     """Stage 1 then progressive rounds N₀ → 1 (resumed from cache/rounds); {steps: student}, seconds."""
     data = load_digits("train")
     batches = dataset_batches(data.x, data.labels)
-    base_id = model_id(teacher)
+    base_id = fingerprint(teacher)
 
     def stage1():
         student = make_student(teacher, base_model=base_id, teacher=base_id, dataset="digits")

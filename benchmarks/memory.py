@@ -1,7 +1,7 @@
 """Claim: `difflab sample` memory is flat in the number of samples (peak RSS for 20,000 samples within
 1.2x of that for 1,000), because samples are streamed to the .npz a batch at a time.
 
-Each run is a fresh `python -m difflab.cli sample` subprocess; its peak RSS is read from the kernel's
+Each run is a fresh `python -m difflab.apps.cli.app sample` subprocess; its peak RSS is read from the kernel's
 rusage for that child (os.wait4), so runs do not see each other's peaks. Models, made on the spot:
   mixture2d  the analytic 2-D GaussianMixture (tiny samples: measures the fixed cost)
   mlp3072    an EDM-preconditioned MLP on 3,072-dim vectors (a 3x32x32 image's size; random weights):
@@ -49,7 +49,7 @@ def make_models(folder: Path, digits: bool) -> dict[str, tuple[Path, tuple[int, 
 
 def peak_rss_of_sample(model: Path, n: int, out: Path, nfe: int, batch_size: int) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one `difflab sample` subprocess."""
-    cmd = [sys.executable, "-m", "difflab.cli", "sample", "--model", str(model), "--solver", "euler",
+    cmd = [sys.executable, "-m", "difflab.apps.cli.app", "sample", "--model", str(model), "--solver", "euler",
            "--nfe", str(nfe), "--n", str(n), "--batch-size", str(batch_size), "--out", str(out),
            "--device", "cpu", "--force"]
     start = time.perf_counter()

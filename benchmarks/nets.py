@@ -32,10 +32,10 @@ import torch
 
 from difflab.core.wrappers import EDMDenoiser
 from difflab.data import load_digits
-from difflab.demo import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_sigmas
+from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_sigmas
 from difflab.metrics import digits_frechet, digits_frechet_floor
 from difflab.nets import CUNet, UNet
-from difflab.nets.cunet_demo import cost_table, forward_seconds, one_step_psnr
+from difflab.apps.demo.cunet import cost_table, forward_seconds, one_step_psnr
 from difflab.nets.flops import count_flops, example_inputs
 from difflab.sampling import sample, seeded_noise
 from difflab.train import TrainConfig

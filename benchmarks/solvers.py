@@ -46,13 +46,13 @@ from torch import Tensor
 from difflab.core.denoiser import eps
 from difflab.core.mixture import GaussianMixture
 from difflab.data import default_gmm, load_digits
-from difflab.demo import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, cached_model
-from difflab.errors import ConfigError
+from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, cached_model
+from difflab.core.errors import ConfigError
 from difflab.sampling import SOLVERS, get_sigmas, sample, seeded_noise, sigmas_for_nfe
-from difflab.sampling.amed import predictor_sigmas
-from difflab.sampling.plugin import amed_plugin, amed_sample
+from difflab.amed.predictor import predictor_sigmas
+from difflab.amed.plugin import amed_plugin, amed_sample
 from difflab.train import TrainConfig
-from difflab.train.amed import fit_amed
+from difflab.amed.fit import fit_amed
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 NFES = (3, 4, 5, 6, 8, 10)
@@ -98,7 +98,7 @@ def mixture_64d(seed: int = 0, dim: int = 64, components: int = 10) -> GaussianM
 
 
 def digits_model(cache: Path, steps: int, seed: int = 0):
-    """The demo's digits U-Net (difflab.demo recipe), trained once and cached in `cache`."""
+    """The demo's digits U-Net (difflab.apps.demo.run recipe), trained once and cached in `cache`."""
     from difflab.nets import UNet
     from difflab.train.denoiser import train_denoiser
 
@@ -509,7 +509,7 @@ def main() -> None:
         "same grid is recorded per model (diffusers_vs_difflab_twin_max_rel_diff, max |Δx| / max |x|).",
         "diffusers UniPC runs with solver_order=3 (difflab unipc's default order), bh2, predict_x0, "
         "lower_order_final; DPM-Solver++ 2M with the midpoint solver type, lower_order_final.",
-        "AMED predictors: difflab.train.amed.fit_amed with its defaults (AFS, Adam lr 5e-3, teacher Heun on "
+        "AMED predictors: difflab.amed.fit.fit_amed with its defaults (AFS, Adam lr 5e-3, teacher Heun on "
         "(M+1)(N-1)+1 points with M=1, the METHODS.md §1 recipe), one predictor per NFE, batch 32. Row 'amed' is "
         "that recipe; row 'amed_M3' (mixtures only; the digits fit budget of 2 minutes has no room for it) uses a "
         "finer teacher (M=3), because with M=1 the teacher itself (Heun on 5 or 7 points) is far from the exact "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from difflab.data import load_digits
-from difflab.demo import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_sigmas
+from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_sigmas
 from difflab.metrics import digits_frechet, digits_frechet_floor
 from difflab.nets import UNet
 from difflab.sampling import sample, seeded_noise

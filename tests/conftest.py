@@ -135,7 +135,7 @@ def _single_intra_op_thread(request):
 @pytest.fixture(scope="session")
 def quick_demo_dir(tmp_path_factory):
     """`difflab demo --quick` run once per session (every section); tests read its report."""
-    from difflab.demo import run_demo
+    from difflab.apps.demo.run import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, quick=True, seed=0, device="cpu")

@@ -6,7 +6,7 @@ import math
 import shutil
 from html.parser import HTMLParser
 
-from difflab.demo import SECTIONS, run_demo
+from difflab.apps.demo.run import SECTIONS, run_demo
 
 
 class _Images(HTMLParser):

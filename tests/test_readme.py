@@ -21,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 import difflab
-from difflab.cli import app
+from difflab.apps.cli.app import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICKSTART = ("## Quickstart, one capability at a time", "### Notes on the solvers")

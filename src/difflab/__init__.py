@@ -2,14 +2,17 @@
 
     D(x, sigma, **cond) -> x0_hat      x: [B, ...], sigma: [B]
 
-The small, stable public API is re-exported here; everything else may change.
+The small, stable public API is re-exported here; everything else may change. Importing difflab
+imports every method package, so each registers its saved kinds with `difflab.load`.
 """
 __version__ = "0.1.0"
 
-from .core import (CFGDenoiser, EDMDenoiser, FlowDenoiser, GaussianMixture, VPDenoiser, eps,  # noqa: E402
-                   score)
-from .models import load  # noqa: E402
-from .sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  # noqa: E402
+from difflab import amed, compose, condition, distill  # noqa: E402,F401  (register their saved kinds)
+from difflab.core import (CFGDenoiser, EDMDenoiser, FlowDenoiser, GaussianMixture, VPDenoiser, eps,  # noqa: E402
+                          fingerprint, score)
+from difflab.interop.diffusers import loader as _diffusers_loader  # noqa: E402,F401  (registers the format)
+from difflab.models import load  # noqa: E402
+from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  # noqa: E402
 
 __all__ = ["__version__", "GaussianMixture", "EDMDenoiser", "VPDenoiser", "FlowDenoiser", "CFGDenoiser",
-           "eps", "score", "load", "get_sigmas", "sample", "seeded_noise", "sigmas_for_nfe"]
+           "eps", "score", "fingerprint", "load", "get_sigmas", "sample", "seeded_noise", "sigmas_for_nfe"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from difflab.cli import main
+from difflab.apps.cli.app import main
 
 
 def run(argv: list, capsys) -> tuple[int, str, str]:

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from difflab.cli import main
+from difflab.apps.cli.app import main
 from tests.cli.helpers import run
 
 

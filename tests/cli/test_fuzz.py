@@ -5,7 +5,7 @@ and an existing output without --force. Each must end with exit status 2 and one
 starting with "error:", no traceback, nothing on stdout and no new file in the working folder.
 
 Cases are a deterministic product (command x option x bad value), each run in-process through
-`difflab.cli.main` in its own empty working folder, with a tripwire that fails the case if the
+`difflab.apps.cli.app.main` in its own empty working folder, with a tripwire that fails the case if the
 command accepts the arguments and starts working (a few seconds)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import typer
 
-import difflab.cli as cli
+import difflab.apps.cli.app as cli
 from difflab import GaussianMixture
 
 MODEL = "@model"          # replaced by the path of a small GaussianMixture folder

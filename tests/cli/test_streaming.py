@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import difflab.cli as cli
+import difflab.apps.cli.app as cli
 from difflab import GaussianMixture, load
-from difflab.io import NpyRows, npz_rows
+from difflab.core.io import NpyRows, npz_rows
 from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
 from tests.cli.helpers import run
 

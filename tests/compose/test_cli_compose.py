@@ -1,4 +1,4 @@
-"""`difflab compose` (the sub-app in difflab.cli_compose), on exact mixtures saved as model folders."""
+"""`difflab compose` (the sub-app in difflab.apps.cli.compose), on exact mixtures saved as model folders."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from difflab import GaussianMixture
-from difflab.cli_common import expand_greedy
-from difflab.cli_compose import GREEDY_OPTIONS, app
-from difflab.errors import ConfigError
+from difflab.apps.cli.common import expand_greedy
+from difflab.apps.cli.compose import GREEDY_OPTIONS, app
+from difflab.core.errors import ConfigError
 
 runner = CliRunner()
 

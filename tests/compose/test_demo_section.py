@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from difflab.compose.demo import demo_section
+from difflab.apps.demo.compose import demo_section
 
 
 @pytest.mark.slow   # ~7 s on an idle core (five 800-sample runs, POT, matplotlib); the demo's own test runs it too

@@ -9,7 +9,7 @@ import torch
 from difflab import get_sigmas
 from difflab.compose import Components, superdiff
 from difflab.core.wrappers import VPDenoiser
-from difflab.models import DiffusersUNet
+from difflab.nets.diffusers_unet import DiffusersUNet
 from difflab.sampling import PerSampleGenerator, seeded_noise
 
 diffusers = pytest.importorskip("diffusers")

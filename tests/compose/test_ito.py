@@ -13,7 +13,7 @@ import torch
 
 from difflab import GaussianMixture, get_sigmas
 from difflab.compose import Components, ito_increment, superdiff
-from difflab.compose.demo import demo_mixtures
+from difflab.apps.demo.compose import demo_mixtures
 from difflab.sampling import PerSampleGenerator, seeded_noise
 
 

@@ -10,7 +10,7 @@ from difflab import GaussianMixture, get_sigmas
 from difflab.compose import Components, and_kappa_system, and_kappa_two, ito_increment, or_kappa, superdiff
 from difflab.compose.ito import ode_increment
 from difflab.compose.superdiff import drift_matrix, field_basis, mix
-from difflab.errors import ConfigError, NonFiniteError, SigmaRangeError, UnknownNameError
+from difflab.core.errors import ConfigError, NonFiniteError, SigmaRangeError, UnknownNameError
 from difflab.sampling import PerSampleGenerator, seeded_noise
 
 

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from difflab import EDMDenoiser
-from difflab.cli_condition import app
-from difflab.errors import AddonMismatchError, ConfigError, ShapeError
+from difflab.apps.cli.condition import app
+from difflab.core.errors import AddonMismatchError, ConfigError, ShapeError
 from difflab.nets import UNet
 
 runner = CliRunner()

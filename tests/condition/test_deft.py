@@ -9,11 +9,12 @@ import torch
 from difflab import EDMDenoiser, GaussianMixture, get_sigmas, sample
 from difflab.condition import DEFTDenoiser, DPS, HNetwork, Inpaint, SuperResolution, fit_deft, load_hnet
 from difflab.condition.deft import default_config, deft_x0
-from difflab.errors import AddonMismatchError, ConfigError, ModelFormatError
+from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError
 from difflab.metrics import sliced_wasserstein
 from difflab.nets import MLP, UNet
 from difflab.sampling import SOLVERS, PerSampleGenerator
-from difflab.sampling.amed import ConstantPredictor, amed_solver, model_id
+from difflab.amed.predictor import ConstantPredictor, amed_solver
+from difflab.core.fingerprint import fingerprint
 
 MEANS = [[-4.0, 0.0], [3.0, 3.0], [2.0, -4.0]]
 STDS = [[0.5, 1.0], [0.8, 0.4], [0.6, 0.7]]
@@ -80,7 +81,7 @@ def test_at_init_the_conditional_denoiser_is_the_base_plus_the_nn2_term(nn1_clas
         vector = len(shape) == 1
         if vector and nn1_class is not None:
             continue
-        hnet = HNetwork(shape, op, model_id(base), nn2_bias=0.007, nn1_class=nn1_class).double()
+        hnet = HNetwork(shape, op, fingerprint(base), nn2_bias=0.007, nn1_class=nn1_class).double()
         assert type(hnet.nn1).__name__ == ("VectorNet" if vector else nn1_class or "UNet")
         base = base.double()
         g = torch.Generator().manual_seed(0)
@@ -132,7 +133,7 @@ def test_sampling_builds_no_graph_through_the_base(fitted):
     prior, hnet = fitted
     base = small_base()
     recorder = Recorder(base)
-    hnet_for_base = HNetwork((2,), observe_first(), model_id(recorder), sigma_data=2.0)
+    hnet_for_base = HNetwork((2,), observe_first(), fingerprint(recorder), sigma_data=2.0)
     deft = DEFTDenoiser(recorder, hnet_for_base)
     x = 80 * torch.randn(4, 2)
     out = sample(deft, x, heun_grid(4), "heun", y=torch.zeros(4, 2))   # autograd left ON here
@@ -202,7 +203,7 @@ def test_a_cunet_h_network_fits_on_images_saves_loads_and_bad_classes_are_refuse
     data = torch.rand(64, 1, 8, 8) * 2 - 1
     hnet = fit_deft(base, op, data, steps=4, batch_size=8, config=default_config(seed=0, ema_decay=0.0),
                     nn1_class="CUNet")
-    fresh = HNetwork((1, 8, 8), op, model_id(base), nn1_class="CUNet")
+    fresh = HNetwork((1, 8, 8), op, fingerprint(base), nn1_class="CUNet")
     assert type(hnet.nn1).__name__ == "CUNet"
     assert not torch.equal(hnet.nn1.conv_out.weight, fresh.nn1.conv_out.weight)   # the fit moved NN1
     hnet.save(tmp_path / "h")
@@ -224,7 +225,7 @@ def test_a_saved_h_network_naming_an_unknown_nn1_is_refused(tmp_path, bogus):
     import json
 
     base, op = image_base(), SuperResolution(2, sigma_y=0.1)
-    HNetwork((1, 8, 8), op, model_id(base)).save(tmp_path / "h")
+    HNetwork((1, 8, 8), op, fingerprint(base)).save(tmp_path / "h")
     config = json.loads((tmp_path / "h" / "config.json").read_text())
     assert config["nn1"]["class"] == "UNet"
     config["nn1"]["class"] = bogus

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difflab import EDMDenoiser
-from difflab.condition.demo import demo_section
+from difflab.apps.demo.condition import demo_section
 from difflab.nets import UNet
 
 

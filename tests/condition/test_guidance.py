@@ -9,7 +9,7 @@ import torch
 
 from difflab import GaussianMixture, get_sigmas, sample
 from difflab.condition import DPS, Inpaint, Operator, PiGDM
-from difflab.errors import ConfigError
+from difflab.core.errors import ConfigError
 
 MU, S, A_SCALE, SIGMA_Y, Y = 0.7, 1.3, 1.8, 0.4, -0.9
 

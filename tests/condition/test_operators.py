@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from difflab.condition.operators import (HDR, OPERATORS, Blur, Inpaint, Operator, PhaseRetrieval, Radon,
                                          SuperResolution, draw_masks, operator_from_config)
-from difflab.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 IMAGE = (2, 8, 8)
 

@@ -9,7 +9,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from difflab import GaussianMixture
-from difflab.errors import ShapeError
+from difflab.core.errors import ShapeError
 from tests.conftest import MixtureCase, np_denoiser, np_log_prob
 
 CASES = ["mix1d", "mix2d", "mixfull", "mixfull3d"]

@@ -10,7 +10,7 @@ import torch
 import difflab
 from difflab import GaussianMixture
 from difflab.core import serialization
-from difflab.errors import ModelFormatError
+from difflab.core.errors import ModelFormatError
 
 
 def _x(rng, n=7, shape=(2,)):

@@ -10,7 +10,7 @@ from torch import nn
 
 import difflab
 from difflab import CFGDenoiser, EDMDenoiser, FlowDenoiser, VPDenoiser
-from difflab.errors import ConfigError, ShapeError, SigmaRangeError
+from difflab.core.errors import ConfigError, ShapeError, SigmaRangeError
 from tests.conftest import np_denoiser
 
 # DDPM's linear β schedule (Ho et al. 2020), T = 1000, in float64

@@ -21,7 +21,7 @@ from difflab.data import (
     make_moons,
     make_rings,
 )
-from difflab.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 HAS_DATASETS = importlib.util.find_spec("datasets") is not None
 

@@ -8,10 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 import difflab
-from difflab.cli_distill import app
+from difflab.apps.cli.distill import app
 from difflab.data import load_digits
 from difflab.distill import GuidedStudent, sample_student
-from difflab.errors import ConfigError
+from difflab.core.errors import ConfigError
 from difflab.nets import UNet
 from difflab.train import TrainConfig
 from difflab.train.denoiser import train_denoiser

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from difflab.distill.demo import demo_section
+from difflab.apps.demo.distill import demo_section
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import difflab
 from difflab import CFGDenoiser
 from difflab.distill import dataset_batches, distill_progressive, sample_deterministic, student_sigmas
 from difflab.distill.progressive import check_halving
-from difflab.errors import AddonMismatchError, ConfigError
+from difflab.core.errors import AddonMismatchError, ConfigError
 from difflab.train import TrainConfig
 
 

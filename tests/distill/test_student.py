@@ -10,7 +10,7 @@ import difflab
 from difflab import CFGDenoiser, EDMDenoiser
 from difflab.distill import GuidedStudent, PredictionDenoiser, make_student
 from difflab.distill.guided import dataset_batches, guided_loss
-from difflab.errors import ConfigError, ModelFormatError, ShapeError
+from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
 from difflab.nets import MLP, UNet
 
 
@@ -159,7 +159,7 @@ def test_diffusers_student_plumbing_equal_at_init_and_trainable():
     teacher at init for every w, and one stage-1 step through `fit` moves the w projection."""
     from difflab.core.wrappers import VPDenoiser
     from difflab.distill import distill_guided
-    from difflab.models import DiffusersUNet
+    from difflab.nets.diffusers_unet import DiffusersUNet
     from difflab.sampling.grids import ddpm_alphas_cumprod
     from difflab.train import TrainConfig
 

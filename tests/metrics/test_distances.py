@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.errors import ShapeError
+from difflab.core.errors import ShapeError
 from difflab.metrics import exact_nll, frechet_distance, mmd, sliced_wasserstein
 from tests.conftest import np_log_prob
 

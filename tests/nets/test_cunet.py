@@ -10,7 +10,7 @@ import torch
 
 import difflab
 from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, FlowDenoiser, VPDenoiser
-from difflab.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.nets import NETWORKS, CUNet, UNet
 from difflab.nets.cunet import ODEBlock
 from difflab.nets.flops import network_cost
@@ -152,7 +152,7 @@ def test_bad_inputs_and_options_are_refused_before_work():
 
 
 def test_default_is_within_the_budget_against_the_digits_unet():
-    from difflab.demo import DIGITS_UNET
+    from difflab.apps.demo.run import DIGITS_UNET
 
     unet, cunet = network_cost(UNet(**DIGITS_UNET)), network_cost(CUNet())
     print(f"cU-Net/U-Net: params {cunet['parameters'] / unet['parameters']:.3f}, "
@@ -191,7 +191,7 @@ def test_works_behind_every_wrapper_and_exposes_its_bottleneck():
 
 def test_amed_reads_the_bottleneck_and_samples():
     from difflab.sampling import get_sigmas
-    from difflab.sampling.amed import AMEDPredictor, amed_solver, pool_feature
+    from difflab.amed.predictor import AMEDPredictor, amed_solver, pool_feature
 
     denoiser = EDMDenoiser(randomize_zero_init(CUNet(**SMALL))).eval()
     x = 80.0 * make_inputs((2, 1, 8, 8))[0]
@@ -241,7 +241,7 @@ def test_torchdiffeq_block_agrees_with_fine_rk4_and_its_adjoint_gradients_reach_
 
 
 def test_cli_trains_a_cunet_that_loads_back(tmp_path, capsys):
-    from difflab.cli import main
+    from difflab.apps.cli.app import main
 
     argv = ["difflab", "train", "--data", "digits", "--net", "cunet", "--channels", "8", "--steps", "2",
             "--batch-size", "8", "--out", str(tmp_path / "m"), "--device", "cpu"]
@@ -294,8 +294,8 @@ def test_trained_cunet_approaches_the_exact_denoiser_of_an_image_mixture():
 
 @pytest.mark.slow  # ~5 s on an idle core (30 quick training steps)
 def test_demo_section_is_json_and_compares_with_a_given_unet(tmp_path):
-    from difflab.demo import DIGITS_UNET
-    from difflab.nets.cunet_demo import demo_section
+    from difflab.apps.demo.run import DIGITS_UNET
+    from difflab.apps.demo.cunet import demo_section
 
     base = {"digits": EDMDenoiser(UNet(**DIGITS_UNET), sigma_data=0.5).eval()}  # untrained stands in
     section = json.loads(json.dumps(demo_section(tmp_path, True, 0, "cpu", base)))

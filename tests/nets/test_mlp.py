@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from difflab.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.nets import MLP, NETWORKS, UNet
 
 

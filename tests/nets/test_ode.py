@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from difflab.errors import ConfigError
+from difflab.core.errors import ConfigError
 from difflab.nets.ode import ODESolver, integrate, torchdiffeq_available
 
 ORDERS = {"euler": 1, "midpoint": 2, "rk4": 4}

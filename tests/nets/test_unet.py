@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from difflab.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.nets import UNet
 from difflab.nets.unet import SelfAttention
 

@@ -11,13 +11,15 @@ import torch
 
 import difflab
 from difflab import CFGDenoiser, EDMDenoiser, GaussianMixture, get_sigmas
-from difflab.errors import AddonMismatchError, ConfigError
+from difflab.core.errors import AddonMismatchError, ConfigError
 from difflab.nets import MLP, UNet
 from difflab.sampling import SOLVERS
-from difflab.sampling.amed import (AMEDPredictor, ConstantPredictor, amed_nfe, amed_points, amed_solver, amed_step,
-                                   load_predictor, model_id, pool_feature, predictor_sigmas)
-from difflab.errors import ModelFormatError
-from difflab.train.amed import default_config, fit_amed, teacher_trajectory
+from difflab.amed.predictor import (AMEDPredictor, ConstantPredictor, amed_nfe, amed_points, amed_solver, amed_step,
+                                   load_predictor, pool_feature, predictor_sigmas)
+from difflab.core.fingerprint import fingerprint
+from difflab.models import fingerprint_of
+from difflab.core.errors import ModelFormatError
+from difflab.amed.fit import default_config, fit_amed, teacher_trajectory
 from tests.conftest import np_denoiser
 
 
@@ -244,10 +246,10 @@ def test_save_load_round_trip_gives_identical_outputs(mixture, fitted, tmp_path)
 
 def test_model_id_names_the_content_and_matches_a_saved_folder(mixture, tmp_path):
     mixture.save(tmp_path / "mix")
-    assert model_id(tmp_path / "mix") == model_id(mixture)
+    assert fingerprint_of(tmp_path / "mix") == fingerprint(mixture)
     moved = GaussianMixture(mixture.means + 0.1, covs=mixture.covs, weights=mixture.weights, labels=mixture.labels)
-    assert model_id(moved) != model_id(mixture)
-    assert model_id(lambda x, sigma: x) is None
+    assert fingerprint(moved) != fingerprint(mixture)
+    assert fingerprint(lambda x, sigma: x) is None
 
 
 def test_another_base_model_or_nfe_is_refused(mixture, fitted, tmp_path):
@@ -255,7 +257,7 @@ def test_another_base_model_or_nfe_is_refused(mixture, fitted, tmp_path):
     predictor.save(tmp_path / "amed")
     other = GaussianMixture([[0.0, 0.0]], stds=[1.0])
     other.save(tmp_path / "other")
-    for base in (other, tmp_path / "other", model_id(other)):
+    for base in (other, tmp_path / "other", fingerprint(other)):
         with pytest.raises(AddonMismatchError, match="base model"):
             load_predictor(tmp_path / "amed", base_model=base)
     with pytest.raises(AddonMismatchError, match="NFE 5"):
@@ -278,7 +280,7 @@ def test_fitting_through_cfg_on_a_labelled_mixture_beats_dpm2(mixture):
     guided = CFGDenoiser(mixture, w=1.0)
     labels = lambda generator, n: {"class_labels": torch.randint(0, 2, (n,), generator=generator)}  # noqa: E731
     predictor = fit_amed(guided, nfe=5, M=3, trajectories=1024, batch_size=128, shape=(2,), cond_sampler=labels)
-    assert predictor.base_model == model_id(guided) != model_id(mixture)
+    assert predictor.base_model == fingerprint(guided) != fingerprint(mixture)
     x = 80.0 * torch.randn(256, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     cond = {"class_labels": torch.arange(256) % 2}
     reference = _fine_heun(guided, x, 0.002, 80.0, **cond)

@@ -15,12 +15,12 @@ import torch
 
 from difflab import eps, sample
 from difflab.core.wrappers import VPDenoiser
-from difflab.errors import ConfigError, UnknownNameError
+from difflab.core.errors import ConfigError, UnknownNameError
 from difflab.sampling import get_sigmas, sigmas_for_nfe
-from difflab.sampling.amed import AMEDParams, amed_solver, predictor_sigmas
+from difflab.amed.predictor import AMEDParams, amed_solver, predictor_sigmas
 
 diffusers = pytest.importorskip("diffusers")
-from difflab.sampling.diffusers_scheduler import DifflabScheduler  # noqa: E402
+from difflab.interop.diffusers.scheduler import DifflabScheduler  # noqa: E402
 
 
 class MixtureEpsModel:
@@ -112,9 +112,9 @@ def test_scheduler_runs_amed_with_per_step_constants(mix2d, afs, nfe):
 def test_a_fitted_plugin_predictor_runs_in_the_scheduler_as_per_step_constants(mix2d):
     """AMED-Plugin on iPNDM fitted on a black-box VP model (h = 0: per-step constants) gives, through
     amed_scheduler_config, the same final state in a diffusers loop as amed_plugin with the predictor."""
-    from difflab.sampling.diffusers_scheduler import amed_scheduler_config
-    from difflab.sampling.plugin import amed_plugin
-    from difflab.train.amed import fit_amed
+    from difflab.interop.diffusers.scheduler import amed_scheduler_config
+    from difflab.amed.plugin import amed_plugin
+    from difflab.amed.fit import fit_amed
 
     table = DifflabScheduler().alphas_cumprod
     vp = VPDenoiser(MixtureEpsModel(mix2d.model, table), table)

@@ -11,7 +11,7 @@ import torch
 
 import difflab
 from difflab import GaussianMixture, get_sigmas, sample, seeded_noise
-from difflab.errors import ConfigError, NonFiniteError, ShapeError, SigmaRangeError, UnknownNameError
+from difflab.core.errors import ConfigError, NonFiniteError, ShapeError, SigmaRangeError, UnknownNameError
 from difflab.sampling import SOLVERS, check_grid
 from tests.conftest import np_denoiser
 from tests.sampling.helpers import CountingDenoiser, as_f64, dop853_reference

@@ -15,7 +15,7 @@ from scipy.integrate import quad
 import difflab
 from difflab import GaussianMixture, get_sigmas
 from difflab.core.wrappers import VPDenoiser, interp
-from difflab.errors import ConfigError
+from difflab.core.errors import ConfigError
 from difflab.sampling import SOLVERS
 from difflab.sampling.multistep import (MULTISTEP_SOLVERS, deis, ipndm, ipndm_v, lagrange_integrals, unipc,
                                         vp_time)

@@ -8,11 +8,11 @@ import torch
 
 import difflab
 from difflab import GaussianMixture, get_sigmas
-from difflab.errors import AddonMismatchError, ConfigError
+from difflab.core.errors import AddonMismatchError, ConfigError
 from difflab.sampling import SOLVERS
-from difflab.sampling.amed import AMEDParams, ConstantPredictor, amed_nfe, amed_solver, predictor_sigmas
-from difflab.sampling.plugin import BASE_SOLVERS, amed_plugin, amed_sample, refined_sigmas
-from difflab.train.amed import default_config, fit_amed
+from difflab.amed.predictor import AMEDParams, ConstantPredictor, amed_nfe, amed_solver, predictor_sigmas
+from difflab.amed.plugin import BASE_SOLVERS, amed_plugin, amed_sample, refined_sigmas
+from difflab.amed.fit import default_config, fit_amed
 from tests.sampling.helpers import CountingDenoiser
 
 PLUGIN_ONLY = [b for b in BASE_SOLVERS if b != "dpm2"]
@@ -152,7 +152,7 @@ def test_an_interrupted_continuation_fit_resumes_to_the_same_predictor(mixture, 
 
 @pytest.mark.parametrize("base", BASE_SOLVERS)
 def test_a_non_finite_model_output_stops_the_plugin_at_its_step(mixture, base):
-    from difflab.errors import NonFiniteError
+    from difflab.core.errors import NonFiniteError
 
     def broken(x, sigma, **cond):         # NaN once σ drops below 1: at the midpoint of step 2
         out = mixture(x, sigma)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from difflab import GaussianMixture, sample, sigmas_for_nfe
-from difflab.errors import ConfigError, SigmaRangeError
+from difflab.core.errors import ConfigError, SigmaRangeError
 from difflab.sampling import SOLVERS, PerSampleGenerator
 from tests.sampling.helpers import CountingDenoiser
 

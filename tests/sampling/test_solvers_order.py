@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from difflab import GaussianMixture, get_sigmas, sample, sigmas_for_nfe
-from difflab.errors import ConfigError, UnknownNameError
+from difflab.core.errors import ConfigError, UnknownNameError
 from difflab.metrics.distances import sliced_wasserstein
 from difflab.sampling import SOLVERS, PerSampleGenerator, seeded_noise
 from tests.conftest import np_denoiser

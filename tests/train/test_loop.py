@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from difflab.core.mixture import GaussianMixture
-from difflab.errors import ConfigError, ModelFormatError
+from difflab.core.errors import ConfigError, ModelFormatError
 from difflab.nets import MLP
 from difflab.train import TrainConfig, fit
 from difflab.train.denoiser import denoiser_loss, edm_loss, train_denoiser

@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..core.denoiser import eps, sigma_batch
-from ..core.wrappers import null_condition
-from ..errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.denoiser import eps, sigma_batch
+from difflab.core.wrappers import null_condition
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 DIVERGENCE_MODES = ("auto", "jvp", "vjp")
 

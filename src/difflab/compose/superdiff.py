@@ -34,11 +34,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, NonFiniteError, SigmaRangeError, UnknownNameError
-from ..sampling.grids import check_grid
-from ..sampling.noise import PerSampleGenerator, randn_like
-from .components import Components
-from .ito import hutchinson, inner, ito_increment, ode_increment, projected_noise_correction, rademacher
+from difflab.core.errors import ConfigError, NonFiniteError, SigmaRangeError, UnknownNameError
+from difflab.sampling.grids import check_grid
+from difflab.sampling.noise import PerSampleGenerator, randn_like
+from difflab.compose.components import Components
+from difflab.compose.ito import hutchinson, inner, ito_increment, ode_increment, projected_noise_correction, rademacher
 
 MODES = ("or", "and", "average")
 DEFAULT_RCOND = 1e-9

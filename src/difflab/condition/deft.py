@@ -16,7 +16,7 @@ Fitting: denoising score matching on (x0, fresh y) pairs, the base frozen and ca
 under no_grad: min_φ E‖ε − ε̂_base(x_σ; σ) − ε_φ‖² = E‖(D(x_σ; σ) − x0)/σ‖², on the shared
 Accelerate loop (`difflab.train.loop.fit`), ln σ ~ N(P_mean, P_std²).
 
-The h-network is an add-on: its config names its base model (`model_id`) and its operator;
+The h-network is an add-on: its config names its base model (its `fingerprint`) and its operator;
 `DEFTDenoiser` refuses another base or another kind of operator (AddonMismatchError).
 """
 from __future__ import annotations
@@ -29,14 +29,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core.denoiser import append_dims, sigma_batch
-from ..core.serialization import read_model_folder, write_model_folder
-from ..errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
-from ..nets import CUNet, UNet
-from ..nets.embeddings import sinusoidal_embedding
-from ..sampling.amed import model_id
-from ..train.loop import TrainConfig, TrainResult, fit
-from .operators import Operator, operator_from_config
+from difflab.core.denoiser import append_dims, sigma_batch
+from difflab.core.serialization import SavedModel, read_model_folder
+from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
+from difflab.nets import CUNet, UNet
+from difflab.nets.embeddings import sinusoidal_embedding
+from difflab.core.fingerprint import fingerprint
+from difflab.models import check_base_model, register_kind
+from difflab.train.loop import TrainConfig, TrainResult, fit
+from difflab.condition.operators import Operator, operator_from_config
 
 
 # ----- the networks ------------------------------------------------------------------------------
@@ -102,11 +103,11 @@ def input_channels(operator: Operator) -> int:
     return 3 + int(operator.image_like) + int(operator.mask is not None)
 
 
-class HNetwork(nn.Module):
+class HNetwork(SavedModel, nn.Module):
     """ε_φ = NN1([x·c_in, x̂0, g·σ_y², (y), (mask)], σ) − NN2(σ)·g.
 
     data_shape: per-sample shape ([C, H, W]: NN1 is an image network, `nn1_class`; [D]: a `VectorNet`);
-    operator: the measurement operator (its config is saved); base_model: the base's `model_id`;
+    operator: the measurement operator (its config is saved); base_model: the base's `fingerprint`;
     sigma_data: the c_in scale; nn1: keyword arguments of NN1; nn1_class: for images "UNet" (None:
     the default) or "CUNet" (the lighter ODE-block U-Net of nets/cunet.py); nn2_bias: NN2's initial output
     (default 0.01·σ_y², so that the initial term σ·NN2·g = 0.01·σ·Aᵀ(y − A x̂0) stays small whatever
@@ -170,9 +171,6 @@ class HNetwork(nn.Module):
                 "operator": self.operator_config, "base_model": self.base_model, "sigma_data": self.sigma_data,
                 "nn1": {"class": type(self.nn1).__name__, "args": self.nn1_args}, "nn2": self.nn2_args}
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        return write_model_folder(path, self.config(), self.state_dict(), overwrite=overwrite)
-
     @classmethod
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "HNetwork":
         """Rebuild from a folder's (config, tensors); `difflab.load` dispatches here."""
@@ -206,12 +204,7 @@ def deft_x0(base: nn.Module, hnet: HNetwork, operator: Operator, x: Tensor, sigm
 def check_hnet(hnet: HNetwork, base: Any = None, operator: Operator | None = None) -> None:
     """AddonMismatchError unless `hnet` was fitted for this base model (a denoiser, folder or id) and
     this operator (same name and options, a fixed mask included; σ_y and random masks may differ)."""
-    if base is not None and hnet.base_model is not None:
-        given = base if isinstance(base, str) and not Path(base).exists() else model_id(base)
-        if given is not None and given != hnet.base_model:
-            raise AddonMismatchError(f"this DEFT h-network was fitted for base model {hnet.base_model[:12]}…, not "
-                                     f"for the given model {given[:12]}…; fit one for this model "
-                                     "(difflab condition fit)")
+    check_base_model("DEFT h-network", hnet.base_model, base, "fit one for this model (difflab condition fit)")
     if operator is not None:
         # σ_y may differ; a mask only matters when it is fixed (box / coords); random ones are drawn anew
         free = ("sigma_y",) if hnet.operator_config.get("mask") is not None else ("sigma_y", "mask")
@@ -296,7 +289,7 @@ def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, steps: int = 
     config = dataclasses.replace(config or default_config(), steps=steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)   # the h-network's initial weights depend only on the seed
-        hnet = HNetwork(shape, operator, model_id(base), getattr(base, "sigma_data", 0.5), nn1, nn2_bias=nn2_bias,
+        hnet = HNetwork(shape, operator, fingerprint(base), getattr(base, "sigma_data", 0.5), nn1, nn2_bias=nn2_bias,
                         nn1_class=nn1_class)
     hnet = hnet.to(x0_data.dtype)
     grad_flags = [p.requires_grad for p in base.parameters()] if isinstance(base, nn.Module) else []
@@ -327,6 +320,9 @@ def parameter_fraction(hnet: nn.Module, base: nn.Module) -> float:
     """The h-network's parameters as a fraction of the base model's."""
     return sum(p.numel() for p in hnet.parameters()) / max(sum(p.numel() for p in base.parameters()), 1)
 
+
+
+register_kind("DEFTHNetwork", HNetwork.from_folder)
 
 __all__ = ["HNetwork", "VectorNet", "SigmaScalar", "DEFTDenoiser", "deft_x0", "deft_loss", "fit_deft",
            "default_config", "load_hnet", "check_hnet", "parameter_fraction", "input_channels"]

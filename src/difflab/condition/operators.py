@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 
 class Operator:

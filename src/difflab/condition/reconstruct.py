@@ -11,12 +11,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, UnknownNameError
-from ..sampling import sample, seeded_noise, sigmas_for_nfe
-from ..metrics.images import psnr, ssim  # noqa: F401  (re-exported: reconstruct's API)
-from .deft import DEFTDenoiser, HNetwork
-from .guidance import DPS, PiGDM
-from .operators import HDR, Blur, Inpaint, Operator, PhaseRetrieval, Radon, SuperResolution
+from difflab.core.errors import ConfigError, UnknownNameError
+from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
+from difflab.metrics.images import psnr, ssim  # noqa: F401  (re-exported: reconstruct's API)
+from difflab.condition.deft import DEFTDenoiser, HNetwork
+from difflab.condition.guidance import DPS, PiGDM
+from difflab.condition.operators import HDR, Blur, Inpaint, Operator, PhaseRetrieval, Radon, SuperResolution
 
 TASKS = ("inpaint", "superres", "blur", "hdr", "phase", "ct")
 METHODS = ("deft", "dps", "pigdm", "uncond")

@@ -11,7 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..errors import ShapeError
+from difflab.core.errors import ShapeError
 
 
 @runtime_checkable

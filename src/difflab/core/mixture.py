@@ -15,15 +15,16 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ShapeError
-from .denoiser import sigma_batch
+from difflab.core.errors import ShapeError
+from difflab.core.denoiser import sigma_batch
+from difflab.core.serialization import SavedModel
 
 
 def _as_tensor(v, dtype=torch.float64) -> Tensor:
     return torch.as_tensor(v, dtype=dtype).clone()
 
 
-class GaussianMixture(nn.Module):
+class GaussianMixture(SavedModel, nn.Module):
     """Exact Gaussian-mixture model in σ-space; a denoiser D(x, sigma, class_labels=None).
 
     means: [K, D]; stds: [K] (isotropic) or [K, D] (diagonal); or covs: [K, D, D] (full);
@@ -187,7 +188,3 @@ class GaussianMixture(nn.Module):
     def from_tensors(cls, tensors: dict[str, Tensor], config: dict) -> "GaussianMixture":
         return cls(tensors["means"], covs=tensors["covs"], weights=tensors["weights"],
                    labels=tensors["labels"], data_shape=config["data_shape"])
-
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        from .serialization import write_model_folder
-        return write_model_folder(path, self.config(), self.tensors(), overwrite=overwrite)

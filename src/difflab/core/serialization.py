@@ -15,15 +15,38 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..errors import ModelFormatError
+from difflab.core.errors import ModelFormatError
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 
 def difflab_version() -> str:
-    from .. import __version__
-    return __version__
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("difflab")
+    except PackageNotFoundError:   # run from a source tree that was never installed
+        return "unknown"
+
+
+class SavedModel:
+    """Mixin for everything difflab writes as a model folder: networks, mixtures and add-ons.
+
+    A subclass defines `config() -> dict` (JSON-serialisable, with the "class" that `difflab.load`
+    dispatches on) and a classmethod `from_folder(config, tensors, path)` that rebuilds it; its
+    package registers that with `difflab.models.register_kind`. The weights are `tensors()`: the
+    state_dict unless the class defines its own (the mixture saves its defining parameters).
+    """
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        return self.state_dict()
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write config.json + model.safetensors to the folder `path`, atomically. Returns the path."""
+        return write_model_folder(path, self.config(), self.tensors(), overwrite=overwrite)
 
 
 def write_model_folder(path: str | Path, config: dict, tensors: dict[str, Tensor], overwrite: bool = False) -> Path:

@@ -16,13 +16,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, SigmaRangeError
-from .denoiser import append_dims
+from difflab.core.errors import ConfigError, SigmaRangeError
+from difflab.core.denoiser import append_dims
+from difflab.core.serialization import SavedModel
 
 NetFn = Callable[..., Tensor]
 
 
-class EDMDenoiser(nn.Module):
+class EDMDenoiser(SavedModel, nn.Module):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise) (Karras et al. 2022, Table 1, "EDM" column).
 
     net: F(x, c_noise, **cond) -> [B, ...]. The network's `bottleneck` attribute, if any, is
@@ -55,10 +56,6 @@ class EDMDenoiser(nn.Module):
                 "network": {"class": type(self.net).__name__, "args": self.net.config},
                 "sigma_data": self.sigma_data, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "data_shape": None if self.data_shape is None else list(self.data_shape), **self.meta}
-
-    def save(self, path, overwrite: bool = False):
-        from .serialization import write_model_folder
-        return write_model_folder(path, self.config(), self.state_dict(), overwrite=overwrite)
 
 
 def vp_scale(sigma: Tensor | float, ndim: int | None = None) -> Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from difflab.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 DIGITS_NUM_TEST = 297  # 1,797 images: the first 1,500 of the fixed permutation train, the rest test
 DIGITS_SPLITS = ("train", "test", "all")

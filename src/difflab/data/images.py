@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from difflab.data.digits import Dataset
-from difflab.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _COLOUR_MODES = {1: "L", 3: "RGB"}

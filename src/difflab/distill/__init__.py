@@ -9,12 +9,12 @@
   `sample_student` (the `difflab sample` entry point for a student folder).
 - `schedule`: the cosine logSNR schedule in σ-space, truncated-SNR weighting.
 """
-from .guided import dataset_batches, distill_guided, guided_loss
-from .progressive import distill_progressive, progressive_loss, progressive_target, two_step_target
-from .samplers import (ddim_step, img2img, inpaint, kernel_std, renoise, sample_deterministic, sample_stochastic,
+from difflab.distill.guided import dataset_batches, distill_guided, guided_loss
+from difflab.distill.progressive import distill_progressive, progressive_loss, progressive_target, two_step_target
+from difflab.distill.samplers import (ddim_step, img2img, inpaint, kernel_std, renoise, sample_deterministic, sample_stochastic,
                        sample_student)
-from .schedule import cosine_sigma, student_sigmas, truncated_snr_weight
-from .student import GuidedStudent, PredictionDenoiser, load_student, make_student
+from difflab.distill.schedule import cosine_sigma, student_sigmas, truncated_snr_weight
+from difflab.distill.student import GuidedStudent, PredictionDenoiser, load_student, make_student
 
 __all__ = ["GuidedStudent", "PredictionDenoiser", "make_student", "load_student", "dataset_batches", "guided_loss",
            "distill_guided", "two_step_target", "progressive_target", "progressive_loss", "distill_progressive",

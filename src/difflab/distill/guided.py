@@ -17,10 +17,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import append_dims
-from ..errors import ConfigError
-from ..train.loop import TrainConfig, TrainResult, fit
-from .schedule import training_sigmas, truncated_snr_weight
+from difflab.core.denoiser import append_dims
+from difflab.core.errors import ConfigError
+from difflab.train.loop import TrainConfig, TrainResult, fit
+from difflab.distill.schedule import training_sigmas, truncated_snr_weight
 
 BatchFn = Callable[[torch.Generator, int], tuple[Tensor, dict[str, Any]]]   # (generator, B) -> (x0 [B, ...], cond)
 

@@ -24,13 +24,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import append_dims, sigma_batch
-from ..errors import AddonMismatchError, ConfigError
-from ..train.loop import TrainConfig, fit
-from .guided import BatchFn, check_w_range, guidance_weights
-from .samplers import ddim_step
-from .schedule import cosine_sigma, truncated_snr_weight
-from .student import clone_model, load_student
+from difflab.core.denoiser import append_dims, sigma_batch
+from difflab.core.errors import AddonMismatchError, ConfigError
+from difflab.train.loop import TrainConfig, fit
+from difflab.distill.guided import BatchFn, check_w_range, guidance_weights
+from difflab.distill.samplers import ddim_step
+from difflab.distill.schedule import cosine_sigma, truncated_snr_weight
+from difflab.distill.student import clone_model, load_student
 
 
 def two_step_target(x_t: Tensor, x_t2: Tensor, sigma: Tensor | float, sigma_2: Tensor | float) -> Tensor:
@@ -128,7 +128,7 @@ def distill_progressive(student: nn.Module, batch_fn: BatchFn, n_from: int = 256
     if finest < sigma_min * (1 - 1e-6):
         raise ConfigError(f"a {n_from}-step teacher grid reaches sigma {finest:.3g}, below the model's sigma_min "
                           f"{sigma_min:.3g}; start from fewer steps")
-    origin = _model_id(student) if rounds_dir is not None else None
+    origin = _fingerprint(student) if rounds_dir is not None else None
     student = student.train().requires_grad_(True)
     for n in check_halving(n_from, n_to):
         folder = None if rounds_dir is None else Path(rounds_dir) / f"steps-{n:04d}"
@@ -153,9 +153,9 @@ def distill_progressive(student: nn.Module, batch_fn: BatchFn, n_from: int = 256
     return student
 
 
-def _model_id(model: nn.Module) -> str | None:
-    from ..sampling.amed import model_id   # the content hash add-ons use to name their base model
-    return model_id(model)
+def _fingerprint(model: nn.Module) -> str | None:
+    from difflab.core.fingerprint import fingerprint
+    return fingerprint(model)
 
 
 def _finished_round(folder: Path, origin: str | None, device: torch.device) -> nn.Module:

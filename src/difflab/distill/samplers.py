@@ -21,11 +21,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..core.denoiser import append_dims, sigma_batch
-from ..errors import ConfigError, NonFiniteError, ShapeError
-from ..sampling.grids import check_grid
-from ..sampling.noise import PerSampleGenerator, randn_like, seeded_noise
-from .schedule import student_sigmas
+from difflab.core.denoiser import append_dims, sigma_batch
+from difflab.core.errors import ConfigError, NonFiniteError, ShapeError
+from difflab.sampling.grids import check_grid
+from difflab.sampling.noise import PerSampleGenerator, randn_like, seeded_noise
+from difflab.distill.schedule import student_sigmas
 
 Generator = torch.Generator | PerSampleGenerator | None
 Replace = Callable[[int, Tensor, float], Tensor] | None      # (step, state at sigma_next, sigma_next) -> state

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, SigmaRangeError
+from difflab.core.errors import ConfigError, SigmaRangeError
 
 
 def cosine_sigma(u: Tensor | float, sigma_max: float, sigma_min: float = 0.0) -> Tensor:

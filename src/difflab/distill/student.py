@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import append_dims
-from ..core.serialization import read_model_folder, write_model_folder
-from ..core.wrappers import CFGDenoiser, EDMDenoiser, VPDenoiser, vp_scale
-from ..errors import ConfigError, ModelFormatError, ShapeError
-from ..nets.embeddings import sinusoidal_embedding
+from difflab.core.denoiser import append_dims
+from difflab.core.serialization import SavedModel, read_model_folder
+from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, VPDenoiser, vp_scale
+from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
+from difflab.models import build_network, kind_loader, load_state, register_kind
+from difflab.nets.diffusers_unet import DiffusersUNet
+from difflab.nets.embeddings import sinusoidal_embedding
 
 PREDICTIONS = ("x", "v", "both")
 W_SLOTS = ("extra", "timestep_cond")
@@ -88,14 +90,14 @@ def w_embedding(w: Tensor, dim: int) -> Tensor:
     return sinusoidal_embedding(w, dim)
 
 
-class GuidedStudent(nn.Module):
+class GuidedStudent(SavedModel, nn.Module):
     """x̂_η(x, σ, c, w): a σ-space denoiser reading the guidance weight w (call with `w=`, float or [B]).
 
     denoiser: the wrapped σ-space denoiser (EDMDenoiser / PredictionDenoiser / VPDenoiser) whose
     network has the w slot; w_slot: "extra" (difflab nets) or "timestep_cond" (diffusers, with
     w_embed_dim features). The remaining keywords record what it was distilled for and from (saved in
-    config.json): base_model (the model_id of the guided teacher's conditional model), teacher
-    (model_id of the model it was distilled from in its last stage), stage ("guided" / "progressive"),
+    config.json): base_model (the fingerprint of the guided teacher's conditional model), teacher
+    (fingerprint of the model it was distilled from in its last stage), stage ("guided" / "progressive"),
     steps (the sampling steps a progressive student was trained for; None: any), w_min, w_max,
     grid_sigma_max (top of the cosine σ-grid), dataset, kept_classes (the teacher's classes when it
     was trained on some only).
@@ -116,7 +118,7 @@ class GuidedStudent(nn.Module):
                           "w_min": float(w_min), "w_max": float(w_max),
                           "grid_sigma_max": grid_sigma_max or getattr(denoiser, "sigma_max", None),
                           "dataset": dataset}
-        if kept_classes is not None:   # only when set: the config (hence model_id) of other students is unchanged
+        if kept_classes is not None:   # only when set: the config (hence fingerprint) of other students is unchanged
             self.distilled["kept_classes"] = [int(c) for c in kept_classes]
 
     # the denoiser attributes samplers and the CLI read
@@ -149,13 +151,9 @@ class GuidedStudent(nn.Module):
         return {"class": "GuidedStudent", "kind": "student", "w_slot": self.w_slot, "w_embed_dim": self.w_embed_dim,
                 "denoiser": inner(), **self.distilled}
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        return write_model_folder(path, self.config(), self.state_dict(), overwrite=overwrite)
-
     @classmethod
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "GuidedStudent":
         """Rebuild from a folder's (config, tensors); `difflab.load` dispatches here."""
-        from ..models import LOADERS  # lazy: models.py registers this class
         inner_config = config.get("denoiser")
         inner_tensors = {k.removeprefix("denoiser."): v for k, v in tensors.items() if k.startswith("denoiser.")}
         if not isinstance(inner_config, dict) or set(tensors) != {f"denoiser.{k}" for k in inner_tensors}:
@@ -164,7 +162,7 @@ class GuidedStudent(nn.Module):
         if inner_config.get("class") == "PredictionDenoiser":
             denoiser = _load_prediction_denoiser(inner_config, inner_tensors, path)
         elif inner_config.get("class") == "EDMDenoiser":
-            denoiser = LOADERS["EDMDenoiser"](inner_config, inner_tensors, path)
+            denoiser = kind_loader("EDMDenoiser")(inner_config, inner_tensors, path)
         else:
             raise ModelFormatError(f"{path}: a GuidedStudent cannot wrap a {inner_config.get('class')!r}")
         keys = ("base_model", "teacher", "stage", "steps", "w_min", "w_max", "grid_sigma_max", "dataset",
@@ -178,13 +176,12 @@ class GuidedStudent(nn.Module):
 
 
 def _load_prediction_denoiser(config: dict, tensors: dict[str, Tensor], path: Path) -> PredictionDenoiser:
-    from ..models import _build_network, _load_state  # the allow-listed network builder and strict loader
     known = {"class", "kind", "convention", "prediction", "network", "sigma_min", "sigma_max", "data_shape",
              "difflab_version"}
-    denoiser = PredictionDenoiser(_build_network(config.get("network")), config.get("prediction", "v"),
+    denoiser = PredictionDenoiser(build_network(config.get("network")), config.get("prediction", "v"),
                                   config.get("sigma_min", 0.002), config.get("sigma_max", 80.0),
                                   config.get("data_shape"), {k: v for k, v in config.items() if k not in known})
-    _load_state(denoiser, tensors, path)
+    load_state(denoiser, tensors, path)
     return denoiser
 
 
@@ -247,7 +244,6 @@ def _with_extra_slot(net: nn.Module) -> nn.Module:
 
 def _diffusers_student(teacher: VPDenoiser, time_cond_proj_dim: int) -> tuple[VPDenoiser, int]:
     """A VPDenoiser around a copy of the teacher's UNet2DConditionModel with a zero `cond_proj`."""
-    from ..models import DiffusersUNet
 
     unet = teacher.model.unet
     dim = unet.config.get("time_cond_proj_dim") or time_cond_proj_dim
@@ -265,5 +261,8 @@ def _diffusers_student(teacher: VPDenoiser, time_cond_proj_dim: int) -> tuple[VP
     denoiser.data_shape = teacher.data_shape
     return denoiser, dim
 
+
+
+register_kind("GuidedStudent", GuidedStudent.from_folder)
 
 __all__ = ["PREDICTIONS", "PredictionDenoiser", "GuidedStudent", "make_student", "load_student", "w_embedding"]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from difflab.data.digits import DIGITS_NUM_TEST, load_digits
-from difflab.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.metrics.distances import frechet_distance
 
 CONFIG = {"format": "difflab.digit_classifier", "version": 1, "channels": [32, 64],

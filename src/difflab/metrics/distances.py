@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 
-from difflab.errors import ShapeError
+from difflab.core.errors import ShapeError
 
 
 def _as_matrix(samples, name: str, min_rows: int = 1) -> torch.Tensor:

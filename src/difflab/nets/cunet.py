@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from difflab.errors import ConfigError
+from difflab.core.errors import ConfigError
 from difflab.nets.embeddings import ConditionEmbedding
 from difflab.nets.ode import ODESolver, integrate
 from difflab.nets.unet import SelfAttention, check_images, group_norm, level_has_attention, pad_to_levels, zero_init

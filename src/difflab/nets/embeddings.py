@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from difflab.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 
 
 def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

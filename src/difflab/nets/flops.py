@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from difflab.errors import ConfigError
+from difflab.core.errors import ConfigError
 
 _aten = torch.ops.aten
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from difflab.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.nets.embeddings import ConditionEmbedding
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from difflab.errors import ConfigError
+from difflab.core.errors import ConfigError
 
 Dynamics = Callable[[Tensor, Tensor], Tensor]  # f(s, h) -> dh/ds, s a scalar tensor, h [B, ...]
 

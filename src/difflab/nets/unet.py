@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from difflab.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.nets.embeddings import ConditionEmbedding
 
 ATTENTION_HEAD_CHANNELS = 64  # channels per attention head; fewer or indivisible -> one head

@@ -1,8 +1,10 @@
 """Time grids, solvers and the `sample` entry point."""
-from .grids import GRIDS, check_grid, discrete_sigmas, get_sigmas, points_for_nfe
-from .noise import PerSampleGenerator, randn_like, seeded_noise
-from .sample import sample, sigmas_for_nfe
-from .solvers import SOLVERS, Solver, dpm2, dpmpp_2m, dpmpp_3m, dpmpp_3m_taylor, euler, euler_maruyama, first_eps, heun
+from difflab.sampling.grids import GRIDS, check_grid, discrete_sigmas, get_sigmas, points_for_nfe
+from difflab.sampling.noise import PerSampleGenerator, randn_like, seeded_noise
+from difflab.sampling.sample import sample, sigmas_for_nfe
+from difflab.sampling.registry import SOLVERS
+from difflab.sampling.solvers import dpm2, dpmpp_2m, dpmpp_3m, dpmpp_3m_taylor, euler, euler_maruyama, heun
+from difflab.sampling.steps import Solver, first_eps
 
 __all__ = ["GRIDS", "get_sigmas", "discrete_sigmas", "points_for_nfe", "check_grid", "sigmas_for_nfe",
            "PerSampleGenerator", "randn_like", "seeded_noise", "sample", "SOLVERS", "Solver", "first_eps",

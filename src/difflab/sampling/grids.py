@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, SigmaRangeError, UnknownNameError
+from difflab.core.errors import ConfigError, SigmaRangeError, UnknownNameError
 
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:

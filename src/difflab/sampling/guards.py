@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
+from difflab.core.errors import NonFiniteError
 
 Callback = Callable[[int, Tensor, float], None]
 

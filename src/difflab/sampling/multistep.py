@@ -22,11 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .solvers import Solver, _expm1, _log, first_eps
-from .solvers import lower_order_final as final_order
-
-Callback = Callable[[int, Tensor, float], None] | None
+from difflab.core.errors import ConfigError
+from difflab.sampling.steps import Callback, Solver, expm1_, first_eps, log_, one_per_step
+from difflab.sampling.steps import lower_order_final as final_order
 
 # Adams–Bashforth coefficients for equal steps (oldest last), orders 1–4: iPNDM's (Zhang & Chen
 # 2023; METHODS.md §1): ∫_0^1 of the Lagrange basis through u = 0, −1, −2, −3.
@@ -207,16 +205,16 @@ def unipc_update(x: Tensor, sigma, sigma_next, x0_hats: list[tuple[Any, Tensor]]
     difference D_next − D_0 at r = 1 to the sum.
     """
     sigma_0, x0_hat = x0_hats[-1]
-    h = _log(sigma_0) - _log(sigma_next)
+    h = log_(sigma_0) - log_(sigma_next)
     earlier = x0_hats[-order:-1][::-1] if order > 1 else []     # D_{i−1}, D_{i−2}, …
-    ratios = [(_log(sigma_0) - _log(sigma_m)) / h for sigma_m, _ in earlier]
+    ratios = [(log_(sigma_0) - log_(sigma_m)) / h for sigma_m, _ in earlier]
     diffs = [(x0_m - x0_hat) / r_m for r_m, (_, x0_m) in zip(ratios, earlier)]
     if x0_hat_next is not None:                                  # UniC-p: p − 1 earlier points + the new one
         ratios, diffs = ratios + [1.0], diffs + [x0_hat_next - x0_hat]
-    x = (sigma_next / sigma) * x - _expm1(-h) * x0_hat
+    x = (sigma_next / sigma) * x - expm1_(-h) * x0_hat
     if diffs:
         rho = _unipc_weights(h, ratios)
-        x = x - _expm1(-h) * sum(rho_m * d_m for rho_m, d_m in zip(rho, diffs))
+        x = x - expm1_(-h) * sum(rho_m * d_m for rho_m, d_m in zip(rho, diffs))
     return x
 
 
@@ -261,13 +259,9 @@ def unipc(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
     return x
 
 
-def _one_per_step(n: int, to_zero: bool, afs: bool) -> int:
-    return n - 1 - int(afs)
-
-
 MULTISTEP_SOLVERS: dict[str, Solver] = {
-    "ipndm": Solver(ipndm, _one_per_step, order=4),              # 4 on σ-uniform grids, 2 on others
-    "ipndm_v": Solver(ipndm_v, _one_per_step, order=4),
-    "deis": Solver(deis, _one_per_step, order=3),
-    "unipc": Solver(unipc, _one_per_step, order=3),              # UniP order; with UniC ≈ 4 measured
+    "ipndm": Solver(ipndm, one_per_step, order=4),              # 4 on σ-uniform grids, 2 on others
+    "ipndm_v": Solver(ipndm_v, one_per_step, order=4),
+    "deis": Solver(deis, one_per_step, order=3),
+    "unipc": Solver(unipc, one_per_step, order=3),              # UniP order; with UniC ≈ 4 measured
 }

@@ -6,11 +6,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError, UnknownNameError
-from .guards import finite_guard
-from .grids import check_grid, get_sigmas, points_for_nfe
-from .noise import PerSampleGenerator
-from .solvers import SOLVERS
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.sampling.guards import finite_guard
+from difflab.sampling.grids import check_grid, get_sigmas, points_for_nfe
+from difflab.sampling.noise import PerSampleGenerator
+from difflab.sampling.registry import SOLVERS
 
 
 def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",

@@ -8,35 +8,20 @@ the first step's ε̂ is the analytical first step (AFS, Zhou et al. 2024) inste
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core.denoiser import eps, sigma_batch
-from .noise import PerSampleGenerator, randn_like
-
-Callback = Callable[[int, Tensor, float], None] | None
-
-
-def first_eps(denoiser, x: Tensor, sigma: float, afs: bool, **cond: Any) -> Tensor:
-    """ε̂ for a solver's first step: the model's, or with AFS d = x/sqrt(1 + σ0²), no evaluation.
-
-    AFS (AMED, Zhou et al. 2024, §3.4): at σ_max the state is almost pure noise, x ≈ sqrt(1 + σ²)·ε.
-    """
-    if afs:
-        return x / math.sqrt(1 + float(sigma) ** 2)
-    return eps(denoiser, x, sigma, **cond)
-
-
-def _steps(sigmas: Tensor) -> list[tuple[int, float, float]]:
-    return list(enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())))
+from difflab.core.denoiser import eps, sigma_batch
+from difflab.sampling.noise import PerSampleGenerator, randn_like
+from difflab.sampling.steps import (Callback, Solver, expm1_, first_eps, grid_steps, log_, lower_order_final,
+                                    one_per_step, two_per_step)
 
 
 def euler(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False, **cond: Any) -> Tensor:
     """Euler on the probability-flow ODE (= DDIM in σ-space; Karras et al. 2022, eq. 4). NFE = N−1 (−1 AFS)."""
-    for i, (sigma, sigma_next) in _steps(sigmas):
+    for i, (sigma, sigma_next) in grid_steps(sigmas):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)   # dx/dσ = (x − D)/σ
         x = x + (sigma_next - sigma) * d
         if callback:
@@ -46,7 +31,7 @@ def euler(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
 
 def heun(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False, **cond: Any) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1). NFE = 2(N−1), −1 if σ_N = 0, −1 with AFS."""
-    for i, (sigma, sigma_next) in _steps(sigmas):
+    for i, (sigma, sigma_next) in grid_steps(sigmas):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)
         x_euler = x + (sigma_next - sigma) * d
         if sigma_next == 0:                                      # Alg. 1 line 8: no correction at σ = 0
@@ -62,7 +47,7 @@ def heun(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bo
 def dpm2(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False, **cond: Any) -> Tensor:
     """DPM-Solver-2 in σ-space (Lu et al. 2022, Alg. 1 with r = ½, as in METHODS.md §1): the midpoint
     s = sqrt(σ σ_next) (log-midpoint, λ = −log σ). NFE = 2(N−1), −1 if σ_N = 0, −1 with AFS."""
-    for i, (sigma, sigma_next) in _steps(sigmas):
+    for i, (sigma, sigma_next) in grid_steps(sigmas):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)
         if sigma_next == 0:                                      # last step to σ = 0: x ← D(x; σ)
             x = x + (sigma_next - sigma) * d
@@ -75,18 +60,6 @@ def dpm2(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bo
     return x
 
 
-LOWER_ORDER_FINAL_BELOW = 15   # diffusers' DPMSolverMultistepScheduler threshold (the DPM-Solver code uses 10)
-
-
-def _log(v):
-    """log of a float or a tensor (σ's are floats on a shared grid, [B, 1, …] tensors in AMED-Plugin)."""
-    return torch.log(v) if isinstance(v, Tensor) else math.log(v)
-
-
-def _expm1(v):
-    return torch.expm1(v) if isinstance(v, Tensor) else math.expm1(v)
-
-
 def dpmpp_update(x: Tensor, sigma, sigma_next, history: list[tuple[Any, Tensor]], order: int,
                  taylor_d2: bool = False) -> Tensor:
     """One DPM-Solver++ step σ → σ_next > 0 of order 1–3 (Lu et al. 2022b, Alg. 2 and its 3M extension).
@@ -96,18 +69,18 @@ def dpmpp_update(x: Tensor, sigma, sigma_next, history: list[tuple[Any, Tensor]]
     Data prediction with λ = −log σ, h = λ_next − λ, φ1 = expm1(−h): the exact solution of
     dx/dλ = D − x is x_next = (σ_next/σ)·x + σ_next ∫ e^λ D dλ, with D expanded in λ.
     """
-    h = _log(sigma) - _log(sigma_next)
-    phi1 = _expm1(-h)
+    h = log_(sigma) - log_(sigma_next)
+    phi1 = expm1_(-h)
     denoised = history[-1][1]
     x = (sigma_next / sigma) * x - phi1 * denoised               # first order (= DDIM): D held constant over the step
     if order >= 2:
         sigma1, denoised1 = history[-2]
-        r0 = (_log(sigma1) - _log(sigma)) / h                    # (λ − λ1)/h
+        r0 = (log_(sigma1) - log_(sigma)) / h                    # (λ − λ1)/h
         d1_0 = (denoised - denoised1) / r0                       # ≈ h·dD/dλ at the midpoint of [λ1, λ]
         if order == 2:
             return x - 0.5 * phi1 * d1_0                         # Alg. 2: D = (1 + 1/(2r))D0 − 1/(2r)D1
         sigma2, denoised2 = history[-3]
-        r1 = (_log(sigma2) - _log(sigma1)) / h                   # (λ1 − λ2)/h
+        r1 = (log_(sigma2) - log_(sigma1)) / h                   # (λ1 − λ2)/h
         d1_1 = (denoised1 - denoised2) / r1
         d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)              # ≈ h·dD/dλ at λ
         d2 = (d1_0 - d1_1) / (r0 + r1)                           # ≈ h²/2·d²D/dλ²
@@ -117,12 +90,6 @@ def dpmpp_update(x: Tensor, sigma, sigma_next, history: list[tuple[Any, Tensor]]
         # the reference code (and diffusers) weight d2 by φ3
         x = x + phi2 * d1 - (2 if taylor_d2 else 1) * phi3 * d2
     return x
-
-
-def lower_order_final(order: int, step: int, n_steps: int) -> int:
-    """diffusers' `lower_order_final`: with fewer than 15 steps the last step is first order, the one
-    before at most second."""
-    return min(order, n_steps - step) if n_steps < LOWER_ORDER_FINAL_BELOW else order
 
 
 def _dpmpp_multistep(denoiser, x: Tensor, sigmas: Tensor, order: int, callback: Callback, afs: bool,
@@ -140,7 +107,7 @@ def _dpmpp_multistep(denoiser, x: Tensor, sigmas: Tensor, order: int, callback: 
     """
     n_steps = len(sigmas) - 1
     history: list[tuple[float, Tensor]] = []                     # (σ, D) of this and earlier steps, newest last
-    for i, (sigma, sigma_next) in _steps(sigmas):
+    for i, (sigma, sigma_next) in grid_steps(sigmas):
         if afs and i == 0:
             denoised = x - sigma * first_eps(denoiser, x, sigma, True)    # AFS: D = x − σ0·d
         else:
@@ -176,7 +143,7 @@ def euler_maruyama(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = Non
                    generator: torch.Generator | PerSampleGenerator | None = None, **cond: Any) -> Tensor:
     """Euler–Maruyama on the reverse SDE in σ-space (Karras et al. 2022, eq. 6 with β = 1/σ):
     dx = 2ε̂ dσ + sqrt(2σ)·dω̄. NFE = N−1 (−1 with AFS); a last step to σ = 0 is x ← D, no noise."""
-    for i, (sigma, sigma_next) in _steps(sigmas):
+    for i, (sigma, sigma_next) in grid_steps(sigmas):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)
         d_sigma = sigma_next - sigma                             # < 0
         if sigma_next == 0:
@@ -188,37 +155,12 @@ def euler_maruyama(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = Non
     return x
 
 
-@dataclass(frozen=True)
-class Solver:
-    """A registered solver: its function, its NFE, whether it draws noise, its order of accuracy."""
-
-    fn: Callable[..., Tensor]
-    nfe: Callable[[int, bool, bool], int]   # (n points, grid ends at 0, afs) -> model evaluations
-    stochastic: bool = False
-    order: float = 1
-
-
-def _one_per_step(n: int, to_zero: bool, afs: bool) -> int:
-    return n - 1 - int(afs)
-
-
-def _two_per_step(n: int, to_zero: bool, afs: bool) -> int:
-    # the step to σ = 0 costs one; AFS saves one, on the first step (when that is also the σ = 0 step, both)
-    return 2 * (n - 1) - int(to_zero) - int(afs)
-
-
-SOLVERS: dict[str, Solver] = {
-    "euler": Solver(euler, _one_per_step, order=1),
-    "heun": Solver(heun, _two_per_step, order=2),
-    "dpm2": Solver(dpm2, _two_per_step, order=2),
-    "dpmpp_2m": Solver(dpmpp_2m, _one_per_step, order=2),
-    "dpmpp_3m": Solver(dpmpp_3m, _one_per_step, order=3),               # nominal; see _dpmpp_multistep
-    "dpmpp_3m_taylor": Solver(dpmpp_3m_taylor, _one_per_step, order=3),
-    "euler_maruyama": Solver(euler_maruyama, _one_per_step, stochastic=True, order=1),   # weak order
+SINGLESTEP_SOLVERS: dict[str, Solver] = {
+    "euler": Solver(euler, one_per_step, order=1),
+    "heun": Solver(heun, two_per_step, order=2),
+    "dpm2": Solver(dpm2, two_per_step, order=2),
+    "dpmpp_2m": Solver(dpmpp_2m, one_per_step, order=2),
+    "dpmpp_3m": Solver(dpmpp_3m, one_per_step, order=3),               # nominal; see _dpmpp_multistep
+    "dpmpp_3m_taylor": Solver(dpmpp_3m_taylor, one_per_step, order=3),
+    "euler_maruyama": Solver(euler_maruyama, one_per_step, stochastic=True, order=1),   # weak order
 }
-
-# the multistep family (iPNDM, UniPC, DEIS) lives in its own module; it imports Solver, first_eps and
-# LOWER_ORDER_FINAL_BELOW from here, so it is imported last
-from .multistep import MULTISTEP_SOLVERS  # noqa: E402
-
-SOLVERS.update(MULTISTEP_SOLVERS)

@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import append_dims
-from ..core.wrappers import EDMDenoiser
-from .loop import TrainConfig, TrainResult, fit
+from difflab.core.denoiser import append_dims
+from difflab.core.wrappers import EDMDenoiser
+from difflab.train.loop import TrainConfig, TrainResult, fit
 
 
 def edm_loss(denoiser: nn.Module, x0: Tensor, generator: torch.Generator, p_mean: float = -1.2,

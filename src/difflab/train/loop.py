@@ -28,7 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from ..errors import ConfigError, ModelFormatError
+from difflab.core.errors import ConfigError, ModelFormatError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LossFn = Callable[[nn.Module, torch.Generator, int, int], Tensor]   # (model, generator, step, micro)

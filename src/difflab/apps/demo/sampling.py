@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
-from ..report import save_figure, save_image_grid
-from .grids import get_sigmas
-from .noise import seeded_noise
-from .plugin import amed_sample
-from .amed import predictor_sigmas
-from .sample import sample, sigmas_for_nfe
+from difflab.core.errors import ConfigError
+from difflab.apps.figures import save_figure, save_image_grid
+from difflab.sampling.grids import get_sigmas
+from difflab.sampling.noise import seeded_noise
+from difflab.amed.plugin import amed_sample
+from difflab.amed.predictor import predictor_sigmas
+from difflab.sampling.sample import sample, sigmas_for_nfe
 
 DEMO_NFES = (3, 5, 10)
 DEMO_SOLVERS = ("euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_3m", "ipndm", "ipndm_v", "deis", "unipc")
@@ -40,7 +40,7 @@ def _solver_run(denoiser, noise: torch.Tensor, solver: str, nfe: int) -> torch.T
 
 def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:
     """base["digits"]: a digits denoiser. Writes sampling_error.png and sampling_grids.png into `out`."""
-    from ..train.amed import default_config, fit_amed
+    from difflab.amed.fit import default_config, fit_amed
 
     denoiser = base["digits"].to(device)
     n = 32 if quick else 128

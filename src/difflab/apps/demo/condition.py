@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..data import load_digits
-from ..errors import AddonMismatchError, ModelFormatError
-from .deft import HNetwork, default_config, fit_deft, load_hnet, parameter_fraction
-from .reconstruct import make_denoiser, make_operator, psnr, reconstruct, simulate, ssim, summarise
+from difflab.data import load_digits
+from difflab.core.errors import AddonMismatchError, ModelFormatError
+from difflab.condition.deft import HNetwork, default_config, fit_deft, load_hnet, parameter_fraction
+from difflab.condition.reconstruct import make_denoiser, make_operator, psnr, reconstruct, simulate, ssim, summarise
 
 COLUMNS = ("measurement", "DEFT", "DPS", "ΠGDM", "unconditional", "truth")
 METHOD_LABELS = {"deft": "DEFT", "dps": "DPS", "pigdm": "ΠGDM", "uncond": "unconditional"}
@@ -38,7 +38,7 @@ def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..report import _atomic_write
+    from difflab.apps.figures import _atomic_write
 
     n_rows = min(len(v) for v in columns.values())
     fig, axes = plt.subplots(n_rows, len(columns), figsize=(1.1 * len(columns), 1.1 * n_rows + 0.4), squeeze=False)

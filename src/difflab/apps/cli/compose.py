@@ -21,9 +21,9 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from .cli_common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, greedy_options,
+from difflab.apps.cli.common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, greedy_options,
                          resolve_device)
-from .errors import ConfigError
+from difflab.core.errors import ConfigError
 
 GREEDY_OPTIONS = ("--models", "--classes", "--bias")
 MAX_NFE = 10_000
@@ -130,8 +130,8 @@ def _validate(models, model, classes, w, nfe, bias, n, batch_size, out: Path, fo
 
 def _load(plan: dict, device: str, out: Path):
     """Load the models and check they fit together (shapes, classes, output kind)."""
-    from . import load
-    from .data import model_class_list
+    from difflab import load
+    from difflab.data import model_class_list
 
     if plan["models"] is not None:
         denoisers = [load(folder, device=device) for folder in plan["models"]]
@@ -167,8 +167,8 @@ def _sample(denoisers, conds, w, data_shape, mode, sde, nfe, temperature, bias, 
             batch_size, device):
     import torch
 
-    from .compose import Components, superdiff
-    from .sampling import PerSampleGenerator, get_sigmas, seeded_noise
+    from difflab.compose import Components, superdiff
+    from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
 
     components = (Components.over_models(denoisers) if conds is None
                   else Components.over_conditions(denoisers, conds, w=w))
@@ -195,7 +195,7 @@ def _write(out: Path, samples, log_q, kappa) -> None:
     """.png: an image grid; .npz: x, log_q, kappa. Written to a temporary name and renamed."""
     import numpy as np
 
-    from .report import save_image_grid
+    from difflab.apps.figures import save_image_grid
 
     if out.suffix == ".png":
         save_image_grid(samples, out)

@@ -1,6 +1,6 @@
 """`difflab condition fit | run`: DEFT h-network fitting; DEFT / DPS / ΠGDM reconstruction (METHODS.md §3).
 
-Every option is checked before any work (a specific DifflabError, which `difflab.cli.main` turns into
+Every option is checked before any work (a specific DifflabError, which `difflab.apps.cli.app.main` turns into
 one line and exit status 2); outputs are written atomically and never overwritten without --force.
 """
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Optional
 
 import typer
 
-from .errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, ShapeError
 
 app = typer.Typer(no_args_is_help=True, help="Inverse problems: DEFT (a small learned h-transform on a frozen "
                                              "model), DPS and ΠGDM.")
 
-# after `app`: difflab.cli imports this module's `app` to mount it, so importing this module first
-# (which runs difflab.cli) must find `app` already defined
-from .cli_common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device  # noqa: E402
+# after `app`: difflab.apps.cli.app imports this module's `app` to mount it, so importing this module first
+# (which runs difflab.apps.cli.app) must find `app` already defined
+from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device  # noqa: E402
 
 
 class Task(str, Enum):
@@ -61,7 +61,7 @@ OVERSAMPLE = typer.Option(2, min=1, max=16, help="phase: FFT oversampling factor
 
 
 def _operator(task: Task, shape, sigma_y, mask, fraction, factor, kernel_size, kernel_std, angles, oversample):
-    from .condition.reconstruct import make_operator
+    from difflab.condition.reconstruct import make_operator
 
     operator = make_operator(task.value, tuple(shape), sigma_y=sigma_y, mask=mask.value, fraction=fraction,
                              factor=factor, kernel_size=kernel_size, kernel_std=kernel_std, angles=angles,
@@ -80,7 +80,7 @@ def _check_operator_fits(operator, shape) -> None:
 
 
 def _load_base(model: Path, device: str):
-    from . import load
+    from difflab import load
 
     base = load(model, device=device)
     shape = getattr(base, "data_shape", None)
@@ -109,8 +109,8 @@ def fit(
     resume: bool = typer.Option(True, help="continue from OUT.checkpoints if present"),
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
-    from .condition.deft import default_config, fit_deft, parameter_fraction
-    from .data import TOY_DATASETS, model_dataset
+    from difflab.condition.deft import default_config, fit_deft, parameter_fraction
+    from difflab.data import TOY_DATASETS, model_dataset
 
     check_output(out, force)
     dev = resolve_device(device)
@@ -167,11 +167,11 @@ def run(
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Reconstruct from measurements with DEFT, DPS, ΠGDM (or the unconditional floor)."""
-    from .condition.deft import load_hnet
-    from .condition.operators import operator_from_config
-    from .condition.reconstruct import make_denoiser, psnr, reconstruct, simulate as simulate_measurement, ssim, \
+    from difflab.condition.deft import load_hnet
+    from difflab.condition.operators import operator_from_config
+    from difflab.condition.reconstruct import make_denoiser, psnr, reconstruct, simulate as simulate_measurement, ssim, \
         summarise
-    from .sampling import sigmas_for_nfe
+    from difflab.sampling import sigmas_for_nfe
 
     check_output(out, force, (".npz", ".png"))
     if (input is None) == (simulate is None):
@@ -217,7 +217,7 @@ def run(
 
 
 def _held_out(base, model: Path, n: int, shape):
-    from .data import TOY_DATASETS, model_dataset
+    from difflab.data import TOY_DATASETS, model_dataset
 
     name = getattr(base, "meta", {}).get("dataset")
     if not name:
@@ -237,7 +237,7 @@ def _read_input(path: Path, operator, shape, device):
     import numpy as np
     import torch
 
-    from .condition.operators import Inpaint
+    from difflab.condition.operators import Inpaint
 
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -276,7 +276,7 @@ def _write(out: Path, x, y, truth, operator) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
-        from .condition.demo import save_comparison
+        from difflab.apps.demo.condition import save_comparison
 
         if x.ndim != 4:
             raise ShapeError(f"a .png needs images, these reconstructions have shape {tuple(x.shape[1:])}; use .npz")

@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..core.wrappers import CFGDenoiser
-from ..sampling.noise import seeded_noise
-from .samplers import per_sample_generator, run_sampler
-from .schedule import student_sigmas
+from difflab.core.wrappers import CFGDenoiser
+from difflab.sampling.noise import seeded_noise
+from difflab.distill.samplers import per_sample_generator, run_sampler
+from difflab.distill.schedule import student_sigmas
 
 NUM_CLASSES = 10
 # quick: a smaller U-Net and short runs (< 60 s on one core); full: the demo's digits U-Net
@@ -50,7 +50,7 @@ def guided_samples(model: Callable[..., Tensor], n: int, steps: int, w: float, s
 
 def evaluate(samples: Tensor) -> dict:
     """Class accuracy (the digit classifier agrees with the requested class i mod 10) and Fréchet distance."""
-    from ..metrics import digits_frechet, get_digit_classifier
+    from difflab.metrics import digits_frechet, get_digit_classifier
 
     accuracy = get_digit_classifier().accuracy(samples, class_labels_for(len(samples)))
     return {"accuracy": round(accuracy, 3), "frechet": round(digits_frechet(samples), 2)}
@@ -64,7 +64,7 @@ def classes_by_steps_figure(panels: dict[str, dict[int, Tensor]], path: Path, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..report import _atomic_write, image_grid
+    from difflab.apps.figures import _atomic_write, image_grid
 
     fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 1.1 * sum(len(p) for p in panels.values()), 5.2),
                              squeeze=False)
@@ -85,10 +85,10 @@ def classes_by_steps_figure(panels: dict[str, dict[int, Tensor]], path: Path, ti
 
 def train_teacher(recipe: dict, seed: int, device: str, progress: bool = False) -> nn.Module:
     """A class-conditional digits U-Net with label dropout 0.1 (the null class −1 for guidance)."""
-    from ..data import load_digits
-    from ..nets import UNet
-    from ..train import TrainConfig
-    from ..train.denoiser import train_denoiser
+    from difflab.data import load_digits
+    from difflab.nets import UNet
+    from difflab.train import TrainConfig
+    from difflab.train.denoiser import train_denoiser
 
     data = load_digits("train")
     torch.manual_seed(seed)
@@ -102,16 +102,16 @@ def train_teacher(recipe: dict, seed: int, device: str, progress: bool = False) 
 def distil(teacher: nn.Module, recipe: dict, seed: int, device: str, n_to: int = 4, rounds_dir: Path | None = None,
            progress: bool = False) -> tuple[nn.Module, nn.Module, float]:
     """(stage-1 student, n_to-step student, seconds): stage 1 then progressive rounds N₀ → n_to."""
-    from ..data import load_digits
-    from ..sampling.amed import model_id
-    from ..train import TrainConfig
-    from .guided import dataset_batches, distill_guided
-    from .progressive import distill_progressive
-    from .student import make_student
+    from difflab.data import load_digits
+    from difflab.core.fingerprint import fingerprint
+    from difflab.train import TrainConfig
+    from difflab.distill.guided import dataset_batches, distill_guided
+    from difflab.distill.progressive import distill_progressive
+    from difflab.distill.student import make_student
 
     data = load_digits("train")
     batches = dataset_batches(data.x, data.labels)
-    base_id = model_id(teacher)
+    base_id = fingerprint(teacher)
     start = time.perf_counter()
     student = make_student(teacher, base_model=base_id, teacher=base_id, dataset="digits")
     config = TrainConfig(steps=recipe["guided_steps"], lr=1e-3, warmup_steps=20, seed=seed, device=device,
@@ -126,7 +126,7 @@ def distil(teacher: nn.Module, recipe: dict, seed: int, device: str, n_to: int =
 
 
 def _cached(folder: Path, build: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
-    from ..models import load
+    from difflab.models import load
 
     if (folder / "config.json").is_file():
         return load(folder), True
@@ -151,7 +151,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
     seconds: dict = {"teacher_train": 0.0 if teacher_cached else round(time.perf_counter() - start, 1)}
     student_folder = out / "models" / f"distill-student-4-{tag}"
     if (student_folder / "config.json").is_file():
-        from ..models import load
+        from difflab.models import load
         student, seconds["distillation"] = load(student_folder).to(device), 0.0
     else:
         _, student, distil_seconds = distil(teacher, recipe, seed, device, n_to=4)
@@ -179,7 +179,7 @@ def _samples_figure(panels: dict[str, dict[int, Tensor]], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..report import _atomic_write, image_grid
+    from difflab.apps.figures import _atomic_write, image_grid
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 4.4), squeeze=False)
     for ax, (name, by) in zip(axes[0], panels.items()):

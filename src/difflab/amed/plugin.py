@@ -23,13 +23,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..core.denoiser import append_dims, last_feature, sigma_batch
-from ..errors import ConfigError
-from .amed import AMEDParams, amed_solver, check_predictor
-from .grids import check_grid
-from .guards import finite_guard
-from .multistep import ipndm_weights, unipc_update
-from .solvers import dpmpp_update, lower_order_final
+from difflab.core.denoiser import append_dims, last_feature, sigma_batch
+from difflab.core.errors import ConfigError
+from difflab.amed.predictor import AMEDParams, amed_solver, check_predictor
+from difflab.sampling.grids import check_grid
+from difflab.sampling.guards import finite_guard
+from difflab.sampling.multistep import ipndm_weights, unipc_update
+from difflab.sampling.solvers import dpmpp_update
+from difflab.sampling.steps import lower_order_final
 
 Callback = Callable[[int, Tensor, float], None] | None
 

@@ -31,21 +31,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.denoiser import append_dims
-from ..core.wrappers import VPDenoiser, interp, vp_scale
-from ..errors import ConfigError, UnknownNameError
-from .amed import AMEDParams, amed_points, predictor_sigmas
-from .plugin import amed_plugin, check_base
-from .grids import alphas_cumprod_for, get_sigmas
-from .sample import sample as run_solver
-from .sample import sigmas_for_nfe
-from .solvers import SOLVERS
+from difflab.core.denoiser import append_dims
+from difflab.core.wrappers import VPDenoiser, interp, vp_scale
+from difflab.core.errors import ConfigError, UnknownNameError
+from difflab.amed.predictor import AMEDParams, amed_points, predictor_sigmas
+from difflab.amed.plugin import amed_plugin, check_base
+from difflab.sampling.grids import alphas_cumprod_for, get_sigmas
+from difflab.sampling.sample import sample as run_solver
+from difflab.sampling.sample import sigmas_for_nfe
+from difflab.sampling.registry import SOLVERS
 
 try:  # diffusers is an optional dependency of difflab
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 except ImportError as err:  # pragma: no cover - exercised only without diffusers
-    raise ImportError("difflab.sampling.diffusers_scheduler needs diffusers: pip install diffusers") from err
+    raise ImportError("difflab.interop.diffusers.scheduler needs diffusers: pip install diffusers") from err
 
 class StepConstantPredictor(nn.Module):
     """AMED (r, c, a) constants per step: step i is found from sigma_cur among the grid's levels."""

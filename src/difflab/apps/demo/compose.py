@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.mixture import GaussianMixture
-from ..sampling import PerSampleGenerator, get_sigmas, seeded_noise
-from .superdiff import superdiff
+from difflab.core.mixture import GaussianMixture
+from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
+from difflab.compose.superdiff import superdiff
 
 FIGURE = "compose_2d.png"
 
@@ -46,7 +46,7 @@ def compose_2d(n: int, steps: int, seed: int, device: str = "cpu", sde: bool = T
 def summarise(run: dict) -> dict:
     """The numbers: exact NLL under ½A + ½B, sliced W2 to exact ½A + ½B samples, the AND gap
     |log q_A − log q_B| (exact, at σ_min), and the Itô estimator's error against exact log_prob."""
-    from ..metrics import exact_nll, sliced_wasserstein
+    from difflab.metrics import exact_nll, sliced_wasserstein
 
     a, b = run["models"]
     sigmas, start = run["sigmas"], run["start"]
@@ -76,7 +76,7 @@ def save_figure(run: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..report import _atomic_write
+    from difflab.apps.figures import _atomic_write
 
     a, b = (m.cpu() for m in run["models"])
     grid = torch.linspace(-6, 6, 121, dtype=torch.float64)

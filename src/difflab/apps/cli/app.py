@@ -12,9 +12,9 @@ from typing import List, Optional
 import typer
 from typer.core import TyperCommand
 
-from .cli_common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, fail,  # noqa: F401
+from difflab.apps.cli.common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, fail,  # noqa: F401
                          greedy_options, resolve_device)
-from .errors import ConfigError, DifflabError
+from difflab.core.errors import ConfigError, DifflabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="difflab: get more out of trained diffusion models (σ-space denoisers, exact "
@@ -52,10 +52,10 @@ def train(
 
     Runs unchanged under `accelerate launch --num_processes N difflab train ...` (multi-GPU, multi-node).
     """
-    from .data import get_dataset, keep_classes as keep_only
-    from .nets import MLP, CUNet, UNet
-    from .train import TrainConfig
-    from .train.denoiser import train_denoiser
+    from difflab.data import get_dataset, keep_classes as keep_only
+    from difflab.nets import MLP, CUNet, UNet
+    from difflab.train import TrainConfig
+    from difflab.train.denoiser import train_denoiser
 
     check_output(out, force)
     if not math.isfinite(lr) or lr <= 0:
@@ -130,7 +130,7 @@ def sample(
     """
     import torch
 
-    from . import load
+    from difflab import load
 
     check_output(out, force, (".npz", ".png"))
     if (solver == "amed") != (predictor is not None):
@@ -149,7 +149,7 @@ def sample(
         raise ConfigError(f"a .png grid needs image data, this model's samples have shape {tuple(data_shape)}")
     _check_disk_space(out, n, data_shape)
     class_label = _check_class_label(denoiser, class_label)
-    from .distill.student import GuidedStudent
+    from difflab.distill.student import GuidedStudent
 
     student = isinstance(denoiser, GuidedStudent)
     if student:
@@ -185,7 +185,7 @@ def _student_runner(student, steps: int | None, w: float, stochastic: bool, clas
     """A batch sampler for a distilled guided student: sample i from seed i, whatever the batch."""
     import math
 
-    from .distill.samplers import sample_student
+    from difflab.distill.samplers import sample_student
 
     if nfe is not None or predictor is not None:
         raise ConfigError("a distilled student takes --steps (one evaluation per step), not --nfe or --predictor")
@@ -238,7 +238,7 @@ def _round_robin(batches: list, rank: int, processes: int, run_batch, gather, pa
 
 def _check_class_label(denoiser, label: int | None) -> int | None:
     """The label to condition on (None: unconditional), refused before work if the model has no such class."""
-    from .data import model_class_list
+    from difflab.data import model_class_list
 
     if label is None:
         return None
@@ -276,7 +276,7 @@ def _check_disk_space(out: Path, n: int, data_shape) -> None:
 
 def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zero: bool):
     """A batch sampler for a registered solver on the grid that spends exactly `nfe`."""
-    from .sampling import PerSampleGenerator, sample as run_sample, seeded_noise, sigmas_for_nfe
+    from difflab.sampling import PerSampleGenerator, sample as run_sample, seeded_noise, sigmas_for_nfe
 
     sigma_min = max(getattr(denoiser, "sigma_min", 0.002) or 0.002, 0.002)
     sigma_max = min(getattr(denoiser, "sigma_max", 80.0), 80.0)
@@ -294,10 +294,10 @@ def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zer
 
 def _amed_runner(denoiser, predictor_dir: Path, nfe: int | None, device: str):
     """A batch sampler for AMED-Solver / AMED-Plugin with a fitted predictor (refused for another model or NFE)."""
-    from .sampling import seeded_noise
-    from .sampling.amed import check_predictor, load_predictor, predictor_sigmas
-    from .sampling.plugin import amed_sample
-    from .sampling.guards import finite_guard
+    from difflab.sampling import seeded_noise
+    from difflab.amed.predictor import check_predictor, load_predictor, predictor_sigmas
+    from difflab.amed.plugin import amed_sample
+    from difflab.sampling.guards import finite_guard
 
     predictor = load_predictor(predictor_dir, base_model=denoiser, nfe=nfe, device=device)
     sigmas = predictor_sigmas(predictor)
@@ -319,8 +319,8 @@ def _sample_writer(out: Path, n: int, data_shape, main_process: bool):
     drawn at the end. The file appears only if every sample was written; other processes write nothing."""
     import torch
 
-    from .io import npz_rows
-    from .report import save_image_grid
+    from difflab.core.io import npz_rows
+    from difflab.apps.figures import save_image_grid
 
     if not main_process:
         yield lambda rows: None
@@ -374,9 +374,9 @@ def amed_fit(
     force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
 ) -> None:
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
-    from . import load
-    from .sampling.plugin import check_base
-    from .train.amed import default_config, fit_amed
+    from difflab import load
+    from difflab.amed.plugin import check_base
+    from difflab.amed.fit import default_config, fit_amed
 
     check_output(out, force)
     check_base(base_solver)
@@ -390,9 +390,9 @@ def amed_fit(
                            sum(p.numel() for p in predictor.parameters())}))
 
 
-from .cli_compose import app as compose_app  # noqa: E402  (sub-apps import only typer and this module's helpers)
-from .cli_condition import app as condition_app  # noqa: E402
-from .cli_distill import app as distill_app  # noqa: E402
+from difflab.apps.cli.compose import app as compose_app  # noqa: E402  (sub-apps import only typer and this module's helpers)
+from difflab.apps.cli.condition import app as condition_app  # noqa: E402
+from difflab.apps.cli.distill import app as distill_app  # noqa: E402
 
 app.add_typer(compose_app, name="compose")
 app.add_typer(condition_app, name="condition")
@@ -402,7 +402,7 @@ app.add_typer(distill_app, name="distill")
 @app.command()
 def info(model: Path = typer.Argument(..., help="model folder")) -> None:
     """Print a model folder's config and parameter count as JSON."""
-    from .models import info as model_info
+    from difflab.models import info as model_info
 
     typer.echo(json.dumps(model_info(model), indent=2, sort_keys=True, default=str))
 
@@ -416,7 +416,7 @@ def demo(
     force: bool = typer.Option(False, help="write into an existing folder that is not a demo folder"),
 ) -> None:
     """The main job: every capability end to end on embedded data, into OUT/report.html (+ report.json)."""
-    from .demo import check_demo_folder, run_demo
+    from difflab.apps.demo.run import check_demo_folder, run_demo
 
     check_demo_folder(out, force)
     summary = run_demo(out, quick=quick, seed=seed, device=resolve_device(device))

@@ -1,6 +1,6 @@
 """What every `difflab` command shares: the device choice, output checks, limits, the one-line failure.
 
-Sub-apps (cli_compose, cli_condition, cli_distill) import from here, not from `difflab.cli`, which
+Sub-apps (cli_compose, cli_condition, cli_distill) import from here, not from `difflab.apps.cli.app`, which
 mounts them: no import cycle whichever module is imported first.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import ConfigError
+from difflab.core.errors import ConfigError
 
 MAX_SEED = 2**62          # seeds (plus per-sample offsets) must stay inside torch's 64-bit seed
 MAX_STEPS = 10**9         # optimiser steps / trajectories: beyond any run, refuses typos like 10**30

@@ -68,7 +68,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
     the demo's trained digits U-Net (base["digits"], an EDMDenoiser), one-step denoising PSNR of a
     briefly trained cU-Net next to it. JSON-serialisable."""
     from difflab.data import load_digits
-    from difflab.demo import DIGITS_BATCH, DIGITS_UNET, cached_model
+    from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_UNET, cached_model
     from difflab.nets import UNet
     from difflab.train import TrainConfig
     from difflab.train.denoiser import train_denoiser

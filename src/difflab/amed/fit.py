@@ -29,12 +29,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..sampling.amed import AMEDPredictor, amed_points, amed_step, model_id
-from ..sampling.grids import get_sigmas
-from ..sampling.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, check_base, plugin_interval
-from ..sampling.solvers import SOLVERS
-from .loop import TrainConfig, TrainResult, fit, make_accelerator
+from difflab.core.errors import ConfigError
+from difflab.amed.predictor import AMEDPredictor, amed_points, amed_step
+from difflab.core.fingerprint import fingerprint
+from difflab.sampling.grids import get_sigmas
+from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, check_base, plugin_interval
+from difflab.sampling.registry import SOLVERS
+from difflab.train.loop import TrainConfig, TrainResult, fit, make_accelerator
 
 CondSampler = Callable[[torch.Generator, int], dict[str, Any]]
 
@@ -117,7 +118,7 @@ def fit_amed(denoiser, nfe: int, grid: str = "karras", sigma_min: float | None =
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)   # the predictor's initial weights depend only on the seed
-        predictor = AMEDPredictor(delta_c=delta_c, delta_a=delta_a, base_model=model_id(denoiser), nfe=nfe,
+        predictor = AMEDPredictor(delta_c=delta_c, delta_a=delta_a, base_model=fingerprint(denoiser), nfe=nfe,
                                   grid=grid, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max, afs=afs,
                                   base_solver=base_solver, teacher=teacher, M=M)
 

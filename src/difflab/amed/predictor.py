@@ -18,13 +18,11 @@ For a black-box denoiser (no `last_feature`) h = 0 and the feature branch is a c
 predictor reduces to learned per-step constants through the time embeddings.
 
 The predictor is an add-on bound to one base model and one NFE: its config names the base model by
-`model_id` (see there) and `amed_solver` / `load_predictor` refuse a mismatch with
-AddonMismatchError. Fitting lives in `difflab.train.amed`.
+its fingerprint (`difflab.core.fingerprint`) and `amed_solver` / `load_predictor` refuse a mismatch with
+AddonMismatchError. Fitting lives in `difflab.amed.fit`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,13 +31,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core.denoiser import append_dims, last_feature, sigma_batch
-from ..core.serialization import read_model_folder, write_model_folder
-from ..errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
-from ..nets.embeddings import sinusoidal_embedding  # a plain Fourier embedding, no diffusion maths
-from .grids import check_grid, get_sigmas, points_for_nfe
-from .guards import finite_guard
-from .solvers import first_eps
+from difflab.core.denoiser import append_dims, last_feature, sigma_batch
+from difflab.core.serialization import SavedModel, read_model_folder
+from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
+from difflab.models import check_base_model, register_kind
+from difflab.nets.embeddings import sinusoidal_embedding  # a plain Fourier embedding, no diffusion maths
+from difflab.sampling.grids import check_grid, get_sigmas, points_for_nfe
+from difflab.sampling.guards import finite_guard
+from difflab.sampling.steps import first_eps
 
 Callback = Callable[[int, Tensor, float], None] | None
 
@@ -76,14 +75,14 @@ def pool_feature(feature: Tensor | None, batch_size: int, size: int = 8) -> Tens
     raise ShapeError(f"cannot pool a last_feature of shape {tuple(feature.shape)}; expected [B, H] or [B, C, ...]")
 
 
-class AMEDPredictor(nn.Module):
+class AMEDPredictor(SavedModel, nn.Module):
     """g_φ(h, t_cur, t_next) -> (r, c, a) (METHODS.md §1; layout in the module docstring).
 
     feature_size: h is pooled to feature_size² values; hidden: the feature MLP's width;
     time_channels: sinusoidal channels of each time (and the shared Linear's width);
     delta_c, delta_a: c ∈ [1 − δ_c, 1 + δ_c], a ∈ [1 − δ_a, 1 + δ_a].
     The remaining keywords describe what the predictor was fitted for (saved in its config and
-    checked by `amed_solver` / `load_predictor`): base_model (a `model_id`), nfe, grid, rho,
+    checked by `amed_solver` / `load_predictor`): base_model (a fingerprint), nfe, grid, rho,
     sigma_min, sigma_max, afs, base_solver, teacher, M.
     """
 
@@ -146,9 +145,6 @@ class AMEDPredictor(nn.Module):
                 "hidden": self.hidden, "time_channels": self.time_channels, "delta_c": self.delta_c,
                 "delta_a": self.delta_a, **self.fitted_for}
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        return write_model_folder(path, self.config(), self.state_dict(), overwrite=overwrite)
-
     @classmethod
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "AMEDPredictor":
         """Rebuild from a folder's (config, tensors); the loader `difflab.load` dispatches here."""
@@ -175,44 +171,6 @@ class ConstantPredictor(nn.Module):
         return AMEDParams(full(self.r), full(self.c), full(self.a))
 
 
-# ----- the base model's identity ---------------------------------------------------------------
-def model_id(model: Any) -> str | None:
-    """A content hash naming a base model: sha256 over, for the model and each sub-module, its class
-    name and config (a `config()` method or `config` dict), a guidance weight `w` if it has one,
-    and every state_dict tensor's name, dtype, shape and bytes (float64 tensors rounded to float32;
-    an exact model with `tensors()`, the GaussianMixture, is named by those; difflab_version is
-    excluded).
-
-    `model` is a denoiser (nn.Module) or a model folder (loaded with difflab.load first, so a
-    folder and the model loaded from it have the same id). A plain callable with neither state nor
-    config has no identity: None (then no check can be made).
-    """
-    if isinstance(model, (str, Path)):
-        from ..models import load  # lazy: models.py is above sampling/ (it loads predictors too)
-        model = load(model)
-    if not isinstance(model, nn.Module):
-        return None
-    digest = hashlib.sha256()
-    for name, module in model.named_modules():
-        config = getattr(module, "config", None)
-        config = config() if callable(config) else config
-        if isinstance(config, dict):
-            config = {k: v for k, v in config.items() if k != "difflab_version"}
-        w = getattr(module, "w", None)
-        w = w.tolist() if isinstance(w, Tensor) else w if isinstance(w, (int, float)) else None
-        digest.update(json.dumps([name, type(module).__name__, config, w], sort_keys=True, default=str).encode())
-    # an exact model (GaussianMixture) is named by its defining tensors, not its eigendecomposition
-    tensors = model.tensors() if callable(getattr(model, "tensors", None)) else model.state_dict()
-    for key, tensor in sorted(tensors.items()):
-        tensor = tensor.detach().cpu()
-        if tensor.dtype == torch.float64:   # float64 round-off (e.g. a reloaded eigh) must not change the id
-            tensor = tensor.float()
-        tensor = tensor.contiguous().reshape(-1)
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def amed_nfe(n_points: int, to_zero: bool = False, afs: bool = True) -> int:
     """Model evaluations of `amed_solver` on a grid of n points: 2(N−1), minus 1 with AFS, minus 1
     if the grid ends at σ = 0 (that last step is Euler, x ← D(x; t_cur))."""
@@ -224,7 +182,7 @@ def check_predictor(predictor: nn.Module, denoiser: Any = None, sigmas: Tensor |
                     base_solver: str | None = None) -> None:
     """Raise AddonMismatchError unless the predictor was fitted for this base model, budget and base solver.
 
-    The base model is given as a denoiser, a folder or a `model_id` string (`base_model`), or taken
+    The base model is given as a denoiser, a folder or a fingerprint string (`base_model`), or taken
     from `denoiser`; the NFE directly or from (sigmas, afs); base_solver: the solver it is about to
     drive ('amed' and 'dpm2' both name AMED-Solver). Fields the predictor does not record (None)
     are not checked.
@@ -235,13 +193,8 @@ def check_predictor(predictor: nn.Module, denoiser: Any = None, sigmas: Tensor |
             canonical(base_solver) != canonical(fitted["base_solver"]):
         raise AddonMismatchError(f"this AMED predictor was fitted for base solver {fitted['base_solver']!r}, asked "
                                  f"to drive {base_solver!r}; fit one for that solver (difflab amed fit --base-solver)")
-    if fitted.get("base_model") is not None and (base_model is not None or denoiser is not None):
-        given = base_model if base_model is not None else denoiser
-        given_id = given if isinstance(given, str) and not Path(given).exists() else model_id(given)
-        if given_id is not None and given_id != fitted["base_model"]:
-            raise AddonMismatchError(
-                f"this AMED predictor was fitted for base model {fitted['base_model'][:12]}…, not for the given "
-                f"model {given_id[:12]}…; fit one for this model (difflab.train.amed.fit_amed)")
+    check_base_model("AMED predictor", fitted.get("base_model"), base_model if base_model is not None else denoiser,
+                     "fit one for this model (difflab.amed.fit_amed)")
     if sigmas is not None:
         to_zero = float(sigmas[-1]) == 0
         nfe = amed_nfe(len(sigmas), to_zero, fitted.get("afs", True) if afs is None else afs)
@@ -277,7 +230,7 @@ def predictor_sigmas(predictor: nn.Module) -> Tensor:
 def load_predictor(path: str | Path, base_model: Any = None, nfe: int | None = None,
                    device: str | torch.device = "cpu") -> AMEDPredictor:
     """Load a saved predictor, refusing (AddonMismatchError) one fitted for another base model
-    (a denoiser, folder or model_id) or another NFE."""
+    (a denoiser, folder or fingerprint) or another NFE."""
     config, tensors = read_model_folder(Path(path))
     if config.get("class") != "AMEDPredictor":
         raise ModelFormatError(f"{path} holds a {config.get('class')!r}, not an AMEDPredictor")
@@ -337,5 +290,8 @@ def amed_solver(denoiser, x: Tensor, sigmas: Tensor, predictor, callback: Callba
     return x
 
 
-__all__ = ["AMEDParams", "AMEDPredictor", "ConstantPredictor", "pool_feature", "model_id", "amed_nfe",
+
+register_kind("AMEDPredictor", AMEDPredictor.from_folder)
+
+__all__ = ["AMEDParams", "AMEDPredictor", "ConstantPredictor", "pool_feature", "amed_nfe",
            "amed_points", "check_predictor", "predictor_sigmas", "load_predictor", "amed_step", "amed_solver"]

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 
 import typer
 
-from .cli_common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device
-from .errors import ConfigError
+from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device
+from difflab.core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Distil a classifier-free-guided model into a few-step student: "
                   "stage 1 (one student for every guidance weight w), stage 2 (progressive halving of the steps).")
@@ -21,9 +21,9 @@ app = typer.Typer(no_args_is_help=True, help="Distil a classifier-free-guided mo
 
 def _conditional_teacher(path: Path, device: str):
     """The class-conditional base model of stage 1, checked: a difflab network with classes."""
-    from .core.wrappers import EDMDenoiser
-    from .distill.student import GuidedStudent, PredictionDenoiser
-    from .models import load
+    from difflab.core.wrappers import EDMDenoiser
+    from difflab.distill.student import GuidedStudent, PredictionDenoiser
+    from difflab.models import load
 
     teacher = load(path, device=device)
     if isinstance(teacher, GuidedStudent):
@@ -42,7 +42,7 @@ def _conditional_teacher(path: Path, device: str):
 def _training_data(data: Optional[str], model, num_classes: int, seed: int):
     """The labelled data set to diffuse (default: the one the model was trained on, only the classes
     it kept), checked against it."""
-    from .data import model_dataset
+    from difflab.data import model_dataset
 
     name = data or (getattr(model, "meta", {}) or {}).get("dataset") or getattr(model, "distilled", {}).get("dataset")
     if not name:
@@ -74,19 +74,19 @@ def guided(
     resume: bool = typer.Option(True, help="continue from OUT.checkpoints if present"),
 ) -> None:
     """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
-    from .core.wrappers import CFGDenoiser
-    from .data import model_classes
-    from .distill import dataset_batches, distill_guided, make_student
-    from .distill.guided import check_w_range
-    from .sampling.amed import model_id
-    from .train import TrainConfig
+    from difflab.core.wrappers import CFGDenoiser
+    from difflab.data import model_classes
+    from difflab.distill import dataset_batches, distill_guided, make_student
+    from difflab.distill.guided import check_w_range
+    from difflab.core.fingerprint import fingerprint
+    from difflab.train import TrainConfig
 
     check_output(out, force)
     w_min, w_max = check_w_range(w_range)
     dev = resolve_device(device)
     model, num_classes = _conditional_teacher(teacher, dev)
     name, dataset = _training_data(data, model, num_classes, seed)
-    base_id = model_id(model)
+    base_id = fingerprint(model)
     student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max,
                            kept_classes=model_classes(model))
     config = TrainConfig(steps=steps, lr=lr, seed=seed, device=dev, checkpoint_every=max(steps // 4, 1))
@@ -120,11 +120,11 @@ def progressive(
     """Stage 2: halve the sampling steps round by round (teacher 2N steps → student N), from --from to --to."""
     from accelerate import PartialState
 
-    from .distill import dataset_batches, distill_progressive
-    from .distill.progressive import check_halving
-    from .distill.student import GuidedStudent
-    from .models import load
-    from .train import TrainConfig
+    from difflab.distill import dataset_batches, distill_progressive
+    from difflab.distill.progressive import check_halving
+    from difflab.distill.student import GuidedStudent
+    from difflab.models import load
+    from difflab.train import TrainConfig
 
     check_output(out, force)
     check_halving(n_from, n_to)

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .core.mixture import GaussianMixture
-from .models import load
-from .sampling import get_sigmas, sample, seeded_noise
-from .train import TrainConfig
+from difflab.core.mixture import GaussianMixture
+from difflab.models import load
+from difflab.sampling import get_sigmas, sample, seeded_noise
+from difflab.train import TrainConfig
 
 console = Console(stderr=True)
 
@@ -29,7 +29,7 @@ console = Console(stderr=True)
 def check_demo_folder(out: Path, force: bool) -> None:
     """A demo writes into its own folder (reusing the models cached there); a file, or a non-empty
     folder that is not a demo folder, is refused unless force (a file always)."""
-    from .errors import ConfigError
+    from difflab.core.errors import ConfigError
 
     out = Path(out)
     if out.is_file() or (out.exists() and not out.is_dir()):
@@ -57,11 +57,11 @@ def cached_model(folder: Path, train_fn):
 
 def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     """Train an MLP denoiser on samples of the exact 8-Gaussian mixture; compare with the truth."""
-    from .data import default_gmm
-    from .metrics import exact_nll, sliced_wasserstein
-    from .nets import MLP
-    from .report import save_scatter
-    from .train.denoiser import train_denoiser
+    from difflab.data import default_gmm
+    from difflab.metrics import exact_nll, sliced_wasserstein
+    from difflab.nets import MLP
+    from difflab.apps.figures import save_scatter
+    from difflab.train.denoiser import train_denoiser
 
     truth: GaussianMixture = default_gmm()
     data = truth.sample(20_000, generator=torch.Generator().manual_seed(seed))
@@ -92,11 +92,11 @@ def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
 
 def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     """Train a small U-Net on the digits; Fréchet distance of its samples vs the real-data floor."""
-    from .data import load_digits
-    from .metrics import digits_frechet, digits_frechet_floor
-    from .nets import UNet
-    from .report import save_image_grid
-    from .train.denoiser import train_denoiser
+    from difflab.data import load_digits
+    from difflab.metrics import digits_frechet, digits_frechet_floor
+    from difflab.nets import UNet
+    from difflab.apps.figures import save_image_grid
+    from difflab.train.denoiser import train_denoiser
 
     train_set = load_digits("train")
     steps = 200 if quick else DIGITS_STEPS
@@ -130,18 +130,18 @@ SECTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("sampling", "Fast sampling: every solver at NFE 3 / 5 / 10, AMED fitted on the spot",
      "Mean L2 distance at σ_min to a fine Heun solution from the same noise, on the digits model; AMED-Solver "
      "and AMED-Plugin (iPNDM) predictors are fitted here (METHODS.md §1). Grid rows: solver × NFE, then the "
-     "reference.", "difflab.sampling.demo:demo_section"),
+     "reference.", "difflab.apps.demo.sampling:demo_section"),
     ("compose", "SuperDiff: OR and AND of two models",
      "Two Gaussian mixtures composed by SuperDiff with the Itô density estimator (METHODS.md §2).",
-     "difflab.compose.demo:demo_section"),
+     "difflab.apps.demo.compose:demo_section"),
     ("condition", "Inverse problems: DEFT vs DPS vs ΠGDM",
      "Digit reconstruction from partial measurements with a small learned h-transform (DEFT) fitted here, "
-     "against the gradient-guided baselines at equal steps (METHODS.md §3).", "difflab.condition.demo:demo_section"),
+     "against the gradient-guided baselines at equal steps (METHODS.md §3).", "difflab.apps.demo.condition:demo_section"),
     ("distill", "Guided distillation: a 4-step student next to the guided teacher",
      "A class-conditional digits teacher with classifier-free guidance, distilled into a w-conditioned "
-     "few-step student (METHODS.md §4).", "difflab.distill.demo:demo_section"),
+     "few-step student (METHODS.md §4).", "difflab.apps.demo.distill:demo_section"),
     ("cunet", "cU-Net vs U-Net", "The U-Net whose stages are ODE blocks, against the baseline U-Net (METHODS.md §5).",
-     "difflab.nets.cunet_demo:demo_section"),
+     "difflab.apps.demo.cunet:demo_section"),
 )
 
 

@@ -1,0 +1,2 @@
+"""The `difflab` command (typer + rich): `app` holds the root command and `main`; one module per
+command group beside it."""

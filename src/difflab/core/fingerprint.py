@@ -1,0 +1,42 @@
+"""`fingerprint(model)`: the content hash that names a model, whatever folder it came from.
+
+Add-ons (an AMED predictor, a DEFT h-network, a distilled student) record their base model's
+fingerprint and refuse another base. The hash covers what defines the model and nothing else:
+for the model and each sub-module its class name and config (a `config()` method or a `config`
+dict, without `difflab_version`) and a guidance weight `w` if it has one, then every tensor's
+name, dtype, shape and bytes (float64 rounded to float32, so a reloaded eigendecomposition does
+not change it). A model that defines `tensors()` (the exact `GaussianMixture`) is named by those.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def fingerprint(model: Any) -> str | None:
+    """sha256 hex digest of `model`'s config and weights; None for a callable with no state (a
+    plain function has no identity, so no add-on check can be made against it)."""
+    if not isinstance(model, nn.Module):
+        return None
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        config = config() if callable(config) else config
+        if isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k != "difflab_version"}
+        w = getattr(module, "w", None)
+        w = w.tolist() if isinstance(w, Tensor) else w if isinstance(w, (int, float)) else None
+        digest.update(json.dumps([name, type(module).__name__, config, w], sort_keys=True, default=str).encode())
+    tensors = model.tensors() if callable(getattr(model, "tensors", None)) else model.state_dict()
+    for key, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.float64:
+            tensor = tensor.float()
+        tensor = tensor.contiguous().reshape(-1)
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
