@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -m "not slow" tests
 
-# Headless Chromium for the browser test (tests/test_report_browser.py, marker `browser`): installs
+# Headless Chromium for the browser test (tests/apps/demo/test_report_browser.py, marker `browser`): installs
 # Debian's `chromium` when it is missing and we are root with apt-get. It never fails: when it cannot
 # install (not root, no apt-get, no registry) it says so and the test is skipped with that reason.
 browser:
@@ -39,7 +39,7 @@ browser:
 
 # docs/images/report.png, the README's screenshot: the browser test on the quick report, laptop width
 screenshot: $(VENV)/.installed browser
-	DIFFLAB_SCREENSHOT_DIR=docs/images $(PY) -m pytest -q -m browser tests/test_report_browser.py
+	DIFFLAB_SCREENSHOT_DIR=docs/images $(PY) -m pytest -q -m browser tests/apps/demo/test_report_browser.py
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests

@@ -1,7 +1,7 @@
 """Determinism across processes: `difflab sample` under `accelerate launch --num_processes 2` writes
 the same samples, bit for bit, as one process with the same seed (per-sample seeds; each process
 runs whole batches of the single-process run, so even a network's float32 matmuls see the same
-batch shapes). (Independence of the batch size: tests/cli/test_streaming.py.)"""
+batch shapes). (Independence of the batch size: tests/apps/cli/test_streaming.py.)"""
 from __future__ import annotations
 
 import json

@@ -5,7 +5,7 @@ Every interval t_cur → t_next of the grid is split at the learned point s = t_
 (per sample), and the base solver runs on t_cur → s → t_next with its usual history: the denoiser
 is evaluated at a·s (the division by s, as in AMED-Solver) and only the second sub-step's increment
 is scaled by c. With r = ½, c = 1, a = 1 this *is* the base solver on the grid refined by the
-log-midpoints (tests/sampling/test_plugin.py checks it to round-off for every base).
+log-midpoints (tests/amed/test_plugin.py checks it to round-off for every base).
 
 Bases: `euler`, `ipndm` (fixed-coefficient AB up to order 4), `dpmpp_2m`, `dpmpp_3m`, `unipc`
 (predictor–corrector; the public AMED code has no UniPC plugin), and `dpm2`, whose plugin is

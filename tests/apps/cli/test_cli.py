@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from difflab.apps.cli.app import main
-from tests.cli.helpers import run
+from tests.apps.cli.helpers import run
 
 
 @pytest.fixture(scope="module")

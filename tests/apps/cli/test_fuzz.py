@@ -19,6 +19,7 @@ import pytest
 import typer
 
 import difflab.apps.cli.app as cli
+import difflab.apps.cli.sample as sample_cli
 from difflab import GaussianMixture
 
 MODEL = "@model"          # replaced by the path of a small GaussianMixture folder
@@ -249,7 +250,7 @@ def test_ctrl_c_ends_with_a_non_zero_status_and_no_file(model_folder, tmp_path, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_solver_runner", interrupted)
+    monkeypatch.setattr(sample_cli, "_solver_runner", interrupted)
     code, _, _ = run_in(tmp_path, ("sample",), BASELINES[("sample",)], model_folder, capsys)
     assert list(tmp_path.iterdir()) == []
     assert code != 0

@@ -13,7 +13,7 @@ import torch
 import difflab
 import difflab.train.denoiser as denoiser_module
 from difflab.data import load_digits, make_moons
-from tests.cli.helpers import run
+from tests.apps.cli.helpers import run
 
 TRAIN = ["train", "--channels", "8", "--steps", "1", "--batch-size", "4", "--device", "cpu", "--out", "m"]
 

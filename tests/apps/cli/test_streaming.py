@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import difflab.apps.cli.app as cli
+import difflab.apps.cli.sample as sample_cli
 from difflab import GaussianMixture, load
 from difflab.core.io import NpyRows, npz_rows
 from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
-from tests.cli.helpers import run
+from tests.apps.cli.helpers import run
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("failure", [Interrupt, KeyboardInterrupt])
 def test_a_run_failing_mid_way_leaves_no_file_and_no_folder(mixture_folder, tmp_path, capsys, monkeypatch,
                                                              failure):
-    make_runner, calls = cli._solver_runner, []
+    make_runner, calls = sample_cli._solver_runner, []
 
     def failing_runner(*args, **kwargs):
         run_batch = make_runner(*args, **kwargs)
@@ -84,7 +85,7 @@ def test_a_run_failing_mid_way_leaves_no_file_and_no_folder(mixture_folder, tmp_
         run_or_fail.nfe, run_or_fail.points = run_batch.nfe, run_batch.points
         return run_or_fail
 
-    monkeypatch.setattr(cli, "_solver_runner", failing_runner)
+    monkeypatch.setattr(sample_cli, "_solver_runner", failing_runner)
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = ["difflab", *map(str, sample_args(mixture_folder, tmp_path / "new" / "s.npz", 5))]
     sys.argv, old = argv, sys.argv

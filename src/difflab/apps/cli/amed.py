@@ -1,0 +1,46 @@
+"""`difflab amed fit`: an AMED predictor for a model, NFE and grid."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device
+
+app = typer.Typer(no_args_is_help=True, help="AMED: a tiny learned predictor for ~5-step sampling "
+                                                  "(Zhou et al., CVPR 2024).")
+
+
+@app.command("fit")
+def amed_fit(
+    model: Path = typer.Option(..., help="base model folder"),
+    nfe: int = typer.Option(5, min=2, help="evaluations to fit for (with AFS: 3, 5, 7, 9 ↔ 3, 4, 5, 6 grid points)"),
+    base_solver: str = typer.Option("dpm2", help="dpm2 (AMED-Solver), or AMED-Plugin on euler, ipndm, dpmpp_2m, "
+                                    "dpmpp_3m, unipc"),
+    grid: str = typer.Option("karras", help="grid family (the teacher uses the same family)"),
+    teacher: str = typer.Option("heun", help="teacher solver for the reference trajectories"),
+    m: int = typer.Option(1, "--M", min=0, max=1000, help="extra teacher points per student interval (the teacher "
+                          "must be more accurate than the student: M=1 is the paper's recipe, 3-7 is safer)"),
+    trajectories: int = typer.Option(10_000, min=1, max=MAX_STEPS, help="teacher trajectories to fit on"),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH),
+    out: Path = typer.Option(..., help="predictor folder to write"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED),
+    device: Device = typer.Option(Device.auto),
+    force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
+) -> None:
+    """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
+    from difflab import load
+    from difflab.amed.plugin import check_base
+    from difflab.amed.fit import default_config, fit_amed
+
+    check_output(out, force)
+    check_base(base_solver)
+    dev = resolve_device(device)
+    denoiser = load(model, device=dev)
+    predictor = fit_amed(denoiser, nfe, grid=grid, teacher=teacher, M=m, trajectories=trajectories, base_solver=base_solver,
+                         batch_size=batch_size, config=default_config(seed=seed, device=dev),
+                         out_dir=out.with_name(out.name + ".checkpoints"), progress=True)
+    predictor.save(out, overwrite=force)
+    typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid, "parameters":
+                           sum(p.numel() for p in predictor.parameters())}))
