@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow bench clean install browser screenshot
+.PHONY: demo test lint test-slow bench clean install browser screenshot
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/difflab demo
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed browser lint
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The layers (import-linter contracts in pyproject.toml) and the code style (ruff's chosen rules).
+lint: $(VENV)/.installed
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check src tests benchmarks tools
 
 # Headless Chromium for the browser test (tests/apps/demo/test_report_browser.py, marker `browser`): installs
 # Debian's `chromium` when it is missing and we are root with apt-get. It never fails: when it cannot

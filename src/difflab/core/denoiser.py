@@ -53,6 +53,20 @@ def score(denoiser: Denoiser, x: Tensor, sigma: Tensor | float, **cond: Any) -> 
     return (denoiser(x, sigma, **cond) - x) / append_dims(sigma, x.ndim) ** 2
 
 
+def call_network(net: Any, x: Tensor, time: Tensor, **cond: Any) -> Tensor:
+    """net(x, time, **cond) in the network's own floating dtype, the result back in x's dtype.
+
+    The solver state may be float32 or float64 while the network holds bf16 / fp16 / float32
+    weights: the wrapper converts at this one boundary, so no solver knows the network's precision.
+    A plain function (no parameters) is called as it is.
+    """
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None) \
+        if hasattr(net, "parameters") else None
+    if dtype is None or dtype == x.dtype:
+        return net(x, time, **cond)
+    return net(x.to(dtype), time.to(dtype), **cond).to(x.dtype)
+
+
 def last_feature(denoiser: Any) -> Tensor | None:
     """The lowest-resolution feature a wrapped network exposed on its last call, if any."""
     return getattr(denoiser, "last_feature", None)

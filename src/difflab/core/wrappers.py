@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.core.errors import ConfigError, SigmaRangeError
-from difflab.core.denoiser import append_dims
+from difflab.core.denoiser import append_dims, call_network
 from difflab.core.serialization import SavedModel
 
 NetFn = Callable[..., Tensor]
@@ -44,7 +44,7 @@ class EDMDenoiser(SavedModel, nn.Module):
         c_out = s * self.sigma_data / (s**2 + self.sigma_data**2).sqrt()
         c_in = 1 / (s**2 + self.sigma_data**2).sqrt()
         c_noise = sigma.log() / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, **cond)
+        return c_skip * x + c_out * call_network(self.net, c_in * x, c_noise, **cond)
 
     @property
     def last_feature(self) -> Tensor | None:
@@ -120,7 +120,7 @@ class VPDenoiser(nn.Module):
         s = append_dims(sigma, x.ndim).to(x.dtype)
         alpha = vp_scale(s)
         x_vp = alpha * x
-        out = self.model(x_vp, self.sigma_to_t(sigma).to(x.dtype), **cond)
+        out = call_network(self.model, x_vp, self.sigma_to_t(sigma).to(x.dtype), **cond)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
@@ -147,7 +147,7 @@ class FlowDenoiser(nn.Module):
         t = sigma / (1 + sigma)
         t_b = append_dims(t, x.ndim).to(x.dtype)
         x_t = (1 - t_b) * x
-        return x_t - t_b * self.model(x_t, t.to(x.dtype) * self.time_scale, **cond)
+        return x_t - t_b * call_network(self.model, x_t, t.to(x.dtype) * self.time_scale, **cond)
 
     @property
     def last_feature(self) -> Tensor | None:

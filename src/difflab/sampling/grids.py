@@ -122,6 +122,8 @@ def discrete(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Te
     return table[int(inside[0]):int(inside[-1]) + 1][discrete_timesteps(len(inside), n)]
 
 
+MAX_GRID_POINTS = 100_000   # far beyond any sampler (EDM uses 18-256); refuses n = 10**9 before allocating it
+
 GRIDS = {"karras": karras, "polynomial": karras, "logsnr": logsnr, "time_uniform": time_uniform,
          "time_quadratic": time_quadratic, "discrete": discrete}
 
@@ -135,11 +137,13 @@ def get_sigmas(kind: str, n: int, sigma_min: float = 0.002, sigma_max: float = 8
     """
     if kind not in GRIDS:
         raise UnknownNameError(f"unknown grid {kind!r}; choose one of {sorted(GRIDS)}")
-    if int(n) != n or n < 2:
-        raise ConfigError(f"a grid needs n >= 2 noise levels, got n={n}")
+    if int(n) != n or not 2 <= n <= MAX_GRID_POINTS:
+        raise ConfigError(f"a grid needs 2 <= n <= {MAX_GRID_POINTS:,} noise levels, got n={n}")
     if not 0 < sigma_min < sigma_max < math.inf:
         raise SigmaRangeError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    return GRIDS[kind](int(n), float(sigma_min), float(sigma_max), rho)
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ConfigError(f"rho must be a finite number > 0 (7 is Karras et al.'s choice), got {rho!r}")
+    return GRIDS[kind](int(n), float(sigma_min), float(sigma_max), float(rho))
 
 
 def check_grid(sigmas: Tensor, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:

@@ -13,6 +13,9 @@ from difflab.sampling.noise import PerSampleGenerator
 from difflab.sampling.registry import SOLVERS
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",
            generator: torch.Generator | PerSampleGenerator | None = None,
            callback: Callable[[int, Tensor, float], None] | None = None, afs: bool = False, **cond: Any) -> Tensor:
@@ -22,7 +25,9 @@ def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",
     at 0; cond: passed to the denoiser untouched. Stochastic solvers draw from `generator`.
     afs: analytical first step (no model call on the first step; METHODS.md §1).
     Stops with NonFiniteError (solver, step, σ) as soon as the state stops being finite.
-    Returns x at sigmas[-1], [B, ...].
+    An fp16 / bf16 x is integrated in float32 (rounding in a 16-bit state would swamp a step's
+    increment) and returned in its own dtype; the denoiser's wrapper runs the network in its own.
+    Returns x at sigmas[-1], [B, ...] in x's dtype.
     """
     if solver not in SOLVERS:
         raise UnknownNameError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
@@ -31,7 +36,9 @@ def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",
     spec = SOLVERS[solver]
 
     extra = {"generator": generator} if spec.stochastic else {}
-    return spec.fn(denoiser, x, sigmas, callback=finite_guard(solver, sigmas, callback), afs=afs, **extra, **cond)
+    state = x.float() if x.dtype in LOW_PRECISION else x          # the solver state is at least float32
+    out = spec.fn(denoiser, state, sigmas, callback=finite_guard(solver, sigmas, callback), afs=afs, **extra, **cond)
+    return out.to(x.dtype)
 
 
 def sigmas_for_nfe(solver: str, nfe: int, kind: str = "karras", sigma_min: float = 0.002, sigma_max: float = 80.0,
