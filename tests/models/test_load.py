@@ -104,3 +104,26 @@ def test_config_whose_shapes_do_not_match_the_weights_is_refused(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match="do not match"):
         difflab.load(tmp_path / "m")
+
+
+def test_a_config_asking_for_a_huge_network_is_refused_before_allocating(tmp_path):
+    """hidden = 10^6 in a depth-4 MLP is 4·10^12 weights (16 TB): the shapes are checked on the meta
+    device against the weights file, so the refusal is a ModelFormatError, not an allocation failure."""
+    EDMDenoiser(MLP(dim=2, hidden=16, depth=2), data_shape=(2,)).save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["network"]["args"]["hidden"] = 10**6
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="do not match its config.json"):
+        difflab.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("field, value", [("data_shape", [2, -1]), ("data_shape", "2"), ("sigma_data", 0),
+                                          ("sigma_data", "half"), ("sigma_max", None)])
+def test_bad_scalar_fields_in_a_config_are_one_line_errors(tmp_path, field, value):
+    EDMDenoiser(MLP(dim=2, hidden=16, depth=2), data_shape=(2,)).save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match=field) as err:
+        difflab.load(tmp_path / "m")
+    assert "\n" not in str(err.value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from torch import Tensor, nn
 
@@ -25,7 +27,7 @@ def build_network(spec: Any) -> nn.Module:
         raise ModelFormatError(f"cannot build {spec['class']} from the config's arguments: {err}") from err
 
 
-def load_state(module: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+def load_state(module: nn.Module, tensors: dict[str, Tensor], path: Path, assign: bool = False) -> None:
     """Load `tensors` into `module` strictly: every key present, none extra, every shape equal."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -35,18 +37,46 @@ def load_state(module: nn.Module, tensors: dict[str, Tensor], path: Path) -> Non
         detail = "; ".join(f"{label}: {keys[:3]}{' …' if len(keys) > 3 else ''}" for label, keys in
                            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys)
         raise ModelFormatError(f"the weights in {path} do not match its config.json ({detail})")
-    module.load_state_dict(tensors)
+    module.load_state_dict(tensors, assign=assign)
+
+
+def build_checked(factory: Callable[[], nn.Module], tensors: dict[str, Tensor], path: Path) -> nn.Module:
+    """factory() with `tensors` loaded, after checking on the meta device (no memory) that the config
+    builds exactly the shapes the weights file holds: a config.json asking for a huge network is
+    refused before anything is allocated."""
+    with torch.device("meta"):
+        load_state(factory(), tensors, path, assign=True)
+    module = factory()
+    load_state(module, tensors, path)
+    return module
 
 
 def load_edm(config: dict, tensors: dict[str, Tensor], path: Path) -> EDMDenoiser:
     known = {"class", "kind", "convention", "network", "sigma_data", "sigma_min", "sigma_max", "data_shape",
              "difflab_version"}
-    denoiser = EDMDenoiser(build_network(config.get("network")), sigma_data=config.get("sigma_data", 0.5),
+    _check_edm_config(config, path)
+
+    def factory() -> EDMDenoiser:
+        return EDMDenoiser(build_network(config.get("network")), sigma_data=config.get("sigma_data", 0.5),
                            sigma_min=config.get("sigma_min", 0.002), sigma_max=config.get("sigma_max", 80.0),
                            data_shape=config.get("data_shape"),
                            meta={k: v for k, v in config.items() if k not in known})
-    load_state(denoiser, tensors, path)
-    return denoiser.eval().requires_grad_(False)
+
+    return build_checked(factory, tensors, path).eval().requires_grad_(False)
+
+
+def _check_edm_config(config: dict, path: Path) -> None:
+    """The scalar fields of an EDM model's config, with a one-line error for each way they can be wrong."""
+    for key in ("sigma_data", "sigma_min", "sigma_max"):
+        value = config.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ModelFormatError(f"{path}/config.json: {key} must be a finite number > 0, got {value!r}")
+    shape = config.get("data_shape")
+    if shape is not None and (not isinstance(shape, list) or not 1 <= len(shape) <= 4 or
+                              not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 2**16
+                                      for d in shape)):
+        raise ModelFormatError(f"{path}/config.json: data_shape must be a list of 1-4 positive sizes "
+                               f"(e.g. [1, 28, 28]), got {shape!r}")
 
 
 def load_mixture(config: dict, tensors: dict[str, Tensor], path: Path) -> GaussianMixture:
