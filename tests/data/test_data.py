@@ -249,3 +249,11 @@ def test_dataset_validates_its_fields():
         Dataset(torch.zeros(3, 2, dtype=torch.float64), None, "bad", 0)
     with pytest.raises(ShapeError, match="num_classes=2"):
         Dataset(torch.zeros(3, 2), torch.tensor([0, 1, 2]), "bad", 2)
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_data_set_name_is_refused_not_read_as_the_current_folder(name, tmp_path, monkeypatch):
+    Image.new("L", (8, 8)).save(tmp_path / "stray.png")      # an image folder would load without the check
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="empty"):
+        get_dataset(name)

@@ -72,6 +72,28 @@ def test_diffusers_folder_without_scheduler_is_refused(diffusers_folder):
         difflab.load(root)
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "unet config not JSON", "scheduler config not JSON"])
+def test_a_broken_diffusers_folder_is_a_one_line_model_format_error(diffusers_folder, damage):
+    root, _, _ = diffusers_folder("epsilon", "pipeline")
+    if damage == "truncated weights":
+        weights = root / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        folder = root / ("unet" if damage.startswith("unet") else "scheduler")
+        next(folder.glob("*config.json")).write_text("{not json")
+    with pytest.raises(ModelFormatError) as err:
+        difflab.load(root)
+    assert "\n" not in str(err.value)
+
+
+def test_a_flow_matching_scheduler_is_refused_not_read_as_ddpm(diffusers_folder):
+    root, _, _ = diffusers_folder("epsilon", "pipeline")
+    (root / "scheduler").rename(root / "ddpm")
+    diffusers.FlowMatchEulerDiscreteScheduler().save_pretrained(root / "scheduler")
+    with pytest.raises(ModelFormatError, match="flow-matching"):
+        difflab.load(root)
+
+
 @pytest.mark.parametrize("net", [MLP(dim=2, hidden=16, depth=1, zero_init_output=False),
                                  UNet(base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
                                       attn_resolutions=[], groups=4, num_classes=3, zero_init_output=False)])

@@ -37,6 +37,8 @@ def get_dataset(name_or_path: str | os.PathLike, n: int | None = None, seed: int
     keeps a random subset of n samples chosen with `seed`.
     """
     name = str(name_or_path)
+    if not name.strip():   # Path("") is the current directory: never train on it by accident
+        raise ConfigError(f"the data set name is empty; expected one of {', '.join(DATASET_NAMES)} or a folder path")
     if name in TOY_DATASETS:
         return TOY_DATASETS[name](DEFAULT_TOY_SIZE if n is None else n, seed)
     if name == "digits":

@@ -25,6 +25,17 @@ def is_diffusers_folder(path: Path) -> bool:
     return False
 
 
+def read_config_file(file: Path) -> dict:
+    """A diffusers JSON config as a dict, with a one-line error when it is not one."""
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFormatError(f"{file} is not a readable JSON config ({err})") from err
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
 def load_diffusers(path: str | Path) -> VPDenoiser:
     """A local diffusers UNet2DModel / UNet2DConditionModel + scheduler config as a σ-space denoiser.
 
@@ -48,8 +59,17 @@ def load_diffusers(path: str | Path) -> VPDenoiser:
     if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
         raise ModelFormatError(f"{unet_dir} has no diffusion_pytorch_model.safetensors; difflab does not read "
                                "pickled .bin weights (re-save with `save_pretrained(..., safe_serialization=True)`)")
-    unet = classes[class_name].from_pretrained(unet_dir, use_safetensors=True)
-    scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+    scheduler_class = read_config_file(scheduler_dir / "scheduler_config.json").get("_class_name", "")
+    if "FlowMatch" in str(scheduler_class):
+        raise ModelFormatError(f"{scheduler_dir} holds a {scheduler_class} (a flow-matching, velocity model); "
+                               "difflab's diffusers loader reads DDPM-table (ε / v / x0) models only: wrap the "
+                               "network yourself with difflab.FlowDenoiser")
+    try:
+        unet = classes[class_name].from_pretrained(unet_dir, use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:   # diffusers' ways to say "broken"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFormatError(f"{path} is not a loadable diffusers folder: {first_line}") from err
     denoiser = VPDenoiser(DiffusersUNet(unet), scheduler.alphas_cumprod, scheduler.config.prediction_type)
     sample_size = unet.config.sample_size
     size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
