@@ -18,13 +18,37 @@ from difflab.nets import NETWORKS
 
 def build_network(spec: Any) -> nn.Module:
     """A network from {"class": name, "args": {...}}; only the classes in `nets.NETWORKS` are built."""
-    if not isinstance(spec, dict) or spec.get("class") not in NETWORKS:
-        name = spec.get("class") if isinstance(spec, dict) else spec
+    name = spec.get("class") if isinstance(spec, dict) else spec
+    if not isinstance(name, str) or name not in NETWORKS:
         raise ModelFormatError(f"network class {name!r} is not allowed; known networks: {sorted(NETWORKS)}")
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise ModelFormatError(f"the {name} arguments in config.json must be a JSON object, got {args!r}")
+    too_big = [key for key, value in _numbers(args) if abs(value) > MAX_NETWORK_SIZE]
+    if too_big:
+        raise ModelFormatError(f"{name} argument(s) {too_big} exceed {MAX_NETWORK_SIZE:,}: not a network difflab "
+                               "builds (a corrupt or hostile config.json?)")
     try:
-        return NETWORKS[spec["class"]](**spec.get("args", {}))
-    except (TypeError, ValueError) as err:
-        raise ModelFormatError(f"cannot build {spec['class']} from the config's arguments: {err}") from err
+        return NETWORKS[name](**args)
+    except Exception as err:   # whatever a constructor raises on arguments it cannot take, the config is at fault
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFormatError(f"cannot build {name} from the config's arguments: {message}") from err
+
+
+MAX_NETWORK_SIZE = 2**16   # widths, depths, class counts: far above any network here, and built in seconds
+
+
+def _numbers(value: Any, key: str = "") -> list[tuple[str, float]]:
+    """Every number inside a JSON value, with the key that holds it."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [(key, value)]
+    if isinstance(value, dict):
+        return [pair for k, v in value.items() for pair in _numbers(v, str(k))]
+    if isinstance(value, list):
+        return [pair for v in value for pair in _numbers(v, key)]
+    return []
 
 
 def load_state(module: nn.Module, tensors: dict[str, Tensor], path: Path, assign: bool = False) -> None:

@@ -49,7 +49,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
             return loader(path).to(device)
     config, tensors = read_model_folder(path)
     cls = config.get("class")
-    if cls not in _KINDS:
+    if not isinstance(cls, str) or cls not in _KINDS:
         raise ModelFormatError(f"{path / CONFIG_NAME} names class {cls!r}, which difflab does not load; "
                                f"known classes: {registered_kinds()}")
     return _KINDS[cls](config, tensors, path).to(device)
