@@ -128,14 +128,16 @@ def test_config_whose_shapes_do_not_match_the_weights_is_refused(tmp_path):
         difflab.load(tmp_path / "m")
 
 
-def test_a_config_asking_for_a_huge_network_is_refused_before_allocating(tmp_path):
-    """hidden = 10^6 in a depth-4 MLP is 4·10^12 weights (16 TB): the shapes are checked on the meta
-    device against the weights file, so the refusal is a ModelFormatError, not an allocation failure."""
+@pytest.mark.parametrize("hidden, message", [(60_000, "do not match its config.json"), (10**6, "exceed")])
+def test_a_config_asking_for_a_huge_network_is_refused_before_allocating(tmp_path, hidden, message):
+    """hidden = 60,000 in a depth-2 MLP is 3.6·10^9 weights (14 GB): the shapes are checked on the meta
+    device against the weights file, so the refusal is a ModelFormatError, not an allocation; a size
+    beyond any network difflab builds (10^6) is refused before even that."""
     EDMDenoiser(MLP(dim=2, hidden=16, depth=2), data_shape=(2,)).save(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config["network"]["args"]["hidden"] = 10**6
+    config["network"]["args"]["hidden"] = hidden
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFormatError, match="do not match its config.json"):
+    with pytest.raises(ModelFormatError, match=message):
         difflab.load(tmp_path / "m")
 
 

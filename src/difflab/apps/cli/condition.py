@@ -1,11 +1,10 @@
-"""`difflab condition fit | run`: DEFT h-network fitting; DEFT / DPS / ΠGDM reconstruction (METHODS.md §3).
+"""`difflab condition fit | run`: DEFT h-network fitting; DEFT / DPS / ΠGDM reconstruction (docs/methods/deft.md).
 
 Every option is checked before any work (a specific DifflabError, which `difflab.apps.cli.app.main` turns into
 one line and exit status 2); outputs are written atomically and never overwritten without --force.
 """
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -13,6 +12,7 @@ from typing import Optional
 import typer
 
 from difflab.core.errors import ConfigError, ShapeError
+from difflab.core.io import dumps_strict
 
 app = typer.Typer(no_args_is_help=True, help="Inverse problems: DEFT (a small learned h-transform on a frozen "
                                              "model), DPS and ΠGDM.")
@@ -95,18 +95,19 @@ def fit(
     task: Task = typer.Option(..., help="the measurement operator"),
     sigma_y: float = SIGMA_Y, mask: MaskKind = MASK, fraction: float = FRACTION, factor: int = FACTOR,
     kernel_size: int = KERNEL_SIZE, kernel_std: float = KERNEL_STD, angles: int = ANGLES, oversample: int = OVERSAMPLE,
-    data: Optional[str] = typer.Option(None, help="clean training data (default: the model's data set)"),
+    data: Optional[str] = typer.Option(None, help="data set of clean training images (default: the model's data "
+                                       "set)"),
     pairs: int = typer.Option(1000, min=1, max=MAX_STEPS, help="clean training images (fresh y for each every step)"),
-    steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
-    batch_size: int = typer.Option(64, min=1, max=MAX_BATCH),
+    train_steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
+    batch_size: int = typer.Option(64, min=1, max=MAX_BATCH, help="training batch (pairs per optimiser step)"),
     lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
-    net: Optional[HNet] = typer.Option(None, help="images: NN1 of the h-network, a small U-Net (default) or "
-                                       "cU-Net (ODE blocks); vectors always use an MLP"),
+    net: Optional[HNet] = typer.Option(None, help="network to train, for images: the h-network's NN1, a small U-Net "
+                                       "(default) or cU-Net (ODE blocks); vectors always use an MLP"),
     out: Path = typer.Option(..., help="h-network folder to write (config.json + model.safetensors)"),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED),
-    device: Device = typer.Option(Device.auto),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the fit (initial weights, batches)"),
+    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing h-network folder"),
-    resume: bool = typer.Option(True, help="continue from OUT.checkpoints if present"),
+    resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from difflab.condition.deft import default_config, fit_deft, parameter_fraction
@@ -126,15 +127,15 @@ def fit(
         raise ShapeError(f"data {data_name!r} has per-sample shape {dataset.shape}, the model expects {shape}")
     if pairs > len(dataset):
         raise ConfigError(f"--pairs {pairs} exceeds the {len(dataset)} samples of {data_name!r}")
-    hnet, result = fit_deft(base, operator, dataset.x[:pairs].to(dev), steps=steps, batch_size=batch_size,
+    hnet, result = fit_deft(base, operator, dataset.x[:pairs].to(dev), steps=train_steps, batch_size=batch_size,
                             config=default_config(lr=lr, seed=seed, device=dev),
                             out_dir=out.with_name(out.name + ".checkpoints"), progress=True, resume=resume,
                             nn1_class=nn1_class, return_result=True)
     if result.is_main_process:
         hnet.save(out, overwrite=force)
-        typer.echo(json.dumps({"out": str(out), "task": task.value, "operator": operator.config() | {"mask": None},
-                               "steps": steps, "final_loss": result.losses[-1][1],
-                               "hnet_fraction_of_base": round(parameter_fraction(hnet, base), 4)}))
+        typer.echo(dumps_strict({"out": str(out), "task": task.value, "operator": operator.config() | {"mask": None},
+                                 "train_steps": train_steps, "final_loss": result.losses[-1][1],
+                                 "hnet_fraction_of_base": round(parameter_fraction(hnet, base), 4)}))
 
 
 def _nn1_class(net: HNet | None, shape: tuple[int, ...]) -> str | None:
@@ -149,21 +150,25 @@ def run(
     model: Path = typer.Option(..., help="base model folder"),
     method: Method = typer.Option(..., help="deft (needs --hnet) | dps | pigdm | uncond (the floor)"),
     hnet: Optional[Path] = typer.Option(None, help="DEFT h-network folder (from `difflab condition fit`)"),
-    task: Optional[Task] = typer.Option(None, help="the operator (dps / pigdm; deft takes its h-network's)"),
+    task: Optional[Task] = typer.Option(None, help="the measurement operator (dps / pigdm; deft takes its "
+                                        "h-network's)"),
     sigma_y: Optional[float] = typer.Option(None, min=1e-6, help="measurement noise std σ_y (default: the "
                                             "h-network's for deft, else 0.05)"),
     mask: MaskKind = MASK, fraction: float = FRACTION, factor: int = FACTOR,
     kernel_size: int = KERNEL_SIZE, kernel_std: float = KERNEL_STD, angles: int = ANGLES, oversample: int = OVERSAMPLE,
-    solver: str = typer.Option("heun", help="any solver of `difflab sample`"),
+    solver: str = typer.Option("heun", help="solver: any of `difflab sample`"),
     nfe: int = typer.Option(19, min=1, max=10_000, help="model evaluations per reconstruction (equal for every method)"),
     input: Optional[Path] = typer.Option(None, help=".npz with `y` [N, ...] (and `mask` for inpainting, "
                                          "optionally `truth`)"),
-    simulate: Optional[int] = typer.Option(None, min=1, help="simulate N measurements of held-out data instead"),
+    simulate: Optional[int] = typer.Option(None, min=1, max=100_000, help="simulate N measurements of held-out data "
+                                          "instead (at most 100,000: the toy sets are drawn in memory)"),
     zeta: float = typer.Option(0.3, min=1e-8, max=1e6, help="DPS step size ζ"),
-    weight: float = typer.Option(1.0, min=1e-8, max=1e6, help="ΠGDM guidance weight w"),
-    out: Path = typer.Option(..., help=".npz (x, y, truth) or .png (measurement | reconstruction | truth)"),
+    pigdm_weight: float = typer.Option(1.0, min=1e-8, max=1e6, help="ΠGDM's guidance weight (its w; not "
+                                       "classifier-free guidance's --w)"),
+    out: Path = typer.Option(..., help="file to write: .npz (x, y, truth) or .png (measurement | reconstruction | "
+                             "truth)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="reconstruction i uses seed SEED+i"),
-    device: Device = typer.Option(Device.auto),
+    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Reconstruct from measurements with DEFT, DPS, ΠGDM (or the unconditional floor)."""
@@ -203,7 +208,7 @@ def run(
         operator, y = simulate_measurement(operator, truth, seed)
     else:
         operator, y, truth = _read_input(input, operator, shape, dev)
-    denoiser = make_denoiser(method.value, base, operator, h_network, zeta, weight)
+    denoiser = make_denoiser(method.value, base, operator, h_network, zeta, pigdm_weight)
     x = reconstruct(denoiser, y, range(seed, seed + len(y)), shape, solver, nfe,
                     conditional=method != Method.uncond,
                     sigma_min=max(getattr(base, "sigma_min", 0.002) or 0.002, 0.002),
@@ -213,7 +218,7 @@ def run(
     if truth is not None and len(shape) == 3:
         summary |= {"psnr": summarise(psnr(x, truth.cpu())), "ssim": summarise(ssim(x, truth.cpu()))}
     _write(out, x, y.cpu(), None if truth is None else truth.cpu(), operator)
-    typer.echo(json.dumps(summary))
+    typer.echo(dumps_strict(summary))
 
 
 def _held_out(base, model: Path, n: int, shape):
@@ -269,12 +274,10 @@ def _read_input(path: Path, operator, shape, device):
 
 
 def _write(out: Path, x, y, truth, operator) -> None:
-    import os
-    import tempfile
-
     import numpy as np
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from difflab.core.io import atomic_path
+
     if out.suffix == ".png":
         from difflab.apps.demo.condition import save_comparison
 
@@ -287,11 +290,5 @@ def _write(out: Path, x, y, truth, operator) -> None:
     arrays = {"x": x.numpy(), "y": y.numpy()} | ({} if truth is None else {"truth": truth.numpy()})
     if operator.mask is not None:
         arrays["mask"] = operator.mask.expand_as(x).cpu().numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npz", dir=out.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
