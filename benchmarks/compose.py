@@ -1,4 +1,4 @@
-"""Benchmark: SuperDiff composition (METHODS.md §2) on exact 2-D mixtures and on the digits.
+"""Benchmark: SuperDiff composition (docs/methods/superdiff.md) on exact 2-D mixtures and on the digits.
 
 Prints tables and writes benchmarks/results/compose.json (compose_quick.json with --quick), the 2-D
 OR/AND figure benchmarks/results/compose_2d.png and digit grids compose_digits_*.png:
@@ -141,8 +141,7 @@ def train_digit_models(cfg: dict, seed: int, cache: Path, device: str) -> dict:
     from difflab.data import load_digits
     from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_UNET, cached_model
     from difflab.nets import UNet
-    from difflab.train import TrainConfig
-    from difflab.train.denoiser import train_denoiser
+    from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
     train = load_digits("train")
     steps = cfg["train_steps"]
@@ -153,10 +152,10 @@ def train_digit_models(cfg: dict, seed: int, cache: Path, device: str) -> dict:
     for name, (x, labels, num_classes) in specs.items():
         def fit(x=x, labels=labels, num_classes=num_classes, name=name):
             torch.manual_seed(seed)
-            config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)
+            config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps,
+                                    batch_size=DIGITS_BATCH, dataset=name, label_dropout=0.1)
             return train_denoiser(UNet(**DIGITS_UNET, num_classes=num_classes), x, labels, config,
-                                  batch_size=DIGITS_BATCH, dataset=name, label_dropout=0.1,
-                                  out_dir=cache / f"{name}-{steps}.checkpoints")[0]
+                                  out_dir=cache / f"{name}-{steps}.checkpoints").model
         models[name], seconds = cached_model(cache / f"{name}-{steps}", fit)
         models[name] = models[name].to(device)
         print(f"{name}: {'trained in %.0f s' % seconds if seconds else 'cached'}")

@@ -1,4 +1,4 @@
-"""Benchmark: DEFT vs DPS vs ΠGDM vs the unconditional floor on held-out digits (METHODS.md §3).
+"""Benchmark: DEFT vs DPS vs ΠGDM vs the unconditional floor on held-out digits (docs/methods/deft.md).
 
 Base: the demo's digits U-Net (trained once and cached under --cache; the 100-step model with
 --quick, as benchmarks/solvers.py). For each task, with measurement noise σ_y = 0.05,
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from difflab.condition.deft import default_config, fit_deft, parameter_fraction
+from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
 from difflab.apps.demo.condition import save_comparison
 from difflab.condition.reconstruct import (DPS_ZETA, PIGDM_WEIGHT, make_denoiser, make_operator, psnr, reconstruct,
                                            simulate, ssim, summarise)
@@ -59,8 +59,9 @@ def run_task(base, task: str, options: dict, n: int, fit_steps: int, fit_batch: 
     operator = make_operator(task, (1, 8, 8), sigma_y=SIGMA_Y, **options)
     log(f"  fitting DEFT for {task} ({fit_steps} steps × {fit_batch} pairs)")
     start = time.perf_counter()
-    hnet = fit_deft(base, operator, load_digits("train").x, steps=fit_steps, batch_size=fit_batch,
-                    config=default_config(seed=seed, device="cpu", checkpoint_every=fit_steps))
+    config = DEFTConfig(train_steps=fit_steps, batch_size=fit_batch, seed=seed, device="cpu",
+                        checkpoint_every=fit_steps)
+    hnet = fit_deft(base, operator, load_digits("train").x, config).model
     fit_seconds = time.perf_counter() - start
     test = load_digits("test")
     truth, labels = test.x[:n], test.labels[:n]

@@ -26,11 +26,11 @@ import torch
 from difflab import CFGDenoiser, load
 from difflab.data import load_digits
 from difflab.apps.demo.run import cached_model
-from difflab.distill import dataset_batches, distill_guided, distill_progressive, make_student
+from difflab.distill import (GuidedDistillConfig, ProgressiveDistillConfig, dataset_batches, distill_guided,
+                             distill_progressive, make_student)
 from difflab.apps.demo.distill import RECIPES, classes_by_steps_figure, evaluate, guided_samples, train_teacher
 from difflab.metrics import digits_frechet_floor
 from difflab.core.fingerprint import fingerprint
-from difflab.train import TrainConfig
 
 # The full run fits ~30 minutes on 2 CPU cores: N₀ = 32 (five halving rounds to 1 step) rather than the
 # paper's 256 (eight rounds), 500 samples; the reference is still the guided teacher at 256 DDIM steps.
@@ -48,17 +48,19 @@ def distil_all(teacher, recipe: dict, cache: Path, seed: int, device: str) -> tu
 
     def stage1():
         student = make_student(teacher, base_model=base_id, teacher=base_id, dataset="digits")
-        config = TrainConfig(steps=recipe["guided_steps"], lr=1e-3, warmup_steps=50, seed=seed, device=device,
-                             checkpoint_every=max(recipe["guided_steps"] // 4, 1))
-        return distill_guided(CFGDenoiser(teacher), student, batches, config, recipe["batch"], (0.0, 4.0),
-                              out_dir=cache / "stage1.checkpoints")[0]
+        config = GuidedDistillConfig(train_steps=recipe["guided_steps"], lr=1e-3, warmup_steps=50, seed=seed,
+                                     device=device, checkpoint_every=max(recipe["guided_steps"] // 4, 1),
+                                     batch_size=recipe["batch"], w_range=(0.0, 4.0))
+        result = distill_guided(CFGDenoiser(teacher), student, batches, config, out_dir=cache / "stage1.checkpoints")
+        return result.model
 
     student, stage1_seconds = cached_model(cache / "stage1", stage1)
-    config = TrainConfig(steps=recipe["round_steps"], lr=3e-4, warmup_steps=10, seed=seed, device=device,
-                         checkpoint_every=max(recipe["round_steps"] // 2, 1))
+    config = ProgressiveDistillConfig(from_steps=recipe["n0"], to_steps=1, train_steps_per_round=recipe["round_steps"],
+                                      lr=3e-4, warmup_steps=10, seed=seed, device=device,
+                                      checkpoint_every=max(recipe["round_steps"] // 2, 1), batch_size=recipe["batch"],
+                                      w_range=(0.0, 4.0))
     start = time.perf_counter()
-    distill_progressive(student.to(device), batches, recipe["n0"], 1, config, recipe["batch"], (0.0, 4.0),
-                        rounds_dir=cache / "rounds")
+    distill_progressive(student.to(device), batches, config, out_dir=cache / "rounds")
     seconds = stage1_seconds + time.perf_counter() - start
     students = {n: load(cache / "rounds" / f"steps-{n:04d}").to(device) for n in STEPS if n < recipe["n0"]}
     return students, seconds

@@ -38,8 +38,7 @@ from difflab.nets import CUNet, UNet
 from difflab.apps.demo.cunet import cost_table, forward_seconds, one_step_psnr
 from difflab.nets.flops import count_flops, example_inputs
 from difflab.sampling import sample, seeded_noise
-from difflab.train import TrainConfig
-from difflab.train.denoiser import edm_loss, train_denoiser
+from difflab.train.denoiser import DenoiserConfig, edm_loss, train_denoiser
 
 NETS = {"unet": lambda: UNet(**DIGITS_UNET), "cunet": lambda: CUNet()}
 
@@ -47,12 +46,12 @@ NETS = {"unet": lambda: UNet(**DIGITS_UNET), "cunet": lambda: CUNet()}
 def train(name: str, steps: int, args) -> dict:
     """Train network `name` for `steps` steps; returns the EMA denoiser and the run's wall time."""
     torch.manual_seed(args.seed)  # the same initialisation draw for a given network
-    config = TrainConfig(steps=steps, seed=args.seed, device="cpu", checkpoint_every=steps)
+    config = DenoiserConfig(train_steps=steps, seed=args.seed, device="cpu", checkpoint_every=steps,
+                            batch_size=args.batch_size, dataset="digits")
     start = time.perf_counter()
-    denoiser, result = train_denoiser(NETS[name](), load_digits("train").x, config=config,
-                                      batch_size=args.batch_size, dataset="digits", progress=False)
+    result = train_denoiser(NETS[name](), load_digits("train").x, config=config, progress=False)
     seconds = time.perf_counter() - start
-    return {"denoiser": denoiser, "steps": steps, "train_seconds": seconds, "final_loss": result.losses[-1][1]}
+    return {"denoiser": result.model, "steps": steps, "train_seconds": seconds, "final_loss": result.final_loss}
 
 
 def train_step_seconds(nets: dict, batch_size: int, repeats: int, seed: int) -> dict[str, float]:

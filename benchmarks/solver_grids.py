@@ -26,7 +26,7 @@ from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  #
 from difflab.core.errors import ConfigError  # noqa: E402
 from difflab.amed.predictor import predictor_sigmas  # noqa: E402
 from difflab.amed.plugin import amed_sample  # noqa: E402
-from difflab.amed.fit import fit_amed  # noqa: E402
+from difflab.amed.fit import AMEDConfig, fit_amed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from solvers import digits_model  # noqa: E402
@@ -52,7 +52,8 @@ def main() -> None:
                     rows[solver, nfe] = None
     for row, base in AMED_ROWS.items():
         for nfe in NFES:
-            predictor = fit_amed(denoiser, AMED_NFE[nfe], M=3, trajectories=2048, batch_size=32, base_solver=base)
+            config = AMEDConfig(nfe=AMED_NFE[nfe], M=3, trajectories=2048, batch_size=32, base_solver=base)
+            predictor = fit_amed(denoiser, config).model
             with torch.no_grad():
                 rows[row, nfe] = amed_sample(denoiser, x_start, predictor_sigmas(predictor), predictor)
     names = SOLVERS + list(AMED_ROWS)

@@ -51,8 +51,8 @@ from difflab.core.errors import ConfigError
 from difflab.sampling import SOLVERS, get_sigmas, sample, seeded_noise, sigmas_for_nfe
 from difflab.amed.predictor import predictor_sigmas
 from difflab.amed.plugin import amed_plugin, amed_sample
-from difflab.train import TrainConfig
-from difflab.amed.fit import fit_amed
+from difflab.train.denoiser import DenoiserConfig
+from difflab.amed.fit import AMEDConfig, fit_amed
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 NFES = (3, 4, 5, 6, 8, 10)
@@ -80,7 +80,8 @@ class Case:
     reference_steps: int
     amed_trajectories: int
     amed_batch: int
-    # AMED rows: (row, base solver, teacher Heun's M); ('amed', 'dpm2', 1) is AMED-Solver's recipe (METHODS.md §1)
+    # AMED rows: (row, base solver, teacher Heun's M); ('amed', 'dpm2', 1) is AMED-Solver's recipe
+    # (docs/methods/amed.md (10))
     amed_variants: tuple[tuple[str, str, int], ...] = (("amed", "dpm2", 1),)
     info: dict = field(default_factory=dict)
 
@@ -103,9 +104,9 @@ def digits_model(cache: Path, steps: int, seed: int = 0):
     from difflab.train.denoiser import train_denoiser
 
     def train():
-        config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device="cpu", checkpoint_every=steps)
-        return train_denoiser(UNet(**DIGITS_UNET), load_digits("train").x, config=config, batch_size=DIGITS_BATCH,
-                              dataset="digits", progress=False)[0]
+        config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device="cpu", checkpoint_every=steps,
+                                batch_size=DIGITS_BATCH, dataset="digits")
+        return train_denoiser(UNet(**DIGITS_UNET), load_digits("train").x, config=config, progress=False).model
 
     denoiser, seconds = cached_model(cache, train)
     return denoiser.eval().requires_grad_(False), seconds
@@ -281,10 +282,11 @@ def run_case(case: Case, log: Callable[[str], None]) -> dict:
         errors[row], nfe_measured[row], amed[row] = {str(n): "n/a" for n in NFES}, {}, {}
         for nfe in AMED_NFES:
             start = time.perf_counter()
-            predictor, result = fit_amed(denoiser, nfe, "karras", SIGMA_MIN, SIGMA_MAX, teacher="heun", M=M,
-                                         trajectories=case.amed_trajectories, batch_size=case.amed_batch,
-                                         shape=case.shape, dtype=case.dtype, rho=RHO, base_solver=base,
-                                         return_result=True)
+            config = AMEDConfig(nfe=nfe, grid="karras", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, teacher_solver="heun", M=M,
+                                trajectories=case.amed_trajectories, batch_size=case.amed_batch, rho=RHO,
+                                dtype=str(case.dtype).replace("torch.", ""), base_solver=base)
+            result = fit_amed(denoiser, config, shape=case.shape)
+            predictor = result.model
             fit_seconds = time.perf_counter() - start
             predictors[(row, nfe)] = predictor
             grid = predictor_sigmas(predictor)
@@ -297,7 +299,7 @@ def run_case(case: Case, log: Callable[[str], None]) -> dict:
                 "fit_seconds": round(fit_seconds, 2), "trajectories": case.amed_trajectories,
                 "batch_size": case.amed_batch,
                 "adam_steps": math.ceil(case.amed_trajectories / case.amed_batch) * (len(grid) - 1),
-                "final_loss": float(f"{result.losses[-1][1]:.4g}") if result.losses else None,
+                "final_loss": float(f"{result.final_loss:.4g}") if result.history else None,
                 "grid_points": len(grid), "base_solver": base,
                 "teacher": f"heun on {(M + 1) * (len(grid) - 1) + 1} points (M={M})"}
             log(f"  {row} NFE {nfe}: fitted in {fit_seconds:.1f} s ({case.amed_trajectories} trajectories)")
@@ -510,7 +512,8 @@ def main() -> None:
         "diffusers UniPC runs with solver_order=3 (difflab unipc's default order), bh2, predict_x0, "
         "lower_order_final; DPM-Solver++ 2M with the midpoint solver type, lower_order_final.",
         "AMED predictors: difflab.amed.fit.fit_amed with its defaults (AFS, Adam lr 5e-3, teacher Heun on "
-        "(M+1)(N-1)+1 points with M=1, the METHODS.md §1 recipe), one predictor per NFE, batch 32. Row 'amed' is "
+        "(M+1)(N-1)+1 points with M=1, the docs/methods/amed.md (10) recipe), one predictor per NFE, batch 32. "
+        "Row 'amed' is "
         "that recipe; row 'amed_M3' (mixtures only; the digits fit budget of 2 minutes has no room for it) uses a "
         "finer teacher (M=3), because with M=1 the teacher itself (Heun on 5 or 7 points) is far from the exact "
         "ODE solution. The mixtures expose no bottleneck feature, so their predictors are learned per-step "

@@ -21,8 +21,7 @@ from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_
 from difflab.metrics import digits_frechet, digits_frechet_floor
 from difflab.nets import UNet
 from difflab.sampling import sample, seeded_noise
-from difflab.train import TrainConfig
-from difflab.train.denoiser import train_denoiser
+from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
 
 def main() -> None:
@@ -37,9 +36,11 @@ def main() -> None:
     data = load_digits("train")
     torch.manual_seed(args.seed)
     net = UNet(**DIGITS_UNET)
-    config = TrainConfig(steps=args.steps, seed=args.seed, device="cpu", checkpoint_every=args.steps)
+    config = DenoiserConfig(train_steps=args.steps, seed=args.seed, device="cpu", checkpoint_every=args.steps,
+                            batch_size=args.batch_size, dataset="digits")
     start = time.perf_counter()
-    denoiser, result = train_denoiser(net, data.x, config=config, batch_size=args.batch_size, dataset="digits")
+    result = train_denoiser(net, data.x, config=config)
+    denoiser = result.model
     train_seconds = time.perf_counter() - start
 
     sigmas = heun_sigmas(18, 0.002, 80.0)
@@ -52,7 +53,7 @@ def main() -> None:
            "batch_size": args.batch_size, "train_seconds": round(train_seconds, 1),
            "sample_seconds_1000_heun35": round(sample_seconds, 1), "n": args.n,
            "frechet": round(fd, 2), "frechet_floor": round(floor, 2), "ratio_to_floor": round(fd / floor, 2),
-           "final_loss": round(result.losses[-1][1], 4), "torch_threads": torch.get_num_threads(),
+           "final_loss": round(result.final_loss, 4), "torch_threads": torch.get_num_threads(),
            "machine": platform.processor() or platform.machine(), "unet": DIGITS_UNET}
     print("| " + " | ".join(row) + " |")
     print("|" + "---|" * len(row))

@@ -1,4 +1,4 @@
-"""The layout DESIGN says, checked on the import graph (grimp, the library under import-linter):
+"""The layout docs/architecture.md describes, checked on the import graph (grimp, the library under import-linter):
 no module imports itself round a cycle, apps code lives under `difflab.apps`, and one module
 writes files by rename. The layer contracts themselves are import-linter's (pyproject.toml)."""
 from __future__ import annotations

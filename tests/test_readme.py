@@ -31,9 +31,9 @@ FULL = os.environ.get("DIFFLAB_README_FULL") == "1"
 # (README text, what runs instead): each must occur in the blocks at least once, so a README edit
 # that drops one fails here rather than running for minutes. Nothing else is changed.
 SCALE_DOWN = [
-    ("--steps 1000 ", "--steps 2 "),                    # difflab train: optimiser steps
-    ("--steps 2000 ", "--steps 2 "),                    # distill guided, condition fit
-    ("--steps 500 ", "--steps 2 "),                     # the cU-Net
+    ("--train-steps 1000 ", "--train-steps 2 "),        # difflab train, distill guided: optimiser steps
+    ("--train-steps 2000 ", "--train-steps 2 "),        # condition fit
+    ("--train-steps 500 ", "--train-steps 2 "),         # the cU-Net
     ("steps=2000)", "steps=2)"),                        # fit_deft
     ("trajectories=4096)", "trajectories=8)"),          # fit_amed
     ("--trajectories 4096 ", "--trajectories 8 "),      # difflab amed fit
@@ -41,8 +41,8 @@ SCALE_DOWN = [
     ("--nfe 100 ", "--nfe 3 "),                         # difflab compose
     ('get_sigmas("karras", 101,', 'get_sigmas("karras", 4,'),   # superdiff's grid
     ("--pairs 1000 ", "--pairs 16 "),                   # condition fit
-    ("--from 32 ", "--from 8 "),                        # distill progressive: rounds 8 → 4 → 2 → 1
-    ("--steps-per-round 300 ", "--steps-per-round 1 "),
+    ("--from-steps 32 ", "--from-steps 8 "),            # distill progressive: rounds 8 → 4 → 2 → 1
+    ("--train-steps-per-round 300 ", "--train-steps-per-round 1 "),
 ]
 
 

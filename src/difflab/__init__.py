@@ -16,3 +16,12 @@ from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  #
 
 __all__ = ["__version__", "GaussianMixture", "EDMDenoiser", "VPDenoiser", "FlowDenoiser", "CFGDenoiser",
            "eps", "score", "fingerprint", "load", "get_sigmas", "sample", "seeded_noise", "sigmas_for_nfe"]
+# and `DifflabScheduler` (below), left out of __all__ so that `from difflab import *` does not need diffusers
+
+
+def __getattr__(name: str):
+    """`difflab.DifflabScheduler`, imported on first use (it imports diffusers, which is slow and optional)."""
+    if name == "DifflabScheduler":
+        from difflab.interop.diffusers.scheduler import DifflabScheduler
+        return DifflabScheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ from difflab.core.errors import AddonMismatchError, ConfigError
 from difflab.sampling import SOLVERS
 from difflab.amed.predictor import AMEDParams, ConstantPredictor, amed_nfe, amed_solver, predictor_sigmas
 from difflab.amed.plugin import BASE_SOLVERS, amed_plugin, amed_sample, refined_sigmas
-from difflab.amed.fit import default_config, fit_amed
+from difflab.amed.fit import AMEDConfig, fit_amed
 from tests.sampling.helpers import CountingDenoiser
 
 PLUGIN_ONLY = [b for b in BASE_SOLVERS if b != "dpm2"]
@@ -102,7 +102,8 @@ def test_per_sample_points_give_per_sample_steps(mixture):
 def test_fitting_by_continuation_beats_the_base_solver_at_nfe5(mixture, base):
     """Fitted with an accurate teacher (Heun on 25 points, error ~0.03 here), the plugin's error at
     NFE 5 falls well below where it started (the base solver on the log-midpoint grid)."""
-    predictor = fit_amed(mixture, nfe=5, M=7, trajectories=2048, batch_size=128, shape=(2,), base_solver=base)
+    config = AMEDConfig(nfe=5, M=7, trajectories=2048, batch_size=128, base_solver=base)
+    predictor = fit_amed(mixture, config, shape=(2,)).model
     assert predictor.fitted_for["base_solver"] == base
     x = _noise(512, seed=7)
     reference = difflab.sample(mixture, x, get_sigmas("karras", 401, 0.002, 80.0), solver="heun")
@@ -115,7 +116,8 @@ def test_fitting_by_continuation_beats_the_base_solver_at_nfe5(mixture, base):
 
 
 def test_a_predictor_drives_only_the_base_solver_it_was_fitted_for(mixture):
-    predictor = fit_amed(mixture, nfe=3, trajectories=32, batch_size=32, shape=(2,), base_solver="ipndm")
+    config = AMEDConfig(nfe=3, trajectories=32, batch_size=32, base_solver="ipndm")
+    predictor = fit_amed(mixture, config, shape=(2,)).model
     x, sigmas = _noise(4).float(), predictor_sigmas(predictor)
     amed_plugin(mixture, x, sigmas, predictor, base="ipndm")
     with pytest.raises(AddonMismatchError, match="base solver 'ipndm'"):
@@ -123,15 +125,15 @@ def test_a_predictor_drives_only_the_base_solver_it_was_fitted_for(mixture):
     with pytest.raises(AddonMismatchError, match="base solver"):
         amed_solver(mixture, x, sigmas, predictor)
     with pytest.raises(ConfigError, match="no base solver 'heun'"):
-        fit_amed(mixture, nfe=3, trajectories=32, batch_size=32, shape=(2,), base_solver="heun")
+        fit_amed(mixture, AMEDConfig(nfe=3, trajectories=32, batch_size=32, base_solver="heun"), shape=(2,))
 
 
 def test_an_interrupted_continuation_fit_resumes_to_the_same_predictor(mixture, tmp_path):
     """checkpoint_every = 4 is rounded up to 6 (two batches of N − 1 = 3 intervals), so checkpoints sit
     at batch boundaries, where the continuation student starts afresh: the resume is bitwise."""
-    kwargs = dict(nfe=5, M=1, trajectories=4 * 32, batch_size=32, shape=(2,), base_solver="dpmpp_2m",
-                  config=default_config(checkpoint_every=4))
-    whole = fit_amed(mixture, **kwargs)
+    kwargs = dict(shape=(2,), config=AMEDConfig(nfe=5, M=1, trajectories=4 * 32, batch_size=32,
+                                                base_solver="dpmpp_2m", checkpoint_every=4))
+    whole = fit_amed(mixture, **kwargs).model
 
     class Interrupt(Exception):
         pass
@@ -145,7 +147,7 @@ def test_an_interrupted_continuation_fit_resumes_to_the_same_predictor(mixture, 
     crash_at_batch_3.calls = 0
     with pytest.raises(Interrupt):
         fit_amed(mixture, **kwargs, out_dir=tmp_path, cond_sampler=crash_at_batch_3)
-    resumed = fit_amed(mixture, **kwargs, out_dir=tmp_path)
+    resumed = fit_amed(mixture, **kwargs, out_dir=tmp_path).model
     for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 

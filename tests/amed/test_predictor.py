@@ -19,7 +19,7 @@ from difflab.amed.predictor import (AMEDPredictor, ConstantPredictor, amed_nfe, 
 from difflab.core.fingerprint import fingerprint
 from difflab.models import fingerprint_of
 from difflab.core.errors import ModelFormatError
-from difflab.amed.fit import default_config, fit_amed, teacher_trajectory
+from difflab.amed.fit import AMEDConfig, fit_amed, teacher_trajectory
 from tests.conftest import np_denoiser
 
 
@@ -62,7 +62,7 @@ def test_predictor_has_about_9k_parameters_in_the_documented_layout():
     print(f"AMEDPredictor parameters: {count}")
     # Linear(64→128) + Linear(128→4) + shared Linear(8→8) + head Linear(20→3)
     assert count == (64 * 128 + 128) + (128 * 4 + 4) + (8 * 8 + 8) + (20 * 3 + 3) == 8971
-    assert 8_500 <= count <= 9_500          # METHODS.md §1: "about 9k parameters"
+    assert 8_500 <= count <= 9_500          # docs/methods/amed.md: "8,971 parameters"
 
 
 def test_heads_stay_in_their_ranges_and_delta_zero_fixes_a_at_one():
@@ -89,7 +89,7 @@ def test_pool_feature_gives_64_values_per_sample_and_averages_channels(shape):
 
 # ----- the solver -------------------------------------------------------------------------------
 def _hand_written_dpm2(case, x: np.ndarray, sigmas: np.ndarray, afs: bool) -> np.ndarray:
-    """DPM-Solver-2 from METHODS.md, with the numpy denoiser of conftest: s = sqrt(t t'),
+    """DPM-Solver-2 (docs/methods/solvers.md (9)), with the numpy denoiser of conftest: s = sqrt(t t'),
     x' = x + (t' − t)·ε̂(x + (s − t)d, s); AFS: d = x/sqrt(1 + t²) on the first step."""
     for i, (t, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         d = x / np.sqrt(1 + t**2) if afs and i == 0 else (x - np_denoiser(case, x, t)) / t
@@ -155,8 +155,8 @@ def mixture():
 @pytest.fixture(scope="module")
 def fitted(mixture):
     """A predictor fitted for NFE 5 on the exact mixture (black box: per-step constants), with the
-    defaults of METHODS.md §1: Karras grid 80 → 0.002, teacher Heun with M = 1, Adam lr 5e−3."""
-    return fit_amed(mixture, nfe=5, trajectories=2048, batch_size=128, shape=(2,), return_result=True)
+    defaults of docs/methods/amed.md (10)–(11): Karras grid 80 → 0.002, teacher Heun with M = 1, Adam lr 5e−3."""
+    return fit_amed(mixture, AMEDConfig(nfe=5, trajectories=2048, batch_size=128), shape=(2,))
 
 
 def test_teacher_states_land_on_the_student_grid(mixture):
@@ -171,20 +171,20 @@ def test_teacher_states_land_on_the_student_grid(mixture):
 
 
 def test_fitting_on_mixture_beats_the_untrained_predictor_and_dpm2_at_nfe5(mixture, fitted):
-    predictor, result = fitted
+    predictor, result = fitted.model, fitted
     sigmas = predictor_sigmas(predictor)
     assert len(sigmas) == 4 and amed_nfe(len(sigmas)) == 5
     x = 80.0 * torch.randn(512, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     reference = _fine_heun(mixture, x, 0.002, 80.0)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(default_config().seed)       # the fit's initial weights
+        torch.manual_seed(AMEDConfig().seed)       # the fit's initial weights
         untrained = AMEDPredictor()
     with torch.no_grad():
         err_fitted = _mean_l2(amed_solver(mixture, x.float(), sigmas, predictor), reference)
         err_untrained = _mean_l2(amed_solver(mixture, x.float(), sigmas, untrained), reference)
     err_dpm2 = _mean_l2(amed_solver(mixture, x, sigmas, ConstantPredictor()), reference)
     print(f"mean L2 error at NFE 5: untrained {err_untrained:.3f}, DPM-2 (AFS) {err_dpm2:.3f}, "
-          f"AMED fitted {err_fitted:.3f}; losses {result.losses[-3:]}")
+          f"AMED fitted {err_fitted:.3f}; losses {result.history[-3:]}")
     # observed: untrained 7.18, DPM-2 6.53, fitted 1.32 (ratio 0.20); a halving is a clear margin with slack
     assert err_fitted < 0.5 * err_untrained
     assert err_fitted < 0.5 * err_dpm2
@@ -204,8 +204,9 @@ def test_a_denoiser_with_a_feature_gets_per_sample_r_c_a_and_can_be_fitted():
     _, params_afs = amed_step(denoiser, x, 5.0, 1.0, predictor, analytic_first=True)
     assert float(params_afs.r.detach().std()) == 0   # h = 0 on an AFS step: one value for the whole batch
 
-    fitted, result = fit_amed(denoiser, nfe=3, trajectories=64, batch_size=32, delta_a=0.2, return_result=True)
-    assert all(np.isfinite(loss) for _, loss in result.losses)
+    result = fit_amed(denoiser, AMEDConfig(nfe=3, trajectories=64, batch_size=32, delta_a=0.2))
+    fitted = result.model
+    assert all(np.isfinite(loss) for _, loss in result.history)
     assert all(p.requires_grad for p in denoiser.parameters())     # the freeze is undone afterwards
     out = amed_solver(denoiser, 20.0 * torch.randn(8, 2), predictor_sigmas(fitted), fitted)
     assert out.shape == (8, 2) and bool(torch.isfinite(out).all())
@@ -231,7 +232,7 @@ def test_a_unet_feature_map_is_pooled_and_gives_per_sample_r():
 
 # ----- models on disk and the add-on checks ---------------------------------------------------
 def test_save_load_round_trip_gives_identical_outputs(mixture, fitted, tmp_path):
-    predictor, _ = fitted
+    predictor = fitted.model
     predictor.save(tmp_path / "amed")
     loaded = difflab.load(tmp_path / "amed")
     assert isinstance(loaded, AMEDPredictor) and loaded.config() == predictor.config()
@@ -244,7 +245,7 @@ def test_save_load_round_trip_gives_identical_outputs(mixture, fitted, tmp_path)
         torch.testing.assert_close(amed_solver(mixture, x, sigmas, via_check), expected, rtol=0, atol=0)
 
 
-def test_model_id_names_the_content_and_matches_a_saved_folder(mixture, tmp_path):
+def test_fingerprint_names_the_content_and_matches_a_saved_folder(mixture, tmp_path):
     mixture.save(tmp_path / "mix")
     assert fingerprint_of(tmp_path / "mix") == fingerprint(mixture)
     moved = GaussianMixture(mixture.means + 0.1, covs=mixture.covs, weights=mixture.weights, labels=mixture.labels)
@@ -253,7 +254,7 @@ def test_model_id_names_the_content_and_matches_a_saved_folder(mixture, tmp_path
 
 
 def test_another_base_model_or_nfe_is_refused(mixture, fitted, tmp_path):
-    predictor, _ = fitted
+    predictor = fitted.model
     predictor.save(tmp_path / "amed")
     other = GaussianMixture([[0.0, 0.0]], stds=[1.0])
     other.save(tmp_path / "other")
@@ -279,7 +280,8 @@ def test_another_base_model_or_nfe_is_refused(mixture, fitted, tmp_path):
 def test_fitting_through_cfg_on_a_labelled_mixture_beats_dpm2(mixture):
     guided = CFGDenoiser(mixture, w=1.0)
     labels = lambda generator, n: {"class_labels": torch.randint(0, 2, (n,), generator=generator)}  # noqa: E731
-    predictor = fit_amed(guided, nfe=5, M=3, trajectories=1024, batch_size=128, shape=(2,), cond_sampler=labels)
+    config = AMEDConfig(nfe=5, M=3, trajectories=1024, batch_size=128)
+    predictor = fit_amed(guided, config, shape=(2,), cond_sampler=labels).model
     assert predictor.base_model == fingerprint(guided) != fingerprint(mixture)
     x = 80.0 * torch.randn(256, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     cond = {"class_labels": torch.arange(256) % 2}
@@ -311,9 +313,9 @@ def test_cfg_reads_the_conditional_half_of_the_feature():
 
 # ----- the loop: exact resume -----------------------------------------------------------------
 def test_an_interrupted_fit_resumes_to_the_same_predictor(mixture, tmp_path):
-    config = default_config(checkpoint_every=4)
-    kwargs = dict(nfe=5, M=1, trajectories=4 * 32, batch_size=32, shape=(2,), config=config)
-    whole = fit_amed(mixture, **kwargs)
+    config = AMEDConfig(checkpoint_every=4, nfe=5, M=1, trajectories=4 * 32, batch_size=32)
+    kwargs = dict(shape=(2,), config=config)
+    whole = fit_amed(mixture, **kwargs).model
 
     class Interrupt(Exception):
         pass
@@ -327,7 +329,7 @@ def test_an_interrupted_fit_resumes_to_the_same_predictor(mixture, tmp_path):
     crash_at_batch_2.calls = 0
     with pytest.raises(Interrupt):
         fit_amed(mixture, **kwargs, out_dir=tmp_path, cond_sampler=crash_at_batch_2)
-    resumed = fit_amed(mixture, **kwargs, out_dir=tmp_path)   # resumes mid-batch (step 4 = batch 1, step 1)
+    resumed = fit_amed(mixture, **kwargs, out_dir=tmp_path).model   # resumes mid-batch (step 4 = batch 1, step 1)
     for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)   # same arithmetic, same order: bitwise
     assert (tmp_path / "predictor" / "config.json").is_file()

@@ -112,7 +112,7 @@ def test_two_model_closed_form_is_the_papers_formula_and_agrees_with_the_system(
     A, b = drift_matrix(eps_models, eps_models, -2 * h, sigma), ito_increment(xi, eps_models, sigma, h)
     kappa, _ = and_kappa_two(A, b)
     delta = eps_models[0] - eps_models[1]
-    paper = 0.5 + (xi * delta).sum(-1) / (2 * h * delta.square().sum(-1))   # METHODS.md §2, κ_1
+    paper = 0.5 + (xi * delta).sum(-1) / (2 * h * delta.square().sum(-1))   # docs/methods/superdiff.md (10)
     torch.testing.assert_close(kappa[:, 0], paper)
     torch.testing.assert_close(and_kappa_system(A, b)[0], kappa)
 

@@ -8,7 +8,7 @@ import torch
 
 from difflab import EDMDenoiser, GaussianMixture, get_sigmas, sample
 from difflab.condition import DEFTDenoiser, DPS, HNetwork, Inpaint, SuperResolution, fit_deft, load_hnet
-from difflab.condition.deft import default_config, deft_x0
+from difflab.condition.deft import DEFTConfig, deft_x0
 from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError
 from difflab.metrics import sliced_wasserstein
 from difflab.nets import MLP, UNet
@@ -35,8 +35,9 @@ def fitted():
     torch.manual_seed(0)
     prior = prior_2d()
     data = prior.sample(4096, generator=torch.Generator().manual_seed(0))
-    hnet = fit_deft(prior, observe_first(), data, steps=500, batch_size=256, config=default_config(lr=2e-3, seed=0),
-                    nn1={"hidden": 64, "depth": 2}, p_mean=0.5, p_std=1.5)
+    config = DEFTConfig(train_steps=500, batch_size=256, lr=2e-3, seed=0, nn1={"hidden": 64, "depth": 2}, p_mean=0.5,
+                        p_std=1.5)
+    hnet = fit_deft(prior, observe_first(), data, config).model
     return prior, hnet
 
 
@@ -122,7 +123,7 @@ def test_fitting_sends_no_gradient_to_the_base_and_runs_it_without_a_graph():
     recorder = Recorder(base)
     data = prior_2d().sample(256, generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    fit_deft(recorder, observe_first(), data, steps=3, batch_size=32, config=default_config(seed=0))
+    fit_deft(recorder, observe_first(), data, DEFTConfig(train_steps=3, batch_size=32, seed=0))
     assert recorder.calls and all(not grad_on and not graph for grad_on, graph in recorder.calls)
     assert all(p.grad is None for p in base.parameters())
     assert all(p.requires_grad for p in base.parameters())      # restored after the fit
@@ -201,8 +202,8 @@ def test_the_fitting_loss_is_the_epsilon_matching_loss():
 def test_a_cunet_h_network_fits_on_images_saves_loads_and_bad_classes_are_refused(tmp_path):
     base, op = image_base(), Inpaint(kind="box", shape=(1, 8, 8), sigma_y=0.05)
     data = torch.rand(64, 1, 8, 8) * 2 - 1
-    hnet = fit_deft(base, op, data, steps=4, batch_size=8, config=default_config(seed=0, ema_decay=0.0),
-                    nn1_class="CUNet")
+    config = DEFTConfig(train_steps=4, batch_size=8, seed=0, ema_decay=0.0, nn1_class="CUNet")
+    hnet = fit_deft(base, op, data, config).model
     fresh = HNetwork((1, 8, 8), op, fingerprint(base), nn1_class="CUNet")
     assert type(hnet.nn1).__name__ == "CUNet"
     assert not torch.equal(hnet.nn1.conv_out.weight, fresh.nn1.conv_out.weight)   # the fit moved NN1

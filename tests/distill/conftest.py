@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from difflab import CFGDenoiser, GaussianMixture
-from difflab.distill import GuidedStudent, PredictionDenoiser, dataset_batches, distill_guided
+from difflab.distill import GuidedDistillConfig, GuidedStudent, PredictionDenoiser, dataset_batches, distill_guided
 from difflab.nets import MLP
-from difflab.train import TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +24,8 @@ def distilled():
     torch.manual_seed(0)
     net = MLP(dim=2, hidden=64, depth=2, embed_dim=32, num_classes=2, extra_embed=True)
     student = GuidedStudent(PredictionDenoiser(net, "v", sigma_min=0.002, sigma_max=80.0, data_shape=(2,)))
-    config = TrainConfig(steps=400, lr=1e-2, warmup_steps=50, ema_decay=0.99, checkpoint_every=10**6, device="cpu")
-    trained, _ = distill_guided(CFGDenoiser(mixture), student, dataset_batches(x, labels), config, batch_size=128,
-                                w_range=(0.0, 4.0), progress=False)
+    config = GuidedDistillConfig(train_steps=400, lr=1e-2, warmup_steps=50, ema_decay=0.99, checkpoint_every=10**6,
+                                 device="cpu", batch_size=128, w_range=(0.0, 4.0))
+    trained = distill_guided(CFGDenoiser(mixture), student, dataset_batches(x, labels), config, progress=False).model
     torch.set_num_threads(threads)
     return mixture, trained, x, labels

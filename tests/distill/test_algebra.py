@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from difflab import CFGDenoiser, GaussianMixture
-from difflab.distill import (cosine_sigma, ddim_step, kernel_std, progressive_target, renoise, sample_stochastic,
-                             student_sigmas, truncated_snr_weight, two_step_target)
+from difflab.distill import (
+    cosine_sigma,
+    ddim_step,
+    kernel_std,
+    progressive_target,
+    renoise,
+    sample_stochastic,
+    student_sigmas,
+    truncated_snr_weight,
+    two_step_target,
+)
 from difflab.distill.progressive import teacher_two_steps
 from difflab.sampling import euler
 
@@ -65,7 +74,7 @@ def test_one_student_step_with_the_target_lands_exactly_on_two_teacher_steps(mix
 
 
 def test_final_step_target_is_the_teachers_denoised_midpoint(mix2d):
-    """σ'' = 0 (i = 1): x̃ = x̂_teacher(x_t'), bit for bit (METHODS.md §4's edge case)."""
+    """σ'' = 0 (i = 1): x̃ = x̂_teacher(x_t'), bit for bit (docs/methods/distillation.md (8), its edge case)."""
     teacher = _guided_mixture(mix2d)
     n, batch = 4, 32
     gen = torch.Generator().manual_seed(3)
@@ -82,7 +91,7 @@ def test_final_step_target_is_the_teachers_denoised_midpoint(mix2d):
 def test_target_formula_with_a_wrong_denominator_does_not_land():
     """A sanity check that the landing test has teeth: (1 − σ''/σ) replaced by (1 + σ''/σ) misses."""
     gen = torch.Generator().manual_seed(0)
-    x_t, x_t2 = torch.randn(8, 2, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    x_t, x_t2 = (torch.randn(8, 2, generator=gen, dtype=torch.float64) for _ in range(2))
     sigma, sigma_2 = 2.0, 0.5
     wrong = (x_t2 - sigma_2 / sigma * x_t) / (1 + sigma_2 / sigma)
     assert (ddim_step(x_t, wrong, sigma, sigma_2) - x_t2).abs().max() > 1e-2
@@ -92,7 +101,7 @@ def test_target_formula_with_a_wrong_denominator_does_not_land():
 
 @pytest.mark.parametrize("sigma_from, sigma_to", [(0.0, 1.0), (0.3, 0.8), (2.0, 40.0)])
 def test_forward_kernel_variance_is_the_vp_kernels(sigma_from, sigma_to):
-    """Var(x_to | x_from) = (1 − e^{λ_to − λ_from})·σ_vp,to² / α_to² (METHODS.md §4, VP form)."""
+    """Var(x_to | x_from) = (1 − e^{λ_to − λ_from})·σ_vp,to² / α_to² (docs/methods/distillation.md (10), VP form)."""
     a_to, s_to, lam_to = vp(sigma_to)
     lam_from = np.inf if sigma_from == 0 else vp(sigma_from)[2]
     vp_variance = (1 - np.exp(lam_to - lam_from)) * s_to**2

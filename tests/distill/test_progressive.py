@@ -8,10 +8,15 @@ import torch
 
 import difflab
 from difflab import CFGDenoiser
-from difflab.distill import dataset_batches, distill_progressive, sample_deterministic, student_sigmas
-from difflab.distill.progressive import check_halving
 from difflab.core.errors import AddonMismatchError, ConfigError
-from difflab.train import TrainConfig
+from difflab.distill import (
+    ProgressiveDistillConfig,
+    dataset_batches,
+    distill_progressive,
+    sample_deterministic,
+    student_sigmas,
+)
+from difflab.distill.progressive import check_halving
 
 
 def test_one_round_makes_4_student_steps_match_8_exact_guided_teacher_steps(distilled):
@@ -24,9 +29,10 @@ def test_one_round_makes_4_student_steps_match_8_exact_guided_teacher_steps(dist
     trains the student towards another point and fails."""
     mixture, stage1, x, labels = distilled
     teacher = CFGDenoiser(mixture)
-    config = TrainConfig(steps=200, lr=1e-3, warmup_steps=20, checkpoint_every=10**6, device="cpu")
-    student = distill_progressive(copy.deepcopy(stage1), dataset_batches(x, labels), n_from=8, n_to=4,
-                                  config=config, batch_size=128, teacher=teacher, progress=False).eval()
+    config = ProgressiveDistillConfig(from_steps=8, to_steps=4, train_steps_per_round=200, batch_size=128, lr=1e-3,
+                                      warmup_steps=20, checkpoint_every=10**6, device="cpu")
+    student = distill_progressive(copy.deepcopy(stage1), dataset_batches(x, labels), config, teacher=teacher,
+                                  progress=False).model
     assert student.steps == 4 and student.distilled["stage"] == "progressive"
     gen = torch.Generator().manual_seed(9)
     n = 2000
@@ -47,10 +53,14 @@ def test_one_round_makes_4_student_steps_match_8_exact_guided_teacher_steps(dist
 
 def test_rounds_are_saved_resumed_and_refused_for_another_start(tmp_path, distilled):
     mixture, stage1, x, labels = distilled
-    config = TrainConfig(steps=2, lr=1e-3, warmup_steps=1, checkpoint_every=10**6, device="cpu")
+    config = ProgressiveDistillConfig(from_steps=4, to_steps=1, train_steps_per_round=2, batch_size=8, lr=1e-3,
+                                      warmup_steps=1, checkpoint_every=10**6, device="cpu")
     rounds = tmp_path / "rounds"
-    run = lambda start, **kw: distill_progressive(copy.deepcopy(start), dataset_batches(x, labels), n_from=4, n_to=1,
-                                                  config=config, batch_size=8, rounds_dir=rounds, progress=False, **kw)
+
+    def run(start):
+        return distill_progressive(copy.deepcopy(start), dataset_batches(x, labels), config, out_dir=rounds,
+                                   progress=False).model
+
     final = run(stage1)
     for n in (2, 1):
         saved = difflab.load(rounds / f"steps-{n:04d}")
@@ -66,7 +76,7 @@ def test_rounds_are_saved_resumed_and_refused_for_another_start(tmp_path, distil
         run(other)
 
 
-@pytest.mark.parametrize("n_from, n_to, message", [(6, 1, "power of two"), (4, 4, "--to < --from"),
+@pytest.mark.parametrize("n_from, n_to, message", [(6, 1, "power of two"), (4, 4, "--to-steps < --from-steps"),
                                                     (8, 0, "power of two")])
 def test_halving_schedule_is_validated(n_from, n_to, message):
     with pytest.raises(ConfigError, match=message):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from difflab import CFGDenoiser, GaussianMixture
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.distill import img2img, inpaint, sample_deterministic, sample_stochastic, sample_student, student_sigmas
 from difflab.distill.samplers import ddim_step
-from difflab.core.errors import ConfigError, ShapeError
 
 
 class Counting(torch.nn.Module):

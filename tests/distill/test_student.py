@@ -8,9 +8,9 @@ import torch
 
 import difflab
 from difflab import CFGDenoiser, EDMDenoiser
+from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
 from difflab.distill import GuidedStudent, PredictionDenoiser, make_student
 from difflab.distill.guided import dataset_batches, guided_loss
-from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
 from difflab.nets import MLP, UNet
 
 
@@ -90,7 +90,7 @@ def test_parameterisations_recover_x0_from_their_exact_targets(prediction):
     """VP: z = αx0 + sε; v = αε − s·x0 (Salimans & Ho eq. 8 ff.); both = (x0, ε). Fed the exact target,
     each σ-space form must return x0 (float64, to round-off)."""
     gen = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    x0, noise = (torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(2))
     sigma = torch.tensor([0.01, 0.3, 1.0, 5.0, 80.0], dtype=torch.float64)
     x = x0 + sigma[:, None] * noise
     alpha = (1 / np.sqrt(1 + sigma.numpy() ** 2))[:, None]
@@ -158,10 +158,9 @@ def test_diffusers_student_plumbing_equal_at_init_and_trainable():
     """Offline, random, tiny: the student copies the UNet with a zero `time_embedding.cond_proj`, equals the
     teacher at init for every w, and one stage-1 step through `fit` moves the w projection."""
     from difflab.core.wrappers import VPDenoiser
-    from difflab.distill import distill_guided
+    from difflab.distill import GuidedDistillConfig, distill_guided
     from difflab.nets.diffusers_unet import DiffusersUNet
     from difflab.sampling.grids import ddpm_alphas_cumprod
-    from difflab.train import TrainConfig
 
     teacher = VPDenoiser(DiffusersUNet(tiny_condition_unet()), ddpm_alphas_cumprod(), "epsilon").eval()
     teacher.data_shape = (1, 8, 8)
@@ -181,8 +180,9 @@ def test_diffusers_student_plumbing_equal_at_init_and_trainable():
         idx = torch.randint(16, (batch_size,), generator=generator)
         return torch.randn(batch_size, 1, 8, 8, generator=generator), {"encoder_hidden_states": prompts[idx]}
 
-    config = TrainConfig(steps=2, lr=1e-3, warmup_steps=1, checkpoint_every=10, device="cpu")
-    trained, result = distill_guided(guided, student.train(), batch_fn, config, batch_size=4, progress=False)
-    assert float(result.model.denoiser.model.unet.time_embedding.cond_proj.weight.abs().max()) > 0
+    config = GuidedDistillConfig(train_steps=2, lr=1e-3, warmup_steps=1, checkpoint_every=10, device="cpu",
+                                 batch_size=4)
+    trained = distill_guided(guided, student.train(), batch_fn, config, progress=False).model
+    assert float(trained.denoiser.model.unet.time_embedding.cond_proj.weight.abs().max()) > 0
     with pytest.raises(ConfigError, match="save_pretrained"):
         trained.config()

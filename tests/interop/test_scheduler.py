@@ -114,12 +114,13 @@ def test_a_fitted_plugin_predictor_runs_in_the_scheduler_as_per_step_constants(m
     amed_scheduler_config, the same final state in a diffusers loop as amed_plugin with the predictor."""
     from difflab.interop.diffusers.scheduler import amed_scheduler_config
     from difflab.amed.plugin import amed_plugin
-    from difflab.amed.fit import fit_amed
+    from difflab.amed.fit import AMEDConfig, fit_amed
 
     table = DifflabScheduler().alphas_cumprod
     vp = VPDenoiser(MixtureEpsModel(mix2d.model, table), table)
-    predictor = fit_amed(vp, nfe=5, trajectories=96, batch_size=32, shape=(2,), base_solver="ipndm", M=3)
-    settings = amed_scheduler_config(predictor)
+    config = AMEDConfig(nfe=5, trajectories=96, batch_size=32, base_solver="ipndm", M=3)
+    predictor = fit_amed(vp, config, shape=(2,)).model
+    settings = amed_scheduler_config(predictor, black_box=True)   # fitted on a black box: h = 0 throughout
     assert settings["amed_base"] == "ipndm" and len(settings["amed_r"]) == 3
     scheduler = DifflabScheduler(**settings)
     x_vp = torch.randn(16, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -235,3 +236,161 @@ def test_add_noise_is_ddpm_forward_process_and_matches_ddpm_table():
     expected = a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * noise            # DDPM eq. (4)
     assert torch.allclose(scheduler.add_noise(x0, noise, t), expected, rtol=1e-10, atol=1e-12)
     assert len(scheduler) == 1000
+
+
+# ----- what pipelines rely on: img2img, fp16 / bf16, constant work per step ------------------------------
+SD_TABLE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def _tiny_sd_components():
+    """A tiny random Stable Diffusion (UNet2DConditionModel + AutoencoderKL, latents 4×8×8 for 8×8 images); the
+    prompt is passed as embeddings, so no tokenizer or text encoder is needed (diffusers' Stable Diffusion pipelines
+    still import transformers)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                          layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+                                          attention_head_dim=2,
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",)).eval()
+    prompt_embeds = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(1))
+    return {"unet": unet, "vae": vae, "text_encoder": None, "tokenizer": None, "safety_checker": None,
+            "feature_extractor": None, "requires_safety_checker": False}, prompt_embeds
+
+
+def test_img2img_pipeline_continues_from_the_noised_image_at_its_begin_index():
+    """StableDiffusionImg2ImgPipeline (strength 0.6 of 10 steps: set_begin_index(4), add_noise at timesteps[4])
+    gives the solver run on the grid's tail from the state the UNet first sees."""
+    components, prompt_embeds = _tiny_sd_components()
+    scheduler = DifflabScheduler(**SD_TABLE, solver="dpmpp_2m")
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**components, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    components["unet"].register_forward_pre_hook(lambda module, args: seen.append((args[0].clone(), float(args[1]))))
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    latents = pipe(prompt_embeds=prompt_embeds, image=image, strength=0.6, num_inference_steps=10, guidance_scale=1.0,
+                   output_type="latent", generator=torch.Generator().manual_seed(3)).images
+    assert scheduler.begin_index == 4 and len(seen) == 6
+    grid = sigmas_for_nfe("dpmpp_2m", 10, "karras", scheduler._vp.sigma_min, scheduler._vp.sigma_max)[4:]
+    assert seen[0][1] == pytest.approx(float(scheduler.sigma_to_t(grid[:1])), abs=1e-9)
+
+    def unet_eps(x_vp, t):
+        with torch.no_grad():
+            return components["unet"](x_vp, t, encoder_hidden_states=prompt_embeds).sample
+    vp = VPDenoiser(unet_eps, scheduler.alphas_cumprod)
+    expected = sample(vp, seen[0][0] * math.sqrt(1 + float(grid[0]) ** 2), grid, solver="dpmpp_2m")
+    got = latents * math.sqrt(1 + float(grid[-1]) ** 2)
+    assert _relative(got, expected) < 1e-5   # float32 both ways, the same step functions (measured ~1e-7)
+
+
+HALF_PRECISION_CASES = [({"solver": "dpmpp_2m"}, 6), ({"solver": "amed", "afs": False}, 6),
+                        ({"solver": "amed", "afs": False, "amed_base": "ipndm"}, 6), ({"solver": "unipc"}, 6)]
+
+
+@pytest.mark.parametrize("settings, nfe", HALF_PRECISION_CASES)
+def test_stock_pipeline_in_bfloat16_runs_with_stable_diffusions_own_scheduler_config(settings, nfe):
+    components, prompt_embeds = _tiny_sd_components()
+    sd_config = diffusers.PNDMScheduler(**SD_TABLE, skip_prk_steps=True, steps_offset=1).config
+    scheduler = DifflabScheduler.from_config(sd_config, **settings)
+    pipe = diffusers.StableDiffusionPipeline(**components, scheduler=scheduler)
+    pipe = pipe.to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(prompt_embeds=prompt_embeds.bfloat16(),
+                   negative_prompt_embeds=torch.zeros_like(prompt_embeds).bfloat16(),
+                   num_inference_steps=nfe, guidance_scale=2.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.dtype == torch.bfloat16 and latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("settings, nfe", HALF_PRECISION_CASES)
+def test_step_keeps_the_solver_state_in_float32_for_half_precision_samples(settings, nfe):
+    def run(dtype):
+        scheduler = DifflabScheduler(**SD_TABLE, **settings)
+        scheduler.set_timesteps(nfe)
+        x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+        outputs = []
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.tanh(x.float()).to(dtype), t, x).prev_sample
+            outputs.append(x)
+        return outputs
+    exact, half = run(torch.float64), run(torch.bfloat16)
+    assert all(x.dtype == torch.bfloat16 for x in half)
+    # bf16 holds 8 significant bits (relative round-off 2^-9 per stored sample): the float32 state keeps the
+    # error at that level, where a bf16 state would accumulate it over the history
+    assert _relative(half[-1].double(), exact[-1]) < 2e-2
+
+
+def test_sigma_range_ends_within_bf16_round_off_of_the_table_are_snapped_onto_it():
+    from difflab.core.errors import SigmaRangeError
+    table_max = DifflabScheduler(**SD_TABLE)._vp.sigma_max                          # 14.6146
+    rounded = float(torch.tensor(table_max, dtype=torch.bfloat16))                   # 14.625
+    scheduler = DifflabScheduler(**SD_TABLE, sigma_max=rounded)
+    scheduler.set_timesteps(5)
+    assert float(scheduler.sigmas[0]) == pytest.approx(table_max, rel=1e-12)
+    with pytest.raises(SigmaRangeError, match="outside the model's table range"):
+        DifflabScheduler(**SD_TABLE, sigma_max=16.0).set_timesteps(5)
+
+
+@pytest.mark.parametrize("kwargs, begin, match", [
+    ({"solver": "heun"}, 3, "second of a step"),            # heun: evaluations (σ0, σ1), (σ1, σ2), ...
+    ({"solver": "dpmpp_2m", "afs": True}, 2, "afs=True"),
+    ({"solver": "dpmpp_2m"}, 12, "outside the 8 timesteps"),
+])
+def test_a_begin_index_the_solver_cannot_start_from_is_refused(kwargs, begin, match):
+    scheduler = DifflabScheduler(**kwargs)
+    scheduler.set_timesteps(8 if kwargs.get("solver") != "dpmpp_2m" or not kwargs.get("afs") else 7)
+    with pytest.raises(ConfigError, match=match):
+        scheduler.set_begin_index(begin)
+
+
+@pytest.mark.parametrize("solver", ["heun", "unipc"])
+def test_starting_at_a_begin_index_is_the_solver_on_the_grids_tail(mix2d, solver):
+    scheduler = DifflabScheduler(solver=solver)
+    scheduler.set_timesteps(8)
+    begin = 4
+    scheduler.set_begin_index(begin)
+    model = MixtureEpsModel(mix2d.model, scheduler.alphas_cumprod)
+    x_vp = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for t in scheduler.timesteps[begin:]:
+        x_vp = scheduler.step(model(x_vp, t), t, x_vp).prev_sample
+    vp = VPDenoiser(MixtureEpsModel(mix2d.model, scheduler.alphas_cumprod), scheduler.alphas_cumprod)
+    grid = sigmas_for_nfe(solver, 8, "karras", vp.sigma_min, vp.sigma_max)
+    tail = grid[2:] if solver == "heun" else grid[4:]          # heun: two evaluations per step
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    expected = sample(vp, x0 * math.sqrt(1 + float(tail[0]) ** 2), tail, solver=solver)
+    assert _relative(x_vp * math.sqrt(1 + float(tail[-1]) ** 2), expected) < 1e-6
+
+
+def test_each_step_is_one_solver_step_not_a_replay(monkeypatch):
+    """A replay bridge re-runs all earlier steps at each step (O(N²) step-function calls); a carried state, N."""
+    import difflab.interop.diffusers.scheduler as module
+    calls = []
+    original = module.dpmpp_step
+    monkeypatch.setattr(module, "dpmpp_step", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    scheduler = DifflabScheduler(solver="dpmpp_2m")
+    scheduler.set_timesteps(40)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in scheduler.timesteps:
+        x = scheduler.step(0.5 * x, t, x).prev_sample
+    assert len(calls) == 40
+
+
+def test_an_amed_predictor_with_a_feature_input_is_refused_not_reduced_to_constants():
+    from difflab.amed.predictor import AMEDPredictor
+    from difflab.interop.diffusers.scheduler import amed_scheduler_config
+    predictor = AMEDPredictor(nfe=5, grid="karras", sigma_min=0.01, sigma_max=80.0, base_solver="dpm2")
+    with pytest.raises(ConfigError, match="per sample from the denoiser's bottleneck feature"):
+        amed_scheduler_config(predictor)
+    assert amed_scheduler_config(predictor, black_box=True)["solver"] == "amed"
+
+
+def test_difflab_exports_the_scheduler_lazily():
+    import subprocess
+    import sys
+    code = ("import sys, difflab; assert 'diffusers' not in sys.modules; "
+            "from difflab.interop.diffusers.scheduler import DifflabScheduler as S; "
+            "assert difflab.DifflabScheduler is S")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -243,7 +243,7 @@ def test_torchdiffeq_block_agrees_with_fine_rk4_and_its_adjoint_gradients_reach_
 def test_cli_trains_a_cunet_that_loads_back(tmp_path, capsys):
     from difflab.apps.cli.app import main
 
-    argv = ["difflab", "train", "--data", "digits", "--net", "cunet", "--channels", "8", "--steps", "2",
+    argv = ["difflab", "train", "--data", "digits", "--net", "cunet", "--channels", "8", "--train-steps", "2",
             "--batch-size", "8", "--out", str(tmp_path / "m"), "--device", "cpu"]
     old, sys.argv = sys.argv, argv
     try:
@@ -260,8 +260,7 @@ def test_cli_trains_a_cunet_that_loads_back(tmp_path, capsys):
 @pytest.mark.slow  # ~55 s on one core: 400 training steps
 def test_trained_cunet_approaches_the_exact_denoiser_of_an_image_mixture():
     from difflab import GaussianMixture
-    from difflab.train import TrainConfig
-    from difflab.train.denoiser import train_denoiser
+    from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
     # two 8×8 "images" (a bar and its negative) with pixel noise 0.1: the exact D is known
     pattern = torch.zeros(8, 8, dtype=torch.float64)
@@ -269,8 +268,8 @@ def test_trained_cunet_approaches_the_exact_denoiser_of_an_image_mixture():
     means = torch.stack([pattern.flatten() - 0.5, 0.5 - pattern.flatten()])
     mixture = GaussianMixture(means, stds=torch.tensor([0.1, 0.1], dtype=torch.float64), data_shape=(1, 8, 8))
     data = mixture.sample(4096, generator=torch.Generator().manual_seed(0))
-    config = TrainConfig(steps=400, lr=2e-3, seed=0, device="cpu", checkpoint_every=400)
-    denoiser, _ = train_denoiser(CUNet(**SMALL), data, config=config, batch_size=128, progress=False)
+    config = DenoiserConfig(train_steps=400, lr=2e-3, seed=0, device="cpu", checkpoint_every=400, batch_size=128)
+    denoiser = train_denoiser(CUNet(**SMALL), data, config=config, progress=False).model
     x0 = mixture.sample(256, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
     for sigma in (0.2, 1.0, 3.0):

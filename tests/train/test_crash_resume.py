@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
             time.sleep(0.02)
         return loss(m, g, step, micro)
 
-    config = TrainConfig(steps=120, lr=1e-2, warmup_steps=5, checkpoint_every=20, log_every=10, device="cpu")
+    config = TrainConfig(train_steps=120, lr=1e-2, warmup_steps=5, checkpoint_every=20, log_every=10, device="cpu")
     fit(model, slow_loss, config, out_dir=out, progress=False)
 """)
 

@@ -16,7 +16,7 @@ from difflab.core.mixture import GaussianMixture
 from difflab.core.errors import ConfigError, ModelFormatError
 from difflab.nets import MLP
 from difflab.train import TrainConfig, fit
-from difflab.train.denoiser import denoiser_loss, edm_loss, train_denoiser
+from difflab.train.denoiser import DenoiserConfig, denoiser_loss, edm_loss, train_denoiser
 from difflab.train.loop import CHECKPOINT_NAME
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -45,20 +45,20 @@ def test_edm_loss_is_the_weighted_error_of_the_draws():
 
 
 def test_resume_continues_bit_exactly(tmp_path):
-    config = TrainConfig(steps=12, lr=1e-2, warmup_steps=4, checkpoint_every=6, log_every=3, device="cpu")
+    config = TrainConfig(train_steps=12, lr=1e-2, warmup_steps=4, checkpoint_every=6, log_every=3, device="cpu")
     full_model, loss_fn = small_problem()
     full = fit(full_model, loss_fn, config, out_dir=tmp_path / "full", progress=False)
 
     first_model, loss_fn = small_problem()
-    fit(first_model, loss_fn, TrainConfig(**{**config.__dict__, "steps": 6}), out_dir=tmp_path / "split",
+    fit(first_model, loss_fn, TrainConfig(**{**config.__dict__, "train_steps": 6}), out_dir=tmp_path / "split",
         progress=False)
     resumed_model, loss_fn = small_problem(init_seed=1)   # different init: everything must come from the checkpoint
     resumed = fit(resumed_model, loss_fn, config, out_dir=tmp_path / "split", progress=False)
 
-    assert resumed.losses == full.losses                       # same loss sequence, exactly
-    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+    assert resumed.history == full.history                     # same loss sequence, exactly
+    for a, b in zip(full.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
         assert torch.equal(a, b)
-    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):   # the EMAs
         assert torch.equal(a, b)
     leftovers = [p.name for p in (tmp_path / "split").iterdir() if p.name != CHECKPOINT_NAME]
     assert leftovers == []                                     # the temp file was renamed, not left behind
@@ -68,13 +68,13 @@ def test_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a safetensors file")
     model, loss_fn = small_problem()
     with pytest.raises(ModelFormatError, match="cannot resume"):
-        fit(model, loss_fn, TrainConfig(steps=2, device="cpu"), out_dir=tmp_path, progress=False)
+        fit(model, loss_fn, TrainConfig(train_steps=2, device="cpu"), out_dir=tmp_path, progress=False)
 
 
 def test_bad_config_is_refused_before_work():
     model, loss_fn = small_problem()
     with pytest.raises(ConfigError):
-        fit(model, loss_fn, TrainConfig(steps=0), progress=False)
+        fit(model, loss_fn, TrainConfig(train_steps=0), progress=False)
     with pytest.raises(ConfigError):
         fit(model, loss_fn, TrainConfig(mixed_precision="fp8"), progress=False)
 
@@ -83,10 +83,10 @@ def test_trained_mlp_approaches_the_exact_mixture_denoiser():
     truth = GaussianMixture([[-1.5, 0.0], [1.5, 0.5]], stds=[0.3, 0.5], weights=[0.4, 0.6])
     data = truth.sample(8000, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    config = TrainConfig(steps=600, lr=3e-3, warmup_steps=50, ema_decay=0.99, device="cpu")
-    denoiser, result = train_denoiser(MLP(dim=2, hidden=64, depth=3), data, config=config, batch_size=256,
-                                      progress=False)
-    assert result.losses[-1][1] < result.losses[0][1]
+    config = DenoiserConfig(train_steps=600, lr=3e-3, warmup_steps=50, ema_decay=0.99, device="cpu", batch_size=256)
+    result = train_denoiser(MLP(dim=2, hidden=64, depth=3), data, config=config, progress=False)
+    denoiser = result.model
+    assert result.history[-1][1] < result.history[0][1]
     for sigma in (0.3, 1.0, 3.0):
         x = truth.sample(2000, generator=torch.Generator().manual_seed(1)) + sigma * torch.randn(2000, 2)
         s = torch.full((2000,), sigma)
@@ -103,11 +103,11 @@ def test_two_cpu_processes_both_take_part_and_the_result_loads(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import json, sys, torch
         from difflab.nets import MLP
-        from difflab.train import TrainConfig
-        from difflab.train.denoiser import train_denoiser
+        from difflab.train.denoiser import DenoiserConfig, train_denoiser
         x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
-        den, res = train_denoiser(MLP(dim=2, hidden=16, depth=1), x, config=TrainConfig(steps=4, log_every=2,
-                                  device="cpu"), batch_size=32, progress=False)
+        res = train_denoiser(MLP(dim=2, hidden=16, depth=1), x, config=DenoiserConfig(train_steps=4, log_every=2,
+                             device="cpu", batch_size=32), progress=False)
+        den = res.model
         with open(r"{tmp_path}/rank" + str(res.process_index) + ".json", "w") as f:
             json.dump({{"rank": res.process_index, "processes": res.num_processes}}, f)
         if res.is_main_process:

@@ -4,12 +4,12 @@ All of AMED is here: the predictor g_φ and AMED-Solver (`predictor`), AMED-Plug
 solver (`plugin`) and fitting on the shared training loop (`fit`). docs/methods/amed.md has the
 equations.
 """
-from difflab.amed.fit import default_config, fit_amed, teacher_trajectory
+from difflab.amed.fit import AMEDConfig, fit_amed, teacher_trajectory
 from difflab.amed.plugin import BASE_SOLVERS, PLUGIN_BASES, amed_plugin, amed_sample, check_base
 from difflab.amed.predictor import (AMEDParams, AMEDPredictor, ConstantPredictor, amed_nfe, amed_points, amed_solver,
                                     amed_step, check_predictor, load_predictor, predictor_sigmas)
 
-__all__ = ["AMEDParams", "AMEDPredictor", "BASE_SOLVERS", "ConstantPredictor", "PLUGIN_BASES", "amed_nfe",
-           "amed_plugin", "amed_points", "amed_sample", "amed_solver", "amed_step", "check_base",
-           "check_predictor", "default_config", "fit_amed", "load_predictor", "predictor_sigmas",
+__all__ = ["AMEDConfig", "AMEDParams", "AMEDPredictor", "BASE_SOLVERS", "ConstantPredictor", "PLUGIN_BASES",
+           "amed_nfe", "amed_plugin", "amed_points", "amed_sample", "amed_solver", "amed_step", "check_base",
+           "check_predictor", "fit_amed", "load_predictor", "predictor_sigmas",
            "teacher_trajectory"]

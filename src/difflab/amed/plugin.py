@@ -1,5 +1,5 @@
 """AMED-Plugin: AMED's learned intermediate point inserted into any base solver (Zhou et al., CVPR 2024,
-§3.3; METHODS.md §1).
+§3.3; docs/methods/amed.md (9)).
 
 Every interval t_cur → t_next of the grid is split at the learned point s = t_next^r · t_cur^{1−r}
 (per sample), and the base solver runs on t_cur → s → t_next with its usual history: the denoiser

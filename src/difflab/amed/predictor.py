@@ -3,7 +3,7 @@
 Each step t_cur → t_next evaluates the ODE direction once more at a learned point
 s = t_next^r · t_cur^{1−r} between the two, and a tiny predictor g_φ(h, t_cur, t_next) -> (r, c, a)
 chooses that point per sample and per step from the denoiser's pooled bottleneck feature h
-(METHODS.md §1). With r = ½, c = 1, a = 1 the step is DPM-Solver-2.
+(docs/methods/amed.md (1)–(6)). With r = ½, c = 1, a = 1 the step is DPM-Solver-2.
 
 The predictor (`AMEDPredictor`, 8,971 parameters at the defaults):
 
@@ -76,7 +76,7 @@ def pool_feature(feature: Tensor | None, batch_size: int, size: int = 8) -> Tens
 
 
 class AMEDPredictor(SavedModel, nn.Module):
-    """g_φ(h, t_cur, t_next) -> (r, c, a) (METHODS.md §1; layout in the module docstring).
+    """g_φ(h, t_cur, t_next) -> (r, c, a) (docs/methods/amed.md (8); layout in the module docstring).
 
     feature_size: h is pooled to feature_size² values; hidden: the feature MLP's width;
     time_channels: sinusoidal channels of each time (and the shared Linear's width);
@@ -153,6 +153,8 @@ class AMEDPredictor(SavedModel, nn.Module):
         try:
             predictor = cls(**{k: config[k] for k in keys if k in config})
             predictor.load_state_dict(tensors)
+            if "fit" in config:    # the AMEDConfig it was fitted with (amed.fit sets it)
+                predictor.fitted_for["fit"] = config["fit"]
         except (TypeError, ValueError, RuntimeError, ConfigError) as err:
             raise ModelFormatError(f"{path} is not a valid AMEDPredictor ({err})") from err
         return predictor.eval().requires_grad_(False)
@@ -242,7 +244,7 @@ def load_predictor(path: str | Path, base_model: Any = None, nfe: int | None = N
 # ----- the solver ------------------------------------------------------------------------------
 def amed_step(denoiser, x: Tensor, sigma_cur: float, sigma_next: float, predictor,
               analytic_first: bool = False, **cond: Any) -> tuple[Tensor, AMEDParams]:
-    """One AMED-Solver step t_cur → t_next > 0 (METHODS.md §1, steps 1–6). Returns (x_next, (r, c, a)).
+    """One AMED-Solver step t_cur → t_next > 0 (docs/methods/amed.md (1)–(6)). Returns (x_next, (r, c, a)).
 
     x: [B, ...]; sigma_cur, sigma_next: floats. analytic_first: AFS (this is the first step).
     Differentiable in the predictor's parameters (gradients pass through the denoiser's input).
@@ -254,13 +256,24 @@ def amed_step(denoiser, x: Tensor, sigma_cur: float, sigma_next: float, predicto
     params = predictor(feature, t_cur, t_next)                          # 2. (r, c, a) = g_φ(h, t_cur, t_next)
     r, c, a = (append_dims(v.to(x.dtype), x.ndim) for v in (params.r, params.c, params.a))
     t_cur_b, t_next_b = append_dims(t_cur, x.ndim), append_dims(t_next, x.ndim)
-    s = t_next_b**r * t_cur_b ** (1 - r)                                # 3. geometric interpolation
-    x_mid = x + (s - t_cur_b) * d_cur                                   # 4.
+    x_mid, s = amed_midpoint(x, d_cur, t_cur_b, t_next_b, r)
     # 5. d_mid = (x_mid − D(x_mid; a·s))/s: the denoiser sees a·s but the division uses s, so this is
     #    not ε̂(x_mid; a·s) (which would divide by a·s); with a = 1 the two agree.
     d_mid = (x_mid - denoiser(x_mid, (a * s).flatten(), **cond)) / s
-    x_next = x + c * (t_next_b - t_cur_b) * d_mid                       # 6.
-    return x_next, params
+    return amed_update(x, d_mid, t_cur_b, t_next_b, c), params
+
+
+def amed_midpoint(x: Tensor, d_cur: Tensor, t_cur, t_next, r) -> tuple[Tensor, Any]:
+    """Steps 3–4 of `amed_step`: s = t_next^r · t_cur^{1−r}, x_mid = x + (s − t_cur)·d_cur. Returns (x_mid, s).
+
+    t_cur, t_next, r: floats or [B, 1, …] tensors broadcastable against x."""
+    s = t_next**r * t_cur ** (1 - r)                                    # 3. geometric interpolation
+    return x + (s - t_cur) * d_cur, s                                   # 4.
+
+
+def amed_update(x: Tensor, d_mid: Tensor, t_cur, t_next, c) -> Tensor:
+    """Step 6 of `amed_step`: x_next = x + c·(t_next − t_cur)·d_mid (x: the step's start)."""
+    return x + c * (t_next - t_cur) * d_mid
 
 
 def amed_solver(denoiser, x: Tensor, sigmas: Tensor, predictor, callback: Callback = None, afs: bool = True,
@@ -294,4 +307,5 @@ def amed_solver(denoiser, x: Tensor, sigmas: Tensor, predictor, callback: Callba
 register_kind("AMEDPredictor", AMEDPredictor.from_folder)
 
 __all__ = ["AMEDParams", "AMEDPredictor", "ConstantPredictor", "pool_feature", "amed_nfe",
-           "amed_points", "check_predictor", "predictor_sigmas", "load_predictor", "amed_step", "amed_solver"]
+           "amed_points", "check_predictor", "predictor_sigmas", "load_predictor", "amed_step", "amed_midpoint",
+           "amed_update", "amed_solver"]

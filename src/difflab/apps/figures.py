@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from difflab.core.io import atomic_path
 
 
 def image_grid(x: Tensor, ncol: int | None = None, pad: int = 1) -> np.ndarray:
@@ -31,7 +31,9 @@ def save_image_grid(x: Tensor, path: str | Path, ncol: int | None = None, scale:
 
     grid = image_grid(x, ncol)
     image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    return _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def save_scatter(points: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
@@ -50,9 +52,7 @@ def save_scatter(points: dict[str, Tensor], path: str | Path, title: str = "") -
         ax.set_aspect("equal")
     fig.suptitle(title)
     fig.tight_layout()
-    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
@@ -60,19 +60,8 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-
-
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)

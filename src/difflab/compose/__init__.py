@@ -1,4 +1,4 @@
-"""SuperDiff composition (Skreta et al., ICLR 2025; METHODS.md §2): the Itô density estimator and its
+"""SuperDiff composition (Skreta et al., ICLR 2025; docs/methods/superdiff.md): the Itô density estimator and its
 ODE form, OR / AND / averaging over several denoisers or one conditional denoiser's conditions."""
 from difflab.compose.components import Components, Evaluation
 from difflab.compose.ito import hutchinson, ito_increment, ode_increment, projected_noise_correction

@@ -5,7 +5,7 @@ unconditional ε̂_u when classifier-free guidance is on, and J_i·z for a diver
 conditional denoiser under M conditions is evaluated in ONE batched call on M·N (+N for CFG) rows;
 separate denoisers cost one call each.
 
-Classifier-free guidance (METHODS.md §2): the densities tracked are those of the unguided
+Classifier-free guidance (docs/methods/superdiff.md (13)): the densities tracked are those of the unguided
 conditionals ε̂_i; the guided field ε̂_u + (1 + w)(Σκ_i ε̂_i − ε̂_u) only moves x.
 """
 from __future__ import annotations

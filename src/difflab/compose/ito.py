@@ -1,6 +1,6 @@
 """Log-density tracking along a sampling path: the Itô density estimator (SDE) and its ODE form.
 
-SuperDiff (Skreta et al., ICLR 2025, METHODS.md §2). σ-space: x_σ = x0 + σ·ε, forward SDE
+SuperDiff (Skreta et al., ICLR 2025; docs/methods/superdiff.md). σ-space: x_σ = x0 + σ·ε, forward SDE
 dx = sqrt(2σ) dW (f = 0, g² = 2σ with σ as time), score s_i = −ε̂_i/σ. One reverse step
 σ → σ − h (h = |dσ| > 0) of any drift, with the forward noise coefficient:
 
@@ -39,7 +39,7 @@ def inner(a: Tensor, b: Tensor, sample_ndim: int) -> Tensor:
 
 
 def ito_increment(dx: Tensor, eps_models: Tensor, sigma: float, h: float) -> Tensor:
-    """Itô density estimator for one reverse-SDE step σ → σ − h (METHODS.md §2).
+    """Itô density estimator for one reverse-SDE step σ → σ − h (docs/methods/superdiff.md (3)).
 
     Δ log q_i = −⟨dx, ε̂_i⟩/σ − (h/σ)·‖ε̂_i‖², with dx the realised increment (noise included) and
     ε̂_i each model's prediction at the point before the step (left point, Itô).
@@ -52,7 +52,7 @@ def ito_increment(dx: Tensor, eps_models: Tensor, sigma: float, h: float) -> Ten
 
 
 def ode_increment(u: Tensor, eps_models: Tensor, divergence: Tensor, sigma: float, h: float) -> Tensor:
-    """Log-density change of each model over one Euler step σ → σ − h of dx/dσ = u (METHODS.md §2).
+    """Log-density change of each model over one Euler step σ → σ − h of dx/dσ = u (docs/methods/superdiff.md (5)).
 
     d log q_i/dσ = −∇·ε̂_i + ⟨ε̂_i, ε̂_i − u⟩/σ, times dσ = −h:
     Δ log q_i = h·∇·ε̂_i − (h/σ)·⟨ε̂_i, ε̂_i − u⟩.

@@ -1,6 +1,6 @@
 """SuperDiff: superposition of diffusion models by OR (mixture) and AND (equal densities).
 
-Skreta, Atanackovic, Bose, Tong, Neklyudov, ICLR 2025 (arXiv 2412.17762); METHODS.md §2.
+Skreta, Atanackovic, Bose, Tong, Neklyudov, ICLR 2025 (arXiv 2412.17762); docs/methods/superdiff.md.
 Every step mixes the models' ε̂ with weights κ (Σκ = 1) into one field that moves x, and updates
 each model's log-density log q_i along the realised path (compose/ito.py):
 
@@ -95,7 +95,7 @@ def and_kappa(A: Tensor, b: Tensor, rcond: float = DEFAULT_RCOND) -> tuple[Tenso
 
 
 def and_kappa_two(A: Tensor, b: Tensor, rcond: float = DEFAULT_RCOND) -> tuple[Tensor, Tensor]:
-    """Two models: Δ_1 = Δ_2 with κ_2 = 1 − κ_1 is one linear equation in κ_1 (METHODS.md §2).
+    """Two models: Δ_1 = Δ_2 with κ_2 = 1 − κ_1 is one linear equation in κ_1 (docs/methods/superdiff.md (10)).
 
     κ_1 = (b_2 − b_1 + A_22 − A_12) / (A_11 − A_21 − A_12 + A_22); for the plain SDE step this is
     ½ + ⟨ξ, δ⟩/(2|dσ|‖δ‖²). Guard: a denominator below rcond·(|A_11| + |A_22|) gives κ = (½, ½).
@@ -109,7 +109,7 @@ def and_kappa_two(A: Tensor, b: Tensor, rcond: float = DEFAULT_RCOND) -> tuple[T
 
 
 def and_kappa_system(A: Tensor, b: Tensor, rcond: float = DEFAULT_RCOND) -> tuple[Tensor, Tensor]:
-    """M models: [[A, −1], [1ᵀ, 0]]·[κ; λ] = [−b; 1] (METHODS.md §2), by a truncated SVD.
+    """M models: [[A, −1], [1ᵀ, 0]]·[κ; λ] = [−b; 1] (docs/methods/superdiff.md (9)), by a truncated SVD.
 
     Rows of A, b are first divided by the mean |A_ii| (κ is unchanged; λ rescales), so the cutoff
     `rcond` (relative to the largest singular value) is scale-free. Returns (κ [N, M], guarded [N]).
@@ -163,7 +163,7 @@ def superdiff(models: Components | Sequence[Any], x: Tensor, sigmas: Tensor, mod
               generator: torch.Generator | PerSampleGenerator | None = None, probes: int = 1,
               rcond: float = DEFAULT_RCOND, noise_correction: bool = False, record: bool = False,
               callback: Callable[[int, Tensor, Tensor], None] | None = None) -> CompositionResult:
-    """SuperDiff sampling from the state x at sigmas[0] to sigmas[-1] > 0 (METHODS.md §2).
+    """SuperDiff sampling from the state x at sigmas[0] to sigmas[-1] > 0 (docs/methods/superdiff.md).
 
     models: a `Components` (see over_models / over_conditions) or a list of denoisers.
     x: [N, ...] initial state (pure noise: sigmas[0]·z); sigmas: [S+1] strictly decreasing, positive.

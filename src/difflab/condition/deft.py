@@ -1,4 +1,4 @@
-"""DEFT: a small learned h-transform on a frozen denoiser (Denker et al., NeurIPS 2024; METHODS.md §3).
+"""DEFT: a small learned h-transform on a frozen denoiser (Denker et al., NeurIPS 2024; docs/methods/deft.md (2)–(6)).
 
 The posterior's noise prediction is the base's plus a learned term,
 
@@ -22,6 +22,8 @@ The h-network is an add-on: its config names its base model (its `fingerprint`) 
 from __future__ import annotations
 
 import dataclasses
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,15 +31,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from difflab.condition.operators import Operator, operator_from_config
 from difflab.core.denoiser import append_dims, sigma_batch
-from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
+from difflab.core.fingerprint import fingerprint
+from difflab.core.serialization import SavedModel, read_model_folder
+from difflab.models import check_base_model, register_kind
 from difflab.nets import CUNet, UNet
 from difflab.nets.embeddings import sinusoidal_embedding
-from difflab.core.fingerprint import fingerprint
-from difflab.models import check_base_model, register_kind
-from difflab.train.loop import TrainConfig, TrainResult, fit
-from difflab.condition.operators import Operator, operator_from_config
+from difflab.train.contract import FitResult, StepCallback
+from difflab.train.loop import TrainConfig, data_fingerprint, fit
 
 
 # ----- the networks ------------------------------------------------------------------------------
@@ -65,7 +68,7 @@ class VectorNet(nn.Module):
 
 
 class SigmaScalar(nn.Module):
-    """NN2: a scalar MLP of ln σ, [B] -> [B]; last layer weight 0 and bias `bias` (METHODS.md §3)."""
+    """NN2: a scalar MLP of ln σ, [B] -> [B]; last layer weight 0 and bias `bias` (docs/methods/deft.md (4))."""
 
     def __init__(self, hidden: int = 32, bias: float = 0.01, embed_dim: int = 16):
         super().__init__()
@@ -135,11 +138,12 @@ class HNetwork(SavedModel, nn.Module):
             self.nn1 = VectorNet(dim * self.inputs, dim, **nn1)
         else:
             raise ShapeError(f"DEFT handles images [C, H, W] and vectors [D], got per-sample shape {self.data_shape}")
-        self.nn1_args = {k: v for k, v in self.nn1.config.items()}
+        self.nn1_args = dict(self.nn1.config.items())
         # 0.01 on the scale of the back-projected residual σ_y²·g = Aᵀ(y − A x̂0): a 1% step per unit σ
         nn2_bias = 0.01 * operator.sigma_y**2 if nn2_bias is None else float(nn2_bias)
         self.nn2 = SigmaScalar(nn2_hidden, nn2_bias)
         self.nn2_args = {"hidden": nn2_hidden, "bias": nn2_bias}
+        self.fit_config: dict | None = None     # the DEFTConfig it was fitted with (`fit_deft` sets it)
 
     @property
     def operator_name(self) -> str:
@@ -167,9 +171,10 @@ class HNetwork(SavedModel, nn.Module):
 
     # ----- on disk ---------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"class": "DEFTHNetwork", "kind": "addon", "data_shape": list(self.data_shape),
-                "operator": self.operator_config, "base_model": self.base_model, "sigma_data": self.sigma_data,
-                "nn1": {"class": type(self.nn1).__name__, "args": self.nn1_args}, "nn2": self.nn2_args}
+        config = {"class": "DEFTHNetwork", "kind": "addon", "data_shape": list(self.data_shape),
+                  "operator": self.operator_config, "base_model": self.base_model, "sigma_data": self.sigma_data,
+                  "nn1": {"class": type(self.nn1).__name__, "args": self.nn1_args}, "nn2": self.nn2_args}
+        return config if self.fit_config is None else {**config, "fit": self.fit_config}
 
     @classmethod
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "HNetwork":
@@ -185,6 +190,7 @@ class HNetwork(SavedModel, nn.Module):
             hnet = cls(config["data_shape"], operator, config.get("base_model"), config.get("sigma_data", 0.5),
                        nn1_args, config["nn2"]["hidden"], config["nn2"]["bias"], str(nn1_class))
             hnet.load_state_dict(tensors)
+            hnet.fit_config = config.get("fit")
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ModelFormatError(f"{path} is not a valid DEFT h-network ({err})") from err
         return hnet.eval().requires_grad_(False)
@@ -239,10 +245,30 @@ class DEFTDenoiser(nn.Module):
 
 
 # ----- fitting -----------------------------------------------------------------------------------------
-def default_config(**overrides) -> TrainConfig:
-    """DEFT's defaults on the shared loop: Adam lr 1e−3, short warm-up, EMA 0.99, full precision."""
-    return dataclasses.replace(TrainConfig(steps=1000, lr=1e-3, warmup_steps=50, ema_decay=0.99,
-                                           mixed_precision="no", checkpoint_every=1000, log_every=25), **overrides)
+@dataclass
+class DEFTConfig(TrainConfig):
+    """A DEFT fit: the loop's settings with DEFT's defaults (Adam lr 1e−3, short warm-up, EMA 0.99, full
+    precision) plus the method's own: batch_size per process; ln σ ~ N(p_mean, p_std²); NN1's keyword
+    arguments `nn1` and, for images, its class `nn1_class` ("UNet" or "CUNet"; None: the default);
+    `nn2_bias`: NN2's initial output (None: 0.01·σ_y²)."""
+
+    train_steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.99
+    mixed_precision: str = "no"
+    checkpoint_every: int = 1000
+    batch_size: int = 64
+    p_mean: float = -0.5
+    p_std: float = 1.5
+    nn1: dict | None = None
+    nn1_class: str | None = None
+    nn2_bias: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 1 or self.p_std <= 0:
+            raise ConfigError(f"need batch_size >= 1 and p_std > 0, got {self.batch_size} and {self.p_std}")
 
 
 def deft_loss(base: nn.Module, operator: Operator, x0_data: Tensor, batch_size: int, p_mean: float = -0.5,
@@ -264,45 +290,46 @@ def deft_loss(base: nn.Module, operator: Operator, x0_data: Tensor, batch_size: 
     return loss_fn
 
 
-def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, steps: int = 1000, batch_size: int = 64,
-             config: TrainConfig | None = None, out_dir: str | Path | None = None, nn1: dict | None = None,
-             nn2_bias: float | None = None, p_mean: float = -0.5, p_std: float = 1.5, progress: bool = False,
-             resume: bool = True, return_result: bool = False, *,
-             nn1_class: str | None = None) -> HNetwork | tuple[HNetwork, TrainResult]:
+def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, config: DEFTConfig = DEFTConfig(), *,
+             out_dir: str | Path | None = None, callback: StepCallback | None = None, progress: bool = False,
+             resume: bool = True) -> FitResult[HNetwork]:
     """Fit a DEFT h-network for `base` and `operator` on clean data x0_data [N, *shape].
 
     The base is frozen (requires_grad off for the fit, restored after) and only called under no_grad.
-    ln σ ~ N(p_mean, p_std²): wider than EDM's (−1.2, 1.2) and shifted up, because the h-term decides
-    between modes at noise levels of the data's scale (on the 2-D mixture test, (0.5, 1.5) halved
-    the sliced Wasserstein distance to the exact posterior against (−1.2, 1.2)).
-    config: the loop's settings (default `default_config()`), its `steps` replaced by `steps`.
-    nn1, nn1_class: NN1's keyword arguments and, for images, its class ("UNet" or "CUNet").
-    Returns the EMA h-network (eval mode, frozen), or (hnet, TrainResult) with return_result=True.
+    ln σ ~ N(p_mean, p_std²) (config): wider than EDM's (−1.2, 1.2) and shifted up, because the h-term
+    decides between modes at noise levels of the data's scale (on the 2-D mixture test, (0.5, 1.5)
+    halved the sliced Wasserstein distance to the exact posterior against (−1.2, 1.2)).
+    Returns a FitResult: model = the EMA h-network (eval mode, frozen; `config` under "fit" in its
+    config.json); out_dir: the loop's checkpoints, resumed only for the same run (same data included).
     """
-    if steps < 1 or batch_size < 1 or len(x0_data) < 1:
-        raise ConfigError(f"need steps, batch_size >= 1 and some data; got {steps}, {batch_size}, {len(x0_data)}")
+    config.validate()
+    if len(x0_data) < 1:
+        raise ConfigError("fit_deft needs some data: x0_data is empty")
+    start = time.perf_counter()
     shape = tuple(x0_data.shape[1:])
     data_shape = getattr(base, "data_shape", None)
     if data_shape is not None and tuple(data_shape) != shape:
         raise ShapeError(f"the data have per-sample shape {shape}, the base model expects {tuple(data_shape)}")
     operator(x0_data[:1])   # the operator must accept this shape: fail before any work
-    config = dataclasses.replace(config or default_config(), steps=steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)   # the h-network's initial weights depend only on the seed
-        hnet = HNetwork(shape, operator, fingerprint(base), getattr(base, "sigma_data", 0.5), nn1, nn2_bias=nn2_bias,
-                        nn1_class=nn1_class)
+        hnet = HNetwork(shape, operator, fingerprint(base), getattr(base, "sigma_data", 0.5), config.nn1,
+                        nn2_bias=config.nn2_bias, nn1_class=config.nn1_class)
     hnet = hnet.to(x0_data.dtype)
     grad_flags = [p.requires_grad for p in base.parameters()] if isinstance(base, nn.Module) else []
     if isinstance(base, nn.Module):
         base.requires_grad_(False)
+    loss_fn = deft_loss(base, operator, x0_data, config.batch_size, config.p_mean, config.p_std)
+    run = {"data": {"fingerprint": data_fingerprint(x0_data), "size": len(x0_data)}}
     try:
-        result = fit(hnet, deft_loss(base, operator, x0_data, batch_size, p_mean, p_std), config,
-                     out_dir=out_dir, resume=resume, progress=progress, description="fitting DEFT h-network")
+        result = fit(hnet, loss_fn, config, out_dir=out_dir, callback=callback, resume=resume, progress=progress,
+                     description="fitting DEFT h-network", run=run)
     finally:
         for parameter, flag in zip(base.parameters() if isinstance(base, nn.Module) else [], grad_flags):
             parameter.requires_grad_(flag)
-    fitted = result.ema.eval().requires_grad_(False)
-    return (fitted, result) if return_result else fitted
+    fitted = result.model.eval().requires_grad_(False)
+    fitted.fit_config = config.to_dict()
+    return dataclasses.replace(result, model=fitted, timings={"total": time.perf_counter() - start})
 
 
 def load_hnet(path: str | Path, base: Any = None, operator: Operator | None = None,
@@ -324,5 +351,5 @@ def parameter_fraction(hnet: nn.Module, base: nn.Module) -> float:
 
 register_kind("DEFTHNetwork", HNetwork.from_folder)
 
-__all__ = ["HNetwork", "VectorNet", "SigmaScalar", "DEFTDenoiser", "deft_x0", "deft_loss", "fit_deft",
-           "default_config", "load_hnet", "check_hnet", "parameter_fraction", "input_channels"]
+__all__ = ["HNetwork", "VectorNet", "SigmaScalar", "DEFTDenoiser", "deft_x0", "deft_loss", "DEFTConfig", "fit_deft",
+           "load_hnet", "check_hnet", "parameter_fraction", "input_channels"]

@@ -1,4 +1,4 @@
-"""DPS and ΠGDM: training-free posterior guidance through the base network (METHODS.md §3, baselines).
+"""DPS and ΠGDM: training-free posterior guidance through the base network (docs/methods/deft.md (7)–(10)).
 
 Both are denoiser wrappers, so every solver of `difflab.sampling` runs them unchanged:
 

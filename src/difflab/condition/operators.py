@@ -1,4 +1,4 @@
-"""Measurement operators y = A(x0) + σ_y·n for inverse problems (METHODS.md §3).
+"""Measurement operators y = A(x0) + σ_y·n for inverse problems (docs/methods/deft.md (11)).
 
 Every operator maps a batch x [B, ...] to a measurement y [B, ...] and provides
 

@@ -3,7 +3,8 @@
 Add-ons (an AMED predictor, a DEFT h-network, a distilled student) record their base model's
 fingerprint and refuse another base. The hash covers what defines the model and nothing else:
 for the model and each sub-module its class name and config (a `config()` method or a `config`
-dict, without `difflab_version`) and a guidance weight `w` if it has one, then every tensor's
+dict, without `difflab_version` and the training recipe `fit`: the same weights trained by
+another recipe are the same model) and a guidance weight `w` if it has one, then every tensor's
 name, dtype, shape and bytes (float64 rounded to float32, so a reloaded eigendecomposition does
 not change it). A model that defines `tensors()` (the exact `GaussianMixture`) is named by those.
 """
@@ -17,6 +18,9 @@ import torch
 from torch import Tensor, nn
 
 
+NOT_IDENTITY = ("difflab_version", "fit")   # the version that wrote it and the recipe that trained it
+
+
 def fingerprint(model: Any) -> str | None:
     """sha256 hex digest of `model`'s config and weights; None for a callable with no state (a
     plain function has no identity, so no add-on check can be made against it)."""
@@ -27,7 +31,7 @@ def fingerprint(model: Any) -> str | None:
         config = getattr(module, "config", None)
         config = config() if callable(config) else config
         if isinstance(config, dict):
-            config = {k: v for k, v in config.items() if k != "difflab_version"}
+            config = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
         w = getattr(module, "w", None)
         w = w.tolist() if isinstance(w, Tensor) else w if isinstance(w, (int, float)) else None
         digest.update(json.dumps([name, type(module).__name__, config, w], sort_keys=True, default=str).encode())

@@ -6,9 +6,6 @@ into place, so a crash leaves either the old model or the new one, never half of
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -16,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from difflab.core.errors import ModelFormatError
+from difflab.core.io import atomic_folder, write_json
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
@@ -52,30 +50,12 @@ class SavedModel:
 def write_model_folder(path: str | Path, config: dict, tensors: dict[str, Tensor], overwrite: bool = False) -> Path:
     """Write config.json + model.safetensors to `path` atomically. Returns the path."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = {**config, "difflab_version": difflab_version()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path, overwrite=overwrite) as tmp:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(contiguous, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        _swap_into_place(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / CONFIG_NAME, config, sort_keys=True)
     return path
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def read_model_folder(path: str | Path) -> tuple[dict, dict[str, Tensor]]:

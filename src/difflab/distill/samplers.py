@@ -1,4 +1,4 @@
-"""Few-step samplers for a (distilled) denoiser, in σ-space (Meng et al. 2023, §3.3; editing: §4).
+"""Few-step samplers for a (distilled) denoiser, in σ-space (Meng et al. 2023, §3.3; editing: §4.2).
 
 A DDIM step in VP form, z_s = α_s x̂ + σ_s (z_t − α_t x̂)/σ_t, divided by α_s is
 x_s = x̂ + (σ_s/σ_t)(x_t − x̂): the Euler step of the probability-flow ODE in σ-space. It is
@@ -23,9 +23,9 @@ from torch import Tensor
 
 from difflab.core.denoiser import append_dims, sigma_batch
 from difflab.core.errors import ConfigError, NonFiniteError, ShapeError
+from difflab.distill.schedule import student_sigmas
 from difflab.sampling.grids import check_grid
 from difflab.sampling.noise import PerSampleGenerator, randn_like, seeded_noise
-from difflab.distill.schedule import student_sigmas
 
 Generator = torch.Generator | PerSampleGenerator | None
 Replace = Callable[[int, Tensor, float], Tensor] | None      # (step, state at sigma_next, sigma_next) -> state
@@ -44,7 +44,7 @@ def kernel_std(sigma_from: Tensor | float, sigma_to: Tensor | float) -> Tensor:
     """Std of the forward kernel q(x_to | x_from), σ_to > σ_from: sqrt(σ_to² − σ_from²).
 
     In VP form this is the variance (1 − e^{λ_to − λ_from})·σ_vp,to² of z_to given z_from
-    (METHODS.md §4), divided by α_to² (x = z/α, e^λ = 1/σ²).
+    (docs/methods/distillation.md (10)), divided by α_to² (x = z/α, e^λ = 1/σ²).
     """
     sigma_from, sigma_to = (v if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
                             for v in (sigma_from, sigma_to))
@@ -110,7 +110,7 @@ def run_sampler(student, x: Tensor, sigmas: Tensor, stochastic: bool = False, ge
 
 def img2img(student, image: Tensor, sigmas: Tensor, start: int, stochastic: bool = False,
             generator: Generator = None, **cond: Any) -> Tensor:
-    """Image-to-image editing (SDEdit with a student, Meng et al. 2023, §4): noise `image` to
+    """Image-to-image editing (SDEdit with a student, Meng et al. 2023, §4.2): noise `image` to
     sigmas[start] and finish with the len(sigmas) − 1 − start remaining student steps.
 
     image: [B, ...] clean; sigmas: the student's grid [N + 1]; start: 0 < start < N (start = N − 2
@@ -126,7 +126,7 @@ def img2img(student, image: Tensor, sigmas: Tensor, start: int, stochastic: bool
 
 def inpaint(student, known: Tensor, mask: Tensor, sigmas: Tensor, stochastic: bool = False,
             generator: Generator = None, **cond: Any) -> Tensor:
-    """Inpainting with a student (Meng et al. 2023, §4): sample from noise and, after every step, set
+    """Inpainting with a student (Meng et al. 2023, §4.2): sample from noise and, after every step, set
     the known pixels to the known image re-noised to the new level (fresh noise each step).
 
     known: [B, ...] the image (its unknown pixels are ignored); mask: broadcastable to known, 1 where
@@ -162,8 +162,9 @@ def sample_student(model, n: int, steps: int | None = None, w: float = 0.0, clas
     if steps is None:
         raise ConfigError("this model was not distilled for a step count; pass steps")
     if trained_for is not None and steps != trained_for:
-        raise ConfigError(f"this student was distilled for {trained_for} steps, asked for {steps}; use --steps "
-                          f"{trained_for}, or the student folder of the round for {steps} steps")
+        raise ConfigError(f"this student was distilled for {trained_for} steps, asked for {steps}; use "
+                          f"steps={trained_for} (CLI: --nfe {trained_for}), or the student of the round for {steps} "
+                          "steps")
     data_shape = getattr(model, "data_shape", None)
     if data_shape is None:
         raise ConfigError("the model does not record its data shape; cannot draw noise for it")

@@ -1,4 +1,4 @@
-"""The noise schedule of guided distillation, written in σ-space (METHODS.md §4).
+"""The noise schedule of guided distillation, written in σ-space (docs/methods/distillation.md (1)–(2)).
 
 The paper works in variance-preserving (VP) notation, z_t = α_t x + σ_t ε with α_t² + σ_t² = 1 and
 logSNR λ_t = log(α_t²/σ_t²). difflab's σ-space state is x_σ = z_t/α_t with noise level
@@ -28,7 +28,8 @@ def cosine_sigma(u: Tensor | float, sigma_max: float, sigma_min: float = 0.0) ->
     shaped like u.
     """
     if not 0 <= sigma_min < sigma_max < math.inf:
-        raise SigmaRangeError(f"need 0 <= sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise SigmaRangeError(f"need 0 <= sigma_min < sigma_max < inf, got sigma_min={sigma_min}, "
+                              f"sigma_max={sigma_max}")
     theta_min, theta_max = math.atan(sigma_min), math.atan(sigma_max)
     u = torch.as_tensor(u, dtype=torch.float64)
     return torch.tan(theta_min + u * (theta_max - theta_min))

@@ -1,13 +1,17 @@
 """The w-conditioned student x̂_η(x, σ, c, w) of guided distillation, and its folder on disk.
 
 `GuidedStudent` wraps a σ-space denoiser whose network has a spare conditioning slot and feeds the
-guidance weight w into it (Meng et al. 2023, §4.1: "w enters through a sinusoidal embedding added
+guidance weight w into it (Meng et al. 2023, §3.1: "w enters through a sinusoidal embedding added
 to the time embedding"):
 
-| network                                   | slot            | what the student passes              |
-|-------------------------------------------|-----------------|--------------------------------------|
-| difflab `MLP` / `UNet` (extra_embed=True) | `extra`         | w [B]; the net embeds it sinusoidally, Linear-SiLU-Linear, last Linear zero-initialised, added to the time embedding |
-| diffusers `UNet2DConditionModel`          | `timestep_cond` | sinusoidal(w) [B, time_cond_proj_dim]; `time_embedding.cond_proj` (zero-initialised here) adds it to the time features |
+| network                                   | slot            | what the student passes                       |
+|-------------------------------------------|-----------------|-----------------------------------------------|
+| difflab `MLP` / `UNet` (extra_embed=True) | `extra`         | w [B]; the net embeds it sinusoidally         |
+| diffusers `UNet2DConditionModel`          | `timestep_cond` | sinusoidal(w) [B, time_cond_proj_dim]         |
+
+A difflab net's embedding is Linear-SiLU-Linear, its last Linear zero-initialised, added to the time
+embedding; a diffusers UNet's `time_embedding.cond_proj` (zero-initialised here) adds it to the time
+features.
 
 `make_student(teacher)` copies the conditional teacher into that form with the new projection at
 zero, so the fresh student equals the teacher at every w (at w = 0 that is the guided teacher).
@@ -26,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from difflab.core.denoiser import append_dims
+from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
 from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, VPDenoiser, vp_scale
-from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
 from difflab.models import build_network, kind_loader, load_state, register_kind
 from difflab.nets.diffusers_unet import DiffusersUNet
 from difflab.nets.embeddings import sinusoidal_embedding
@@ -53,7 +57,7 @@ class PredictionDenoiser(nn.Module):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ConfigError(f"prediction must be one of {PREDICTIONS}, got {prediction!r} (ε-prediction is "
-                              "not offered: it blows up at high noise, METHODS.md §4)")
+                              "not offered: it blows up at high noise, docs/methods/distillation.md (5))")
         self.net, self.prediction = net, prediction
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.data_shape = None if data_shape is None else tuple(data_shape)
@@ -100,14 +104,15 @@ class GuidedStudent(SavedModel, nn.Module):
     (fingerprint of the model it was distilled from in its last stage), stage ("guided" / "progressive"),
     steps (the sampling steps a progressive student was trained for; None: any), w_min, w_max,
     grid_sigma_max (top of the cosine σ-grid), dataset, kept_classes (the teacher's classes when it
-    was trained on some only).
+    was trained on some only), fit (the config of its last stage, `GuidedDistillConfig` /
+    `ProgressiveDistillConfig.to_dict()`).
     """
 
     def __init__(self, denoiser: nn.Module, w_slot: str = "extra", w_embed_dim: int | None = None, *,
                  base_model: str | None = None, teacher: str | None = None, stage: str = "guided",
                  steps: int | None = None, w_min: float = 0.0, w_max: float = 4.0,
                  grid_sigma_max: float | None = None, dataset: str | None = None,
-                 kept_classes: list[int] | None = None):
+                 kept_classes: list[int] | None = None, fit: dict | None = None):
         super().__init__()
         if w_slot not in W_SLOTS:
             raise ConfigError(f"w_slot must be one of {W_SLOTS}, got {w_slot!r}")
@@ -120,6 +125,8 @@ class GuidedStudent(SavedModel, nn.Module):
                           "dataset": dataset}
         if kept_classes is not None:   # only when set: the config (hence fingerprint) of other students is unchanged
             self.distilled["kept_classes"] = [int(c) for c in kept_classes]
+        if fit is not None:
+            self.distilled["fit"] = dict(fit)
 
     # the denoiser attributes samplers and the CLI read
     sigma_min = property(lambda self: getattr(self.denoiser, "sigma_min", None))
@@ -166,7 +173,7 @@ class GuidedStudent(SavedModel, nn.Module):
         else:
             raise ModelFormatError(f"{path}: a GuidedStudent cannot wrap a {inner_config.get('class')!r}")
         keys = ("base_model", "teacher", "stage", "steps", "w_min", "w_max", "grid_sigma_max", "dataset",
-                "kept_classes")
+                "kept_classes", "fit")
         try:
             student = cls(denoiser, config.get("w_slot", "extra"), config.get("w_embed_dim"),
                           **{k: config[k] for k in keys if k in config})
@@ -204,7 +211,7 @@ def clone_model(model: nn.Module) -> nn.Module:
 
 
 def make_student(model: nn.Module, time_cond_proj_dim: int = 32, **distilled: Any) -> GuidedStudent:
-    """A fresh w-conditioned student initialised from the conditional teacher (Meng et al. 2023, §4.1).
+    """A fresh w-conditioned student initialised from the conditional teacher (Meng et al. 2023, §3.1).
 
     model: the teacher, the conditional model (or a CFGDenoiser around it, or a GuidedStudent, which is copied);
     its network gets a w slot whose new projection starts at zero, so the student equals the teacher
@@ -217,7 +224,8 @@ def make_student(model: nn.Module, time_cond_proj_dim: int = 32, **distilled: An
         student = clone_model(teacher)
         student.distilled.update(distilled)
         return student.train().requires_grad_(True)
-    if isinstance(teacher, (EDMDenoiser, PredictionDenoiser)) and isinstance(getattr(teacher.net, "config", None), dict):
+    difflab_net = isinstance(getattr(getattr(teacher, "net", None), "config", None), dict)
+    if isinstance(teacher, (EDMDenoiser, PredictionDenoiser)) and difflab_net:
         denoiser = clone_model(teacher)
         denoiser.net = _with_extra_slot(denoiser.net)
         return GuidedStudent(denoiser.train().requires_grad_(True), "extra", **distilled)

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -131,27 +130,16 @@ def _cache_folder(cache_dir: str | os.PathLike | None) -> Path:
     return Path(root).expanduser().resolve() / "digit_classifier"
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call write(temp_path) on a temp file beside `path`, then os.replace it into place."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
-
-
 def save_digit_classifier(model: DigitClassifier, folder: Path, config: dict) -> None:
     """Write model.safetensors, then config.json (so a config always has its weights), atomically."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from difflab.core.io import atomic_path, write_json
+
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomic(folder / "model.safetensors", lambda temp: save_file(state, temp))
-    text = json.dumps(config, indent=2)
-    _write_atomic(folder / "config.json", lambda temp: Path(temp).write_text(text))
+    with atomic_path(folder / "model.safetensors") as temp:
+        save_file(state, temp)
+    write_json(folder / "config.json", config)
 
 
 def load_digit_classifier(folder: Path) -> DigitClassifier:

@@ -138,7 +138,7 @@ def get_sigmas(kind: str, n: int, sigma_min: float = 0.002, sigma_max: float = 8
     if kind not in GRIDS:
         raise UnknownNameError(f"unknown grid {kind!r}; choose one of {sorted(GRIDS)}")
     if int(n) != n or not 2 <= n <= MAX_GRID_POINTS:
-        raise ConfigError(f"a grid needs 2 <= n <= {MAX_GRID_POINTS:,} noise levels, got n={n}")
+        raise ConfigError(f"a grid needs n >= 2 noise levels (and at most {MAX_GRID_POINTS:,}), got n={n}")
     if not 0 < sigma_min < sigma_max < math.inf:
         raise SigmaRangeError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):

@@ -16,6 +16,7 @@ test_multistep.py measures it from σ_max = 80).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ from difflab.sampling.steps import Callback, Solver, expm1_, first_eps, log_, on
 from difflab.sampling.steps import lower_order_final as final_order
 
 # Adams–Bashforth coefficients for equal steps (oldest last), orders 1–4: iPNDM's (Zhang & Chen
-# 2023; METHODS.md §1): ∫_0^1 of the Lagrange basis through u = 0, −1, −2, −3.
+# 2023; docs/methods/solvers.md (15)): ∫_0^1 of the Lagrange basis through u = 0, −1, −2, −3.
 AB_COEFFS: tuple[tuple[float, ...], ...] = (
     (1.0,),
     (3 / 2, -1 / 2),
@@ -40,7 +41,7 @@ AB_COEFFS: tuple[tuple[float, ...], ...] = (
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(32)
 
 # VP-SDE time of DEIS's experiments (Song et al. 2021, β(t) = β_min + β_d·t):
-# σ(t) = sqrt(exp(½β_d t² + β_min t) − 1), as in METHODS.md §1 (time-uniform grids).
+# σ(t) = sqrt(exp(½β_d t² + β_min t) − 1), as in docs/methods/solvers.md (4) (time-uniform grids).
 VP_BETA_MIN, VP_BETA_D = 0.1, 19.9
 
 
@@ -79,6 +80,19 @@ def ipndm_weights(nodes: Sequence, sigma, sigma_next) -> list:
     return [(sigma_next - sigma) * c for c in AB_COEFFS[len(nodes) - 1]]
 
 
+def adams_bashforth_step(x: Tensor, sigma_list: Sequence[float], i: int, history: list[Tensor],
+                         step_weights: Callable[[list[float], float, float], list[float]]) -> Tensor:
+    """Step i of `_adams_bashforth`, σ_i → σ_{i+1}: x + Σ_j b_j ε̂_{i−j}.
+
+    history: ε̂_i, ε̂_{i−1}, … (newest first); step_weights(nodes, σ_i, σ_{i+1}) -> b."""
+    sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    if sigma_next == 0:
+        return x - sigma * history[0]                            # x ← D(x; σ): exact Euler step to σ = 0
+    nodes = sigma_list[i::-1][: len(history)]                    # σ_i, σ_{i−1}, …
+    b = step_weights(nodes, sigma, sigma_next)
+    return x + sum(b_j * d_j for b_j, d_j in zip(b, history))
+
+
 def _adams_bashforth(denoiser, x: Tensor, sigmas: Tensor, max_order: int,
                      step_weights: Callable[[list[float], float, float], list[float]],
                      callback: Callback, afs: bool, **cond: Any) -> Tensor:
@@ -88,12 +102,7 @@ def _adams_bashforth(denoiser, x: Tensor, sigmas: Tensor, max_order: int,
     for i, (sigma, sigma_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)
         history = [d] + history[: max_order - 1]
-        if sigma_next == 0:
-            x = x - sigma * d                                    # x ← D(x; σ): exact Euler step to σ = 0
-        else:
-            nodes = sigma_list[i::-1][: len(history)]            # σ_i, σ_{i−1}, …
-            b = step_weights(nodes, sigma, sigma_next)
-            x = x + sum(b_j * d_j for b_j, d_j in zip(b, history))
+        x = adams_bashforth_step(x, sigma_list, i, history, step_weights)
         if callback:
             callback(i, x, sigma_next)
     return x
@@ -155,11 +164,12 @@ def deis(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bo
     Order `order` (≤ 4). NFE = N − 1 (− 1 with AFS).
     """
     _check_order("order", order, 4)
+    return _adams_bashforth(denoiser, x, sigmas, order, deis_weights, callback, afs, **cond)
 
-    def tab_weights(nodes: list[float], sigma: float, sigma_next: float) -> list[float]:
-        return lagrange_integrals(nodes, sigma, sigma_next, time=vp_time)
 
-    return _adams_bashforth(denoiser, x, sigmas, order, tab_weights, callback, afs, **cond)
+def deis_weights(nodes: list[float], sigma: float, sigma_next: float) -> list[float]:
+    """DEIS-tAB's C_ij: the Lagrange basis in the VP-SDE time t, integrated over [σ_i, σ_{i+1}] (see `deis`)."""
+    return lagrange_integrals(nodes, sigma, sigma_next, time=vp_time)
 
 
 # ----- UniPC -------------------------------------------------------------------------------------
@@ -238,25 +248,43 @@ def unipc(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
     """
     _check_order("order", order, 3)
     sigma_list = sigmas.tolist()
-    n_steps = len(sigma_list) - 1
-    x0_hats: list[tuple[float, Tensor]] = []                     # (σ_j, D_j), newest last
-    x_prev, order_prev = x, 0
+    state = UniPCState()
     for i, (sigma, sigma_next) in enumerate(zip(sigma_list[:-1], sigma_list[1:])):
         x0_hat = x - sigma * first_eps(denoiser, x, sigma, afs and i == 0, **cond)   # D = x − σ·ε̂
-        if sigma_next == 0:
-            x = x0_hat                                           # last step to σ = 0: x ← D
-        else:
-            if i > 0:                                            # UniC-p on the previous step
-                x = unipc_update(x_prev, sigma_list[i - 1], sigma, x0_hats, order_prev, x0_hat_next=x0_hat)
-            x0_hats = (x0_hats + [(sigma, x0_hat)])[-order:]
-            step_order = min(order, i + 1)
-            if lower_order_final:
-                step_order = final_order(step_order, i, n_steps)
-            x_prev, order_prev = x, step_order
-            x = unipc_update(x, sigma, sigma_next, x0_hats, step_order)   # UniP-p
+        x, state = unipc_step(x, x0_hat, sigma_list, i, state, order, lower_order_final)
         if callback:
             callback(i, x, sigma_next)
     return x
+
+
+@dataclass(frozen=True)
+class UniPCState:
+    """What UniPC carries between steps: the last D's [(σ_j, D_j)] newest last, and the previous step's
+    start (x, σ) and order for its UniC correction (x None before the first step)."""
+
+    x0_hats: tuple[tuple[Any, Tensor], ...] = ()
+    x_prev: Tensor | None = None
+    sigma_prev: float = 0.0
+    order_prev: int = 0
+
+
+def unipc_step(x: Tensor, x0_hat: Tensor, sigma_list: Sequence[float], i: int, state: UniPCState, order: int = 3,
+               lower_order_final: bool = True) -> tuple[Tensor, UniPCState]:
+    """Step i of `unipc`, σ_i → σ_{i+1}, given the predicted x at σ_i and D_i = D(x; σ_i): UniC-p corrects the
+    previous step with D_i (from its own start, as diffusers does), then UniP-p predicts x_{i+1}. A step to σ = 0
+    is x ← D_i. Returns (x_{i+1}, the new state). The order grows with the D's held (from 1 after a fresh state)."""
+    sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
+    if sigma_next == 0:
+        return x0_hat, state                                     # last step to σ = 0: x ← D
+    if state.x_prev is not None:                                 # UniC-p on the previous step
+        x = unipc_update(state.x_prev, state.sigma_prev, sigma, list(state.x0_hats), state.order_prev,
+                         x0_hat_next=x0_hat)
+    x0_hats = (*state.x0_hats, (sigma, x0_hat))[-order:]
+    step_order = len(x0_hats)
+    if lower_order_final:
+        step_order = final_order(step_order, i, len(sigma_list) - 1)
+    x_next = unipc_update(x, sigma, sigma_next, list(x0_hats), step_order)   # UniP-p
+    return x_next, UniPCState(x0_hats, x, sigma, step_order)
 
 
 MULTISTEP_SOLVERS: dict[str, Solver] = {

@@ -23,7 +23,7 @@ def sample(denoiser, x: Tensor, sigmas: Tensor, solver: str = "heun",
 
     x: [B, ...] initial state (pure noise: sigmas[0]·z); sigmas: [N] strictly decreasing, may end
     at 0; cond: passed to the denoiser untouched. Stochastic solvers draw from `generator`.
-    afs: analytical first step (no model call on the first step; METHODS.md §1).
+    afs: analytical first step (no model call on the first step; docs/methods/solvers.md (21)).
     Stops with NonFiniteError (solver, step, σ) as soon as the state stops being finite.
     An fp16 / bf16 x is integrated in float32 (rounding in a 16-bit state would swamp a step's
     increment) and returned in its own dtype; the denoiser's wrapper runs the network in its own.

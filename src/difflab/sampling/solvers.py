@@ -19,11 +19,26 @@ from difflab.sampling.steps import (Callback, Solver, expm1_, first_eps, grid_st
                                     one_per_step, two_per_step)
 
 
+def euler_step(x: Tensor, sigma, sigma_next, d: Tensor) -> Tensor:
+    """An Euler step of dx/dσ = d from σ to σ_next (also Heun's and DPM-Solver-2's predictor)."""
+    return x + (sigma_next - sigma) * d
+
+
+def heun_step(x: Tensor, sigma, sigma_next, d: Tensor, d_next: Tensor) -> Tensor:
+    """Heun's corrected step: the trapezoid rule on the slopes at σ and σ_next (Karras et al. 2022, Alg. 1 l. 7)."""
+    return x + (sigma_next - sigma) * (d + d_next) / 2
+
+
+def dpm2_midpoint(sigma: float, sigma_next: float) -> float:
+    """DPM-Solver-2's intermediate level: the log-midpoint sqrt(σ σ_next) (λ = −log σ)."""
+    return math.sqrt(sigma * sigma_next)
+
+
 def euler(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False, **cond: Any) -> Tensor:
     """Euler on the probability-flow ODE (= DDIM in σ-space; Karras et al. 2022, eq. 4). NFE = N−1 (−1 AFS)."""
     for i, (sigma, sigma_next) in grid_steps(sigmas):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)   # dx/dσ = (x − D)/σ
-        x = x + (sigma_next - sigma) * d
+        x = euler_step(x, sigma, sigma_next, d)
         if callback:
             callback(i, x, sigma_next)
     return x
@@ -33,28 +48,27 @@ def heun(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bo
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1). NFE = 2(N−1), −1 if σ_N = 0, −1 with AFS."""
     for i, (sigma, sigma_next) in grid_steps(sigmas):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)
-        x_euler = x + (sigma_next - sigma) * d
+        x_euler = euler_step(x, sigma, sigma_next, d)
         if sigma_next == 0:                                      # Alg. 1 line 8: no correction at σ = 0
             x = x_euler
         else:
-            d_next = eps(denoiser, x_euler, sigma_next, **cond)
-            x = x + (sigma_next - sigma) * (d + d_next) / 2      # trapezoid rule (Alg. 1 line 7)
+            x = heun_step(x, sigma, sigma_next, d, eps(denoiser, x_euler, sigma_next, **cond))
         if callback:
             callback(i, x, sigma_next)
     return x
 
 
 def dpm2(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False, **cond: Any) -> Tensor:
-    """DPM-Solver-2 in σ-space (Lu et al. 2022, Alg. 1 with r = ½, as in METHODS.md §1): the midpoint
+    """DPM-Solver-2 in σ-space (Lu et al. 2022, Alg. 1 with r = ½; docs/methods/solvers.md (9)): the midpoint
     s = sqrt(σ σ_next) (log-midpoint, λ = −log σ). NFE = 2(N−1), −1 if σ_N = 0, −1 with AFS."""
     for i, (sigma, sigma_next) in grid_steps(sigmas):
         d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)
         if sigma_next == 0:                                      # last step to σ = 0: x ← D(x; σ)
-            x = x + (sigma_next - sigma) * d
+            x = euler_step(x, sigma, sigma_next, d)
         else:
-            s = math.sqrt(sigma * sigma_next)
-            x_mid = x + (s - sigma) * d                          # Euler to the midpoint
-            x = x + (sigma_next - sigma) * eps(denoiser, x_mid, s, **cond)   # full step with the midpoint slope
+            s = dpm2_midpoint(sigma, sigma_next)
+            x_mid = euler_step(x, sigma, s, d)                   # Euler to the midpoint
+            x = euler_step(x, sigma, sigma_next, eps(denoiser, x_mid, s, **cond))   # full step, midpoint slope
         if callback:
             callback(i, x, sigma_next)
     return x
@@ -92,6 +106,17 @@ def dpmpp_update(x: Tensor, sigma, sigma_next, history: list[tuple[Any, Tensor]]
     return x
 
 
+def dpmpp_step(x: Tensor, sigma, sigma_next, history: list[tuple[Any, Tensor]], order: int, step: int,
+               n_steps: int, taylor_d2: bool = False) -> Tensor:
+    """Step `step` of `n_steps` of DPM-Solver++(order M) as `_dpmpp_multistep` takes it: history [(σ_j, D_j)]
+    newest last, the last at σ. Order min(order, len(history)), lowered at the end (`lower_order_final`);
+    a step to σ = 0 is x ← D."""
+    if sigma_next == 0:
+        return history[-1][1]
+    step_order = lower_order_final(min(order, len(history)), step, n_steps)
+    return dpmpp_update(x, sigma, sigma_next, history, step_order, taylor_d2)
+
+
 def _dpmpp_multistep(denoiser, x: Tensor, sigmas: Tensor, order: int, callback: Callback, afs: bool,
                      taylor_d2: bool = False, **cond: Any) -> Tensor:
     """DPM-Solver++(2M / 3M) (Lu et al. 2022b, Alg. 2 and its 3rd-order extension) in σ-space.
@@ -113,11 +138,7 @@ def _dpmpp_multistep(denoiser, x: Tensor, sigmas: Tensor, order: int, callback: 
         else:
             denoised = denoiser(x, sigma_batch(sigma, x), **cond)
         history = (history + [(sigma, denoised)])[-3:]
-        if sigma_next == 0:
-            x = denoised
-        else:
-            step_order = lower_order_final(min(order, len(history)), i, n_steps)
-            x = dpmpp_update(x, sigma, sigma_next, history, step_order, taylor_d2)
+        x = dpmpp_step(x, sigma, sigma_next, history, order, i, n_steps, taylor_d2)
         if callback:
             callback(i, x, sigma_next)
     return x

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar, Union
 
 from difflab.core.errors import ConfigError
 
@@ -26,7 +28,7 @@ Fitted = TypeVar("Fitted")
 @dataclass(frozen=True)
 class Step:
     """One log point of a fit: `step` of `total` optimiser steps done, the mean loss since the last
-    record, the learning rate and the seconds since the fit started."""
+    record, the learning rate of the last update and the seconds since the fit (or its resume) started."""
 
     step: int
     total: int
@@ -44,7 +46,9 @@ class FitResult(Generic[Fitted]):
 
     model: the fitted object (the EMA where the method keeps one); history: [(step, mean loss)];
     timings: seconds by phase ("total" always; e.g. "teacher" for AMED's trajectories);
-    num_processes / process_index: the data-parallel layout (process 0 writes files).
+    num_processes / process_index: the data-parallel layout (process 0 writes files);
+    raw_model: the trained, un-averaged model where `model` is an EMA (the same object otherwise;
+    None where the fitting function does not expose it).
     """
 
     model: Fitted
@@ -52,6 +56,7 @@ class FitResult(Generic[Fitted]):
     timings: dict[str, float] = field(default_factory=dict)
     num_processes: int = 1
     process_index: int = 0
+    raw_model: Any = None
 
     @property
     def is_main_process(self) -> bool:
@@ -75,8 +80,8 @@ class JSONConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
-        tuples = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
-        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()})
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _typed(f"{cls.__name__}.{name}", value, hints[name]) for name, value in values.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
@@ -87,4 +92,38 @@ class JSONConfig:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` (as JSON gives it) converted to the field type `hint`: ints pass as floats, lists as
+    tuples; ConfigError for anything else that does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            try:
+                return _typed(name, value, arg)
+            except ConfigError:
+                pass
+    elif (origin or hint) is tuple and isinstance(value, (list, tuple)):
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{name} must have {len(args)} entries, got {value!r}")
+        kinds = [args[0]] * len(value) if args[-1:] == (Ellipsis,) else list(args or [Any] * len(value))
+        return tuple(_typed(name, v, kind) for v, kind in zip(value, kinds))
+    elif hint is float and is_number:
+        return float(value)
+    elif _fits(value, hint, origin, is_number):
+        return value
+    raise ConfigError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _fits(value: Any, hint: Any, origin: Any, is_number: bool) -> bool:
+    """Whether `value` is already of the (non-union, non-tuple, non-float) type `hint`."""
+    if hint is Any or (hint is type(None) and value is None):
+        return True
+    if hint is int:
+        return is_number and isinstance(value, int)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    return (origin or hint) is dict and isinstance(value, dict)

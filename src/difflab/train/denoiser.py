@@ -1,14 +1,40 @@
 """Training a base denoiser: the EDM loss (Karras et al. 2022, eq. 8 with Table 1's choices)."""
 from __future__ import annotations
 
+import dataclasses
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from difflab.core.denoiser import append_dims
+from difflab.core.errors import ConfigError, ShapeError
 from difflab.core.wrappers import EDMDenoiser
-from difflab.train.loop import TrainConfig, TrainResult, fit
+from difflab.train.contract import FitResult, StepCallback
+from difflab.train.loop import TrainConfig, data_fingerprint, fit
+
+
+@dataclass
+class DenoiserConfig(TrainConfig):
+    """A base denoiser's training: the loop's settings plus the batch per process, σ_data (None: the
+    data's standard deviation), the label dropout (the null class, for guidance), the EDM σ sampling
+    ln σ ~ N(p_mean, p_std²) and the data set's name (recorded in the model's config)."""
+
+    batch_size: int = 128
+    sigma_data: float | None = None
+    label_dropout: float = 0.1
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    dataset: str = "custom"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 1 or not 0 <= self.label_dropout <= 1 or self.p_std <= 0:
+            raise ConfigError(f"need batch_size >= 1, 0 <= label_dropout <= 1 and p_std > 0: {self}")
+        if self.sigma_data is not None and not self.sigma_data > 0:
+            raise ConfigError(f"sigma_data must be > 0 (or None: the data's std), got {self.sigma_data}")
 
 
 def edm_loss(denoiser: nn.Module, x0: Tensor, generator: torch.Generator, p_mean: float = -1.2,
@@ -40,28 +66,35 @@ def denoiser_loss(x: Tensor, labels: Tensor | None, batch_size: int, sigma_data:
     return loss_fn
 
 
-def train_denoiser(net: nn.Module, x: Tensor, labels: Tensor | None = None, config: TrainConfig | None = None,
-                   batch_size: int = 128, sigma_data: float | None = None, label_dropout: float = 0.1,
-                   out_dir: str | Path | None = None, dataset: str = "custom", progress: bool = True,
-                   resume: bool = True) -> tuple[EDMDenoiser, TrainResult]:
-    """Train `net` as an EDM-preconditioned denoiser of the data x: [N, ...]; returns its EMA.
+def train_denoiser(net: nn.Module, x: Tensor, labels: Tensor | None = None, config: DenoiserConfig = DenoiserConfig(),
+                   *, out_dir: str | Path | None = None, callback: StepCallback | None = None, progress: bool = True,
+                   resume: bool = True) -> FitResult[EDMDenoiser]:
+    """Train `net` as an EDM-preconditioned denoiser of the data x: [N, ...] (labels: [N] int or None).
 
-    sigma_data defaults to the data's standard deviation. With labels ([N] int), the network must
-    be class-conditional and learns the null class too (label dropout), ready for guidance.
+    config.sigma_data defaults to the data's standard deviation. With labels, the network must be
+    class-conditional and learns the null class too (label dropout), ready for guidance. Returns a
+    FitResult whose model is the EMA denoiser (eval mode, frozen), with the config under "fit" in its
+    config.json; the checkpoints in out_dir (if given) resume only the same run (same data included).
     """
-    config = config or TrainConfig()
-    sigma_data = float(x.std()) if sigma_data is None else sigma_data
+    config.validate()
+    if labels is not None and len(labels) != len(x):
+        raise ShapeError(f"{len(x)} samples but {len(labels)} labels; expected one label per sample")
+    start = time.perf_counter()
+    sigma_data = float(x.std()) if config.sigma_data is None else config.sigma_data
     # the network's class count (a subset of classes keeps the labels, so max + 1 can undercount)
     net_config = getattr(net, "config", None)
     net_classes = net_config.get("num_classes") if isinstance(net_config, dict) else None
     num_classes = 0 if labels is None else int(net_classes or labels.max() + 1)
     denoiser = EDMDenoiser(net, sigma_data=round(sigma_data, 4), data_shape=tuple(x.shape[1:]),
-                           meta={"dataset": dataset, "num_classes": num_classes})
-    loss_fn = denoiser_loss(x, labels, batch_size, denoiser.sigma_data, label_dropout)
-    result = fit(denoiser, loss_fn, config, out_dir=out_dir, progress=progress, resume=resume,
-                 description=f"training {type(net).__name__} on {dataset}")
-    ema_denoiser = result.ema.eval().requires_grad_(False)
-    return ema_denoiser, result
+                           meta={"dataset": config.dataset, "num_classes": num_classes})
+    loss_fn = denoiser_loss(x, labels, config.batch_size, denoiser.sigma_data, config.label_dropout,
+                            config.p_mean, config.p_std)
+    run = {"data": {"fingerprint": data_fingerprint(x, labels), "size": len(x)}}
+    result = fit(denoiser, loss_fn, config, out_dir=out_dir, callback=callback, progress=progress, resume=resume,
+                 description=f"training {type(net).__name__} on {config.dataset}", run=run)
+    fitted = result.model.eval().requires_grad_(False)
+    fitted.meta["fit"] = config.to_dict()
+    return dataclasses.replace(result, model=fitted, timings={"total": time.perf_counter() - start})
 
 
-__all__ = ["edm_loss", "denoiser_loss", "train_denoiser"]
+__all__ = ["DenoiserConfig", "edm_loss", "denoiser_loss", "train_denoiser"]

@@ -10,17 +10,19 @@ k is the same whether or not the run was interrupted before it.
 Single CPU: plain PyTorch. `accelerate launch --num_processes N` (multi-GPU, multi-node, or CPU
 processes with gloo): data-parallel, `batch_size` per process. EMA, gradient clipping, mixed
 precision (bf16 on GPU by default), gradient accumulation, atomic checkpoints every
-`checkpoint_every` steps, exact resume from `out_dir/checkpoint.safetensors`.
+`checkpoint_every` steps, exact resume from `out_dir/checkpoint.safetensors` (of the same run only: the
+checkpoint records the run's definition). `fit` follows the contract of `train.contract`: a
+`TrainConfig`, `callback(Step)` at each log point, a `FitResult`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -28,17 +30,22 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from difflab.core.errors import ConfigError, ModelFormatError
+from difflab.core.errors import ConfigError, DifflabError, ModelFormatError, NonFiniteError
+from difflab.core.io import atomic_path
+from difflab.train.contract import FitResult, JSONConfig, Step, StepCallback
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LossFn = Callable[[nn.Module, torch.Generator, int, int], Tensor]   # (model, generator, step, micro)
+# config fields a resumed run may change: how long it runs, how often it logs and saves, where it runs
+RESUMABLE_FIELDS = ("train_steps", "checkpoint_every", "log_every", "device")
 
 
 @dataclass
-class TrainConfig:
-    """Hyper-parameters of a run; every field is saved in the checkpoint's metadata."""
+class TrainConfig(JSONConfig):
+    """Hyper-parameters of a run (the loop's; method configs derive from this and add their own).
+    Every field is saved in the checkpoint's metadata; the CLI option of `train_steps` is `--train-steps`."""
 
-    steps: int = 2000
+    train_steps: int = 2000
     lr: float = 2e-3
     warmup_steps: int = 100
     ema_decay: float = 0.999
@@ -51,27 +58,14 @@ class TrainConfig:
     device: str = "auto"                   # auto / cpu / cuda
 
     def validate(self) -> None:
-        if self.steps < 1 or self.grad_accum < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ConfigError(f"steps, grad_accum, checkpoint_every and log_every must be >= 1: {self}")
-        if self.lr <= 0 or not 0 <= self.ema_decay < 1:
+        if min(self.train_steps, self.grad_accum, self.checkpoint_every, self.log_every) < 1:
+            raise ConfigError(f"train_steps, grad_accum, checkpoint_every and log_every must be >= 1: {self}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.ema_decay < 1:
             raise ConfigError(f"need lr > 0 and 0 <= ema_decay < 1, got lr={self.lr}, ema_decay={self.ema_decay}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-
-
-@dataclass
-class TrainResult:
-    model: nn.Module                       # the trained (unwrapped) model
-    ema: nn.Module                         # its exponential moving average (use this to sample)
-    losses: list[tuple[int, float]] = field(default_factory=list)   # (step, mean loss since last log)
-    num_processes: int = 1
-    process_index: int = 0                 # this process's rank (0: the one that writes files)
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.process_index == 0
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -101,57 +95,121 @@ def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.de
     return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, out_dir: str | Path | None = None,
-        resume: bool = True, progress: bool = True, description: str = "training",
-        accelerator: Accelerator | None = None) -> TrainResult:
-    """Train `model` by minimising `loss_fn` with Adam; returns the model and its EMA.
+def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str | Path | None = None,
+        callback: StepCallback | None = None, resume: bool = True, progress: bool = True,
+        description: str = "training", accelerator: Accelerator | None = None,
+        run: dict[str, Any] | None = None) -> FitResult[nn.Module]:
+    """Train `model` by minimising `loss_fn` with Adam.
 
-    out_dir: where checkpoints go (None: no checkpoints). With resume=True an existing checkpoint
-    there is continued from its step; the result equals that of an uninterrupted run.
+    Returns a FitResult whose model is the EMA where config.ema_decay > 0, else the trained model
+    itself (raw_model: the trained model in both cases). callback(Step) runs on process 0 at every
+    log point. out_dir: where checkpoints go (None: no checkpoints). With resume=True an existing
+    checkpoint there is continued from its step, and the result equals that of an uninterrupted run;
+    it must come from the same run: the config (but RESUMABLE_FIELDS), the model's config and `run`
+    (what else defines it: data, base model; JSON) must match, else ConfigError names what differs.
+    A non-finite loss stops the fit (NonFiniteError) before it reaches the weights or a checkpoint.
     """
     config.validate()
+    start = time.perf_counter()
     accelerator = accelerator or make_accelerator(config)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     ema = AveragedModel(model, avg_fn=ema_avg_fn(config.ema_decay), use_buffers=True)
+    definition = run_definition(model, config, run)
     start_step, losses = 0, []
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file():
-        start_step, losses = load_checkpoint(ckpt, model, ema, optimizer)
+        start_step, losses = load_checkpoint(ckpt, model, ema, optimizer, definition)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1)), last_epoch=start_step - 1)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
 
-    bar = _progress_bar(accelerator, progress, description, config.steps, start_step)
+    bar = _progress_bar(accelerator, progress, description, config.train_steps, start_step)
     running, count = 0.0, 0
-    for step in range(start_step, config.steps):
+    for step in range(start_step, config.train_steps):
+        lr = optimizer.param_groups[0]["lr"]
         for micro in range(config.grad_accum):
             generator = step_generator(config.seed, step, accelerator.process_index, micro, accelerator.device)
             with accelerator.accumulate(wrapped):
                 loss = loss_fn(wrapped, generator, step, micro)
+                value = _finite_loss(accelerator, loss, step, micro, ckpt, bar)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip > 0:
                     accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            running, count = running + loss.item(), count + 1
+            running, count = running + value, count + 1
         scheduler.step()
         ema.update_parameters(accelerator.unwrap_model(wrapped))
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
             mean_loss = accelerator.reduce(torch.tensor(running / count, device=accelerator.device), "mean").item()
             losses.append((step + 1, mean_loss))
             running, count = 0.0, 0
             if bar:
                 bar[0].update(bar[1], completed=step + 1, loss=mean_loss)
-        if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            if callback is not None and accelerator.is_main_process:
+                callback(Step(step + 1, config.train_steps, mean_loss, lr, time.perf_counter() - start))
+        if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.train_steps):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(ckpt, step + 1, accelerator.unwrap_model(wrapped), ema, optimizer, config, losses)
+                save_checkpoint(ckpt, step + 1, accelerator.unwrap_model(wrapped), ema, optimizer, config, losses,
+                                definition)
     if bar:
         bar[0].stop()
     accelerator.wait_for_everyone()
-    return TrainResult(accelerator.unwrap_model(wrapped), ema.module, losses, accelerator.num_processes,
-                       accelerator.process_index)
+    trained = accelerator.unwrap_model(wrapped)
+    return FitResult(ema.module if config.ema_decay > 0 else trained, losses, {"total": time.perf_counter() - start},
+                     accelerator.num_processes, accelerator.process_index, raw_model=trained)
+
+
+def _finite_loss(accelerator: Accelerator, loss: Tensor, step: int, micro: int, ckpt: Path | None, bar) -> float:
+    """loss.item(), or NonFiniteError (on every process at once) before the loss reaches the weights."""
+    value = loss.item()
+    bad = not math.isfinite(value)
+    if accelerator.num_processes > 1:   # every process stops together, none waits for the others
+        bad = accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() > 0
+    if bad:
+        if bar:
+            bar[0].stop()
+        kept = f"the last good checkpoint, {ckpt}, is kept" if ckpt is not None and ckpt.is_file() else \
+            "no checkpoint was written"
+        raise NonFiniteError(f"the loss is not finite ({value}) at step {step + 1} (micro-batch {micro}); {kept}. "
+                             "Lower the learning rate (or the grad_clip), or check the data for NaNs")
+    return value
+
+
+def run_definition(model: nn.Module, config: TrainConfig, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What defines a run, as plain JSON: the config (less RESUMABLE_FIELDS), the model's config and
+    `run` (the caller's: data fingerprint and size, base model fingerprint...)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    definition = {"config": fields, "model": _model_definition(model), **(run or {})}
+    return json.loads(json.dumps(definition, sort_keys=True, default=str))
+
+
+def _model_definition(model: nn.Module) -> Any:
+    """The model's config (a `config()` method or a `config` dict); for a model that has none, or
+    cannot give one (a diffusers student), its class and parameter shapes."""
+    model_config = getattr(model, "config", None)
+    try:
+        model_config = model_config() if callable(model_config) else model_config
+    except DifflabError:
+        model_config = None
+    if isinstance(model_config, dict):
+        return {k: v for k, v in model_config.items() if k != "difflab_version"}
+    return {"class": type(model).__name__, "parameters": {k: list(p.shape) for k, p in model.named_parameters()}}
+
+
+def data_fingerprint(*tensors: Tensor | None) -> str:
+    """A short hash of the tensors' shapes, dtypes and values (None entries count too)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def _progress_bar(accelerator: Accelerator, enabled: bool, description: str, total: int, done: int):
@@ -168,36 +226,37 @@ def _progress_bar(accelerator: Accelerator, enabled: bool, description: str, tot
 
 # ----- checkpoints: one safetensors file, written to a temp file and renamed --------------------
 def save_checkpoint(path: Path, step: int, model: nn.Module, ema: AveragedModel, optimizer,
-                    config: TrainConfig, losses: list) -> None:
-    """Model, EMA and Adam state as tensors; step, param groups, config and losses as metadata."""
+                    config: TrainConfig, losses: list, definition: dict | None = None) -> None:
+    """Model, EMA and Adam state as tensors; step, param groups, config, losses and the run's
+    definition (`run_definition`) with its sha256 as metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_state = optimizer.state_dict()
     for pid, state in opt_state["state"].items():
         tensors |= {f"optim.{pid}.{k}": torch.as_tensor(v) for k, v in state.items()}
     meta = {"step": str(step), "param_groups": json.dumps(opt_state["param_groups"]),
-            "config": json.dumps(asdict(config)), "losses": json.dumps(losses)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+            "config": config.to_json(), "losses": json.dumps(losses)}
+    if definition is not None:
+        meta |= {"run": json.dumps(definition, sort_keys=True), "run_fingerprint": _sha256(definition)}
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer) -> tuple[int, list]:
-    """Restore model, EMA and optimiser in place from `path`; returns (step, losses)."""
+def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer,
+                    definition: dict | None = None) -> tuple[int, list]:
+    """Restore model, EMA and optimiser in place from `path`; returns (step, losses). With a
+    `definition`, ConfigError unless the checkpoint was written by that same run."""
     try:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:
             meta = f.metadata()
         step, param_groups, losses = int(meta["step"]), json.loads(meta["param_groups"]), json.loads(meta["losses"])
+        saved_run = json.loads(meta["run"]) if "run" in meta else None
     except Exception as err:  # any failure to read is a corrupt checkpoint, whatever raised it
         raise ModelFormatError(f"cannot resume from {path}: not a difflab checkpoint ({err}); "
                                "delete it or pass resume=False (CLI: --no-resume)") from err
+    if definition is not None:
+        check_same_run(path, saved_run, definition)
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -210,3 +269,32 @@ def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer)
             state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     return step, [tuple(x) for x in losses]
+
+
+def check_same_run(path: Path, saved: dict | None, current: dict) -> None:
+    """ConfigError naming the fields (dotted) where the checkpoint's run definition differs from this run's."""
+    if saved is None:
+        raise ConfigError(f"{path} records no run definition (written by an older difflab), so this run cannot "
+                          "be checked against it; pass resume=False (CLI: --no-resume) to start afresh")
+    if _sha256(saved) == _sha256(current):
+        return
+    old, new = _flatten(saved), _flatten(current)
+    differing = [key for key in sorted(old.keys() | new.keys()) if old.get(key, "(absent)") != new.get(key, "(absent)")]
+    details = "; ".join(f"{key}: {old.get(key, '(absent)')!r} in the checkpoint, {new.get(key, '(absent)')!r} now"
+                        for key in differing[:8])
+    raise ConfigError(f"{path} was written by a different run ({len(differing)} field(s) differ: {details}); "
+                      "resume with the same settings, or pass resume=False (CLI: --no-resume) to start afresh, "
+                      "or write to another folder")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def _sha256(definition: dict) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()

@@ -14,7 +14,7 @@ from tests.apps.cli.helpers import run
 @pytest.fixture(scope="module")
 def gmm_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli") / "gmm"
-    sys.argv, old = ["difflab", "train", "--data", "gmm", "--steps", "40", "--batch-size", "64",
+    sys.argv, old = ["difflab", "train", "--data", "gmm", "--train-steps", "40", "--batch-size", "64",
                      "--out", str(folder), "--device", "cpu"], sys.argv
     try:
         main()
@@ -29,7 +29,7 @@ def test_help_lists_the_commands(capsys):
 
 
 def test_train_then_info_then_sample_npz(gmm_model, tmp_path, capsys):
-    code, out, _ = run(["info", gmm_model], capsys)
+    code, out, _ = run(["info", "--model", gmm_model], capsys)
     assert code == 0 and json.loads(out)["network"]["class"] == "MLP" and json.loads(out)["parameters"] > 0
     code, out, err = run(["sample", "--model", gmm_model, "--solver", "euler", "--nfe", "6", "--n", "10",
                           "--out", tmp_path / "s.npz", "--device", "cpu"], capsys)
@@ -81,8 +81,8 @@ def test_unknown_dataset_and_missing_option_are_one_line_errors(tmp_path, capsys
 
 
 def test_train_digits_unet_and_sample_a_png_grid(tmp_path, capsys):
-    code, _, err = run(["train", "--data", "digits", "--steps", "3", "--batch-size", "16", "--channels", "8",
-                        "--classes", "--out", tmp_path / "d", "--device", "cpu"], capsys)
+    code, _, err = run(["train", "--data", "digits", "--train-steps", "3", "--batch-size", "16", "--channels", "8",
+                        "--conditional", "--out", tmp_path / "d", "--device", "cpu"], capsys)
     assert code == 0, err
     code, out, err = run(["sample", "--model", tmp_path / "d", "--solver", "euler", "--nfe", "3", "--n", "4",
                           "--class", "7", "--out", tmp_path / "g.png"], capsys)

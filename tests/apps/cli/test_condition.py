@@ -30,7 +30,7 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("cond")
     model = tiny_digits_model(root / "base")
     result = runner.invoke(app, ["fit", "--model", str(model), "--task", "inpaint", "--mask", "random",
-                                 "--pairs", "32", "--steps", "2", "--batch-size", "8", "--out", str(root / "h"),
+                                 "--pairs", "32", "--train-steps", "2", "--batch-size", "8", "--out", str(root / "h"),
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return root, model, root / "h", json.loads(result.output.strip().splitlines()[-1])
@@ -107,7 +107,7 @@ def test_an_hnetwork_for_another_model_is_refused(fitted, tmp_path):
 
 def test_fit_refuses_bad_options(tmp_path):
     model = tiny_digits_model(tmp_path / "base")
-    common = ["fit", "--model", str(model), "--steps", "1", "--out", str(tmp_path / "h")]
+    common = ["fit", "--model", str(model), "--train-steps", "1", "--out", str(tmp_path / "h")]
     for extra, error in [(["--task", "blur", "--kernel-size", "4"], ConfigError),
                          (["--task", "superres", "--factor", "3"], ShapeError),
                          (["--task", "inpaint", "--pairs", "100000"], ConfigError)]:
@@ -119,7 +119,8 @@ def test_fit_refuses_bad_options(tmp_path):
 def test_fit_with_a_cunet_h_network_runs_and_vectors_refuse_it(tmp_path):
     model = tiny_digits_model(tmp_path / "base")
     result = runner.invoke(app, ["fit", "--model", str(model), "--task", "superres", "--net", "cunet", "--pairs", "16",
-                                 "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "h"), "--device", "cpu"])
+                                 "--train-steps", "1", "--batch-size", "4", "--out", str(tmp_path / "h"),
+                                 "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "h" / "config.json").read_text())["nn1"]["class"] == "CUNet"
     result = runner.invoke(app, ["run", "--model", str(model), "--method", "deft", "--hnet", str(tmp_path / "h"),
@@ -129,6 +130,7 @@ def test_fit_with_a_cunet_h_network_runs_and_vectors_refuse_it(tmp_path):
     from difflab import GaussianMixture
     GaussianMixture([[0.0, 0.0], [1.0, 1.0]], stds=[[1.0, 1.0], [1.0, 1.0]]).save(tmp_path / "gmm")
     result = runner.invoke(app, ["fit", "--model", str(tmp_path / "gmm"), "--task", "inpaint", "--net", "cunet",
-                                 "--data", "gmm", "--steps", "1", "--out", str(tmp_path / "h2")])
+                                 "--data", "gmm", "--train-steps", "1", "--out",
+                                 str(tmp_path / "h2")])
     assert isinstance(result.exception, ConfigError) and "image" in str(result.exception)
     assert not (tmp_path / "h2").exists()

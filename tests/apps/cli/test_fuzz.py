@@ -28,29 +28,30 @@ PREDICTOR = "@predictor"  # a model folder that is not an AMED predictor
 # A valid, quick invocation per command: the variants below change one thing in it. A command
 # without one still gets the generic cases (missing required options, non-numbers, unknown option).
 BASELINES: dict[tuple[str, ...], list[str]] = {
-    ("train",): ["--data", "gmm", "--steps", "1", "--batch-size", "4", "--out", "m", "--device", "cpu"],
+    ("train",): ["--data", "gmm", "--train-steps", "1", "--batch-size", "4", "--out", "m", "--device", "cpu"],
     ("sample",): ["--model", MODEL, "--solver", "euler", "--nfe", "3", "--n", "2", "--out", "s.npz",
                   "--device", "cpu"],
-    ("info",): [MODEL],
+    ("info",): ["--model", MODEL],
     ("demo",): ["--quick", "--out", "demo", "--device", "cpu"],
     ("amed", "fit"): ["--model", MODEL, "--nfe", "3", "--trajectories", "4", "--batch-size", "4", "--out", "p",
                       "--device", "cpu"],
     ("compose",): ["--models", MODEL, MODEL, "--mode", "or", "--nfe", "3", "--n", "2", "--out", "c.npz",
                    "--device", "cpu"],
-    ("condition", "fit"): ["--model", MODEL, "--data", "gmm", "--task", "inpaint", "--pairs", "4", "--steps", "1",
+    ("condition", "fit"): ["--model", MODEL, "--data", "gmm", "--task", "inpaint", "--pairs", "4", "--train-steps", "1",
                            "--out", "h", "--device", "cpu"],
 }
 
 # Contradictory or impossible combinations, each on top of the command's baseline: (option, value)
 # pairs, value None for a flag.
 CONTRADICTIONS: dict[tuple[str, ...], list[list[tuple[str, str | None]]]] = {
-    ("train",): [[("--classes", None)], [("--net", "unet")],
+    ("train",): [[("--conditional", None)], [("--net", "unet")],
                  [("--net", "mlp"), ("--data", "digits")], [("--data", "nowhere/images")]],
     ("sample",): [[("--solver", "amed")], [("--predictor", PREDICTOR)], [("--solver", "amed"), ("--predictor", PREDICTOR)],
                   [("--out", "s.png")], [("--out", "s.txt")], [("--out", "s")], [("--solver", "heun"), ("--nfe", "36")],
                   [("--solver", "rk45")], [("--grid", "spiral")], [("--class", "3")], [("--solver", "heun"), ("--nfe", "1")],
                   [("--n", "100000000000000")], [("--n", "300"), ("--out", "g.png")]],
-    ("amed", "fit"): [[("--base-solver", "heun")], [("--teacher", "rk45")], [("--grid", "spiral")], [("--nfe", "4")]],
+    ("amed", "fit"): [[("--base-solver", "heun")], [("--teacher-solver", "rk45")], [("--grid", "spiral")],
+                      [("--nfe", "4")]],
 }
 
 # Values of numeric options that are meaningful, so not expected to be refused.

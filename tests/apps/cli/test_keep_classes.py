@@ -15,7 +15,7 @@ import difflab.train.denoiser as denoiser_module
 from difflab.data import load_digits, make_moons
 from tests.apps.cli.helpers import run
 
-TRAIN = ["train", "--channels", "8", "--steps", "1", "--batch-size", "4", "--device", "cpu", "--out", "m"]
+TRAIN = ["train", "--channels", "8", "--train-steps", "1", "--batch-size", "4", "--device", "cpu", "--out", "m"]
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def trained_on(monkeypatch, tmp_path):
                                   ["--keep-classes", "5", "--keep-classes", "3", "--keep-classes", "5"]])
 @pytest.mark.parametrize("conditional", [False, True])
 def test_only_the_kept_classes_reach_the_training_loop(trained_on, capsys, keep, conditional):
-    flags = ["--classes"] if conditional else []
+    flags = ["--conditional"] if conditional else []
     code, out, err = run([*TRAIN, "--data", "digits", *keep, *flags], capsys)
     assert code == 0, err
     digits = load_digits("train")
@@ -51,7 +51,7 @@ def test_only_the_kept_classes_reach_the_training_loop(trained_on, capsys, keep,
     model = difflab.load("m")
     assert model.meta["kept_classes"] == [3, 5] and model.meta["dataset"] == "digits"
     assert model.net.config["num_classes"] == model.meta["num_classes"] == (10 if conditional else 0)
-    code, out, _ = run(["info", "m"], capsys)
+    code, out, _ = run(["info", "--model", "m"], capsys)
     assert code == 0 and json.loads(out)["kept_classes"] == [3, 5]
 
 
@@ -79,7 +79,7 @@ def test_a_class_the_data_lack_is_refused_before_any_output(trained_on, tmp_path
 @pytest.fixture
 def kept_model(trained_on, capsys):
     """A class-conditional digits model trained (one step) on classes 3 and 5 only, folder "m"."""
-    code, _, err = run([*TRAIN, "--data", "digits", "--classes", "--keep-classes", "3", "5"], capsys)
+    code, _, err = run([*TRAIN, "--data", "digits", "--conditional", "--keep-classes", "3", "5"], capsys)
     assert code == 0, err
     digits = load_digits("train")
     return digits.x[(digits.labels == 3) | (digits.labels == 5)]
@@ -116,8 +116,8 @@ def test_condition_fit_draws_only_the_kept_classes(kept_model, monkeypatch, caps
         return real_fit(base, operator, x0_data, **kwargs)
 
     monkeypatch.setattr(deft_module, "fit_deft", spy)
-    code, _, err = run(["condition", "fit", "--model", "m", "--task", "superres", *data, "--pairs", "100", "--steps",
-                        "1", "--batch-size", "4", "--out", "h", "--device", "cpu"], capsys)
+    code, _, err = run(["condition", "fit", "--model", "m", "--task", "superres", *data, "--pairs", "100",
+                        "--train-steps", "1", "--batch-size", "4", "--out", "h", "--device", "cpu"], capsys)
     assert code == 0, err
     assert torch.equal(seen[0], kept_model[:100])
 
@@ -142,14 +142,14 @@ def test_distillation_diffuses_only_the_kept_classes_and_the_students_record_the
         return real_batches(x, labels)
 
     monkeypatch.setattr(distill_module, "dataset_batches", spy)
-    code, _, err = run(["distill", "guided", "--teacher", "m", *data, "--steps", "1", "--batch-size", "4", "--out",
-                        "st", "--device", "cpu"], capsys)
+    code, _, err = run(["distill", "guided", "--teacher", "m", *data, "--train-steps", "1", "--batch-size", "4",
+                        "--out", "st", "--device", "cpu"], capsys)
     assert code == 0, err
     x, labels = seen[0]
     assert torch.equal(x, kept_model) and set(labels.tolist()) == {3, 5}
     assert difflab.load("st").distilled["kept_classes"] == [3, 5]
-    code, _, err = run(["distill", "progressive", "--teacher", "st", "--from", "2", "--to", "1", "--steps-per-round",
-                        "1", "--batch-size", "4", "--out", "st1", "--device", "cpu"], capsys)
+    code, _, err = run(["distill", "progressive", "--teacher", "st", "--from-steps", "2", "--to-steps", "1",
+                        "--train-steps-per-round", "1", "--batch-size", "4", "--out", "st1", "--device", "cpu"], capsys)
     assert code == 0, err
     assert torch.equal(seen[1][0], kept_model)
     assert difflab.load("st1.rounds/steps-0001").distilled["kept_classes"] == [3, 5]
@@ -168,8 +168,8 @@ def test_a_toy_model_on_one_class_gets_that_many_samples_of_it(trained_on, monke
         return real_fit(base, operator, x0_data, **kwargs)
 
     monkeypatch.setattr(deft_module, "fit_deft", spy)
-    code, _, err = run(["condition", "fit", "--model", "m", "--task", "inpaint", "--pairs", "1000", "--steps", "1",
-                        "--batch-size", "4", "--out", "h", "--device", "cpu"], capsys)
+    code, _, err = run(["condition", "fit", "--model", "m", "--task", "inpaint", "--pairs", "1000", "--train-steps",
+                        "1", "--batch-size", "4", "--out", "h", "--device", "cpu"], capsys)
     assert code == 0, err
     moons = make_moons(10_000, seed=0)   # what the command drew before keeping class 0 (--seed 0)
     moon_0 = {tuple(row) for row in moons.x[moons.labels == 0].tolist()}

@@ -6,41 +6,46 @@ from pathlib import Path
 
 import typer
 
-from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device
+from difflab.apps.cli.common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device,
+                                     writes_output)
 
 app = typer.Typer(no_args_is_help=True, help="AMED: a tiny learned predictor for ~5-step sampling "
                                                   "(Zhou et al., CVPR 2024).")
 
 
 @app.command("fit")
+@writes_output
 def amed_fit(
     model: Path = typer.Option(..., help="base model folder"),
-    nfe: int = typer.Option(5, min=2, help="evaluations to fit for (with AFS: 3, 5, 7, 9 ↔ 3, 4, 5, 6 grid points)"),
-    base_solver: str = typer.Option("dpm2", help="dpm2 (AMED-Solver), or AMED-Plugin on euler, ipndm, dpmpp_2m, "
-                                    "dpmpp_3m, unipc"),
-    grid: str = typer.Option("karras", help="grid family (the teacher uses the same family)"),
-    teacher: str = typer.Option("heun", help="teacher solver for the reference trajectories"),
+    nfe: int = typer.Option(5, min=2, help="model evaluations to fit for (with AFS: 3, 5, 7, 9 ↔ 3, 4, 5, 6 grid "
+                            "points)"),
+    base_solver: str = typer.Option("dpm2", help="base solver the predictor drives: dpm2 (AMED-Solver), or "
+                                    "AMED-Plugin on euler, ipndm, dpmpp_2m, dpmpp_3m, unipc"),
+    grid: str = typer.Option("karras", help="σ grid family (the teacher solver uses the same family)"),
+    teacher_solver: str = typer.Option("heun", help="teacher solver for the reference trajectories"),
     m: int = typer.Option(1, "--M", min=0, max=1000, help="extra teacher points per student interval (the teacher "
                           "must be more accurate than the student: M=1 is the paper's recipe, 3-7 is safer)"),
     trajectories: int = typer.Option(10_000, min=1, max=MAX_STEPS, help="teacher trajectories to fit on"),
-    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="teacher trajectories per training batch"),
     out: Path = typer.Option(..., help="predictor folder to write"),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED),
-    device: Device = typer.Option(Device.auto),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the fit (trajectories' noise, batches)"),
+    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
+    resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
 ) -> None:
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
     from difflab import load
     from difflab.amed.plugin import check_base
-    from difflab.amed.fit import default_config, fit_amed
+    from difflab.amed.fit import AMEDConfig, fit_amed
 
     check_output(out, force)
     check_base(base_solver)
     dev = resolve_device(device)
     denoiser = load(model, device=dev)
-    predictor = fit_amed(denoiser, nfe, grid=grid, teacher=teacher, M=m, trajectories=trajectories, base_solver=base_solver,
-                         batch_size=batch_size, config=default_config(seed=seed, device=dev),
-                         out_dir=out.with_name(out.name + ".checkpoints"), progress=True)
+    config = AMEDConfig(nfe=nfe, grid=grid, teacher_solver=teacher_solver, M=m, trajectories=trajectories,
+                        base_solver=base_solver, batch_size=batch_size, seed=seed, device=dev)
+    predictor = fit_amed(denoiser, config, out_dir=out.with_name(out.name + ".checkpoints"), resume=resume,
+                         progress=True).model
     predictor.save(out, overwrite=force)
     typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid, "parameters":
                            sum(p.numel() for p in predictor.parameters())}))

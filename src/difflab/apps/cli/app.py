@@ -8,8 +8,9 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from difflab.apps.cli.common import MAX_SEED, Device, fail, greedy_options, resolve_device
+from difflab.apps.cli.common import MAX_SEED, Device, check_output, fail, greedy_options, resolve_device, writes_output
 from difflab.core.errors import DifflabError
+from difflab.core.io import dumps_strict
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="difflab: get more out of trained diffusion models (σ-space denoisers, exact "
@@ -26,7 +27,7 @@ app.add_typer(distill.app, name="distill")
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="model folder")) -> None:
+def info(model: Path = typer.Option(..., help="model folder (difflab or diffusers)")) -> None:
     """Print a model folder's config and parameter count as JSON."""
     from difflab.models import info as model_info
 
@@ -34,19 +35,21 @@ def info(model: Path = typer.Argument(..., help="model folder")) -> None:
 
 
 @app.command()
+@writes_output
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="output folder"),
+    out: Path = typer.Option(Path("runs/demo"), help="report folder to write (report.html, report.json, figures)"),
     quick: bool = typer.Option(False, help="a short run (smoke test)"),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED),
-    device: Device = typer.Option(Device.auto),
-    force: bool = typer.Option(False, help="write into an existing folder that is not a demo folder"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of every section"),
+    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    force: bool = typer.Option(False, help="no effect: the demo writes into an empty folder or an existing demo folder "
+                               "(reusing its models) and refuses any other"),
 ) -> None:
     """The main job: every capability end to end on embedded data, into OUT/report.html (+ report.json)."""
-    from difflab.apps.demo.run import check_demo_folder, run_demo
+    from difflab.apps.demo.run import run_demo
 
-    check_demo_folder(out, force)
+    check_output(out, force, demo=True)
     summary = run_demo(out, quick=quick, seed=seed, device=resolve_device(device))
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(dumps_strict(summary, indent=2))
 
 
 def main() -> None:

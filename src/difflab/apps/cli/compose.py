@@ -1,4 +1,4 @@
-"""`difflab compose`: SuperDiff OR / AND / averaging from the command line (METHODS.md §2).
+"""`difflab compose`: SuperDiff OR / AND / averaging from the command line (docs/methods/superdiff.md).
 
     difflab compose --models A B [C …] | --model M --classes 3 8 [--w W]
                     [--mode or|and|average] [--sde|--ode] [--nfe N] [--temperature T] [--bias ℓ…]
@@ -10,10 +10,7 @@ output is written to a temporary file and renamed, so a failed run leaves nothin
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -22,8 +19,9 @@ import typer
 from typer.core import TyperGroup
 
 from difflab.apps.cli.common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, greedy_options,
-                         resolve_device)
+                         resolve_device, writes_output)
 from difflab.core.errors import ConfigError
+from difflab.core.io import dumps_strict
 
 GREEDY_OPTIONS = ("--models", "--classes", "--bias")
 MAX_NFE = 10_000
@@ -45,6 +43,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 
 @app.callback(invoke_without_command=True, cls=GreedyListGroup)
+@writes_output
 def compose(
     models: Optional[List[Path]] = typer.Option(None, "--models", help="two or more model folders (OR/AND over "
                                                 "separate models): --models A B [C …]"),
@@ -53,10 +52,12 @@ def compose(
                                                 "--classes 3 8"),
     w: Optional[float] = typer.Option(None, "--w", help="classifier-free guidance weight for --model "
                                       "(D_u + (1+w)(D_c − D_u)); the unguided classes' densities are tracked"),
-    mode: Mode = typer.Option(Mode.or_, "--mode", help="or (mixture) | and (equal densities) | average (baseline)"),
+    mode: Mode = typer.Option(Mode.or_, "--mode", help="composition: or (mixture) | and (equal densities) | "
+                              "average (baseline)"),
     sde: bool = typer.Option(True, "--sde/--ode", help="reverse SDE with the Itô density estimator (no extra "
                              "model calls), or the ODE with a Hutchinson divergence (one JVP per step)"),
-    nfe: int = typer.Option(100, "--nfe", help="steps; each step evaluates every model once (ODE: one JVP each)"),
+    nfe: int = typer.Option(100, "--nfe", help="model evaluations of each component: the number of steps, each "
+                            "evaluating every model (or class) once, batched (ODE: one JVP each)"),
     noise_correction: bool = typer.Option(False, "--noise-correction", help="AND with --sde: add the Itô term "
                                           "of the noise AND's κ cancels (M−1 extra JVPs per step); removes "
                                           "a bias of the log q estimates"),
@@ -66,10 +67,12 @@ def compose(
                                                "(OR: logit offsets; AND: nats per unit log σ; average: log-weights)"),
     n: int = typer.Option(64, "--n", help="number of samples"),
     seed: int = typer.Option(0, "--seed", help="sample i uses seed SEED+i, whatever the batch size"),
-    batch_size: int = typer.Option(256, "--batch-size", help="samples per batch"),
-    out: Path = typer.Option(..., "--out", help=".npz (x [K, ...], log_q [K, M], kappa [K, M]) or .png grid"),
+    batch_size: int = typer.Option(256, "--batch-size", help="sampling batch: samples per composed model call"),
+    out: Path = typer.Option(..., "--out", help="file to write: .npz (x [K, ...], log_q [K, M], kappa [K, M]) or "
+                             ".png grid"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
-    device: Device = typer.Option(Device.auto, "--device"),
+    device: Device = typer.Option(Device.auto, "--device", help="where to run: auto (CUDA when torch sees it), cpu, "
+                                  "cuda"),
 ) -> None:
     """Sample a SuperDiff composition of several models, or of one conditional model's classes."""
     plan = _validate(models, model, classes, w, nfe, bias, n, batch_size, out, force, mode.value, sde,
@@ -79,9 +82,9 @@ def compose(
     samples, log_q, kappa, calls = _sample(denoisers, conds, w, data_shape, mode.value, sde, nfe, temperature,
                                            bias, noise_correction, n, seed, batch_size, dev)
     _write(out, samples, log_q, kappa)
-    typer.echo(json.dumps({"out": str(out), "n": n, "mode": mode.value, "sde": sde, "nfe": nfe,
-                           "models": plan["m"], "model_calls": calls,
-                           "mean_log_q": [round(v, 4) for v in log_q.mean(0).tolist()]}))
+    typer.echo(dumps_strict({"out": str(out), "n": n, "mode": mode.value, "sde": sde, "nfe": nfe,
+                             "models": plan["m"], "model_calls": calls,
+                             "mean_log_q": [round(v, 4) for v in log_q.mean(0).tolist()]}))
 
 
 def _validate(models, model, classes, w, nfe, bias, n, batch_size, out: Path, force: bool, mode: str,
@@ -140,7 +143,8 @@ def _load(plan: dict, device: str, out: Path):
         denoiser = load(plan["model"], device=device)
         num_classes = _num_classes(denoiser)
         if num_classes == 0:
-            raise ConfigError(f"{plan['model']} is not class-conditional; train it with --classes or use --models")
+            raise ConfigError(f"{plan['model']} is not class-conditional; train it with `difflab train --conditional` "
+                              "or use --models")
         known = model_class_list(denoiser, num_classes)   # less any it never saw (train --keep-classes)
         bad = [c for c in plan["classes"] if c not in known]
         if bad:
@@ -196,16 +200,10 @@ def _write(out: Path, samples, log_q, kappa) -> None:
     import numpy as np
 
     from difflab.apps.figures import save_image_grid
+    from difflab.core.io import atomic_path
 
     if out.suffix == ".png":
         save_image_grid(samples, out)
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, x=samples.numpy(), log_q=log_q.numpy(), kappa=kappa.numpy())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, x=samples.numpy(), log_q=log_q.numpy(), kappa=kappa.numpy())

@@ -19,7 +19,7 @@ app = typer.Typer(no_args_is_help=True, help="Inverse problems: DEFT (a small le
 
 # after `app`: difflab.apps.cli.app imports this module's `app` to mount it, so importing this module first
 # (which runs difflab.apps.cli.app) must find `app` already defined
-from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device  # noqa: E402
+from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device, writes_output  # noqa: E402
 
 
 class Task(str, Enum):
@@ -90,6 +90,7 @@ def _load_base(model: Path, device: str):
 
 
 @app.command()
+@writes_output
 def fit(
     model: Path = typer.Option(..., help="base model folder (kept frozen)"),
     task: Task = typer.Option(..., help="the measurement operator"),
@@ -97,7 +98,8 @@ def fit(
     kernel_size: int = KERNEL_SIZE, kernel_std: float = KERNEL_STD, angles: int = ANGLES, oversample: int = OVERSAMPLE,
     data: Optional[str] = typer.Option(None, help="data set of clean training images (default: the model's data "
                                        "set)"),
-    pairs: int = typer.Option(1000, min=1, max=MAX_STEPS, help="clean training images (fresh y for each every step)"),
+    pairs: int = typer.Option(1000, min=1, max=MAX_STEPS, help="clean training images (a fresh measurement y of "
+                              "each at every step)"),
     train_steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
     batch_size: int = typer.Option(64, min=1, max=MAX_BATCH, help="training batch (pairs per optimiser step)"),
     lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
@@ -110,7 +112,7 @@ def fit(
     resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
-    from difflab.condition.deft import default_config, fit_deft, parameter_fraction
+    from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
     from difflab.data import TOY_DATASETS, model_dataset
 
     check_output(out, force)
@@ -127,14 +129,15 @@ def fit(
         raise ShapeError(f"data {data_name!r} has per-sample shape {dataset.shape}, the model expects {shape}")
     if pairs > len(dataset):
         raise ConfigError(f"--pairs {pairs} exceeds the {len(dataset)} samples of {data_name!r}")
-    hnet, result = fit_deft(base, operator, dataset.x[:pairs].to(dev), steps=train_steps, batch_size=batch_size,
-                            config=default_config(lr=lr, seed=seed, device=dev),
-                            out_dir=out.with_name(out.name + ".checkpoints"), progress=True, resume=resume,
-                            nn1_class=nn1_class, return_result=True)
+    config = DEFTConfig(train_steps=train_steps, batch_size=batch_size, lr=lr, seed=seed, device=dev,
+                        nn1_class=nn1_class)
+    result = fit_deft(base, operator, dataset.x[:pairs].to(dev), config=config,
+                      out_dir=out.with_name(out.name + ".checkpoints"), progress=True, resume=resume)
+    hnet = result.model
     if result.is_main_process:
         hnet.save(out, overwrite=force)
         typer.echo(dumps_strict({"out": str(out), "task": task.value, "operator": operator.config() | {"mask": None},
-                                 "train_steps": train_steps, "final_loss": result.losses[-1][1],
+                                 "train_steps": train_steps, "final_loss": result.final_loss,
                                  "hnet_fraction_of_base": round(parameter_fraction(hnet, base), 4)}))
 
 
@@ -146,9 +149,11 @@ def _nn1_class(net: HNet | None, shape: tuple[int, ...]) -> str | None:
 
 
 @app.command()
+@writes_output
 def run(
     model: Path = typer.Option(..., help="base model folder"),
-    method: Method = typer.Option(..., help="deft (needs --hnet) | dps | pigdm | uncond (the floor)"),
+    method: Method = typer.Option(..., help="reconstruction method: deft (needs --hnet) | dps | pigdm | uncond "
+                                  "(the floor)"),
     hnet: Optional[Path] = typer.Option(None, help="DEFT h-network folder (from `difflab condition fit`)"),
     task: Optional[Task] = typer.Option(None, help="the measurement operator (dps / pigdm; deft takes its "
                                         "h-network's)"),

@@ -5,15 +5,15 @@ before any training; model folders are written atomically; `--force` replaces an
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional, Tuple
 
 import typer
 
-from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device
+from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device, writes_output
 from difflab.core.errors import ConfigError
+from difflab.core.io import dumps_strict
 
 app = typer.Typer(no_args_is_help=True, help="Distil a classifier-free-guided model into a few-step student: "
                   "stage 1 (one student for every guidance weight w), stage 2 (progressive halving of the steps).")
@@ -28,14 +28,14 @@ def _conditional_teacher(path: Path, device: str):
     teacher = load(path, device=device)
     if isinstance(teacher, GuidedStudent):
         raise ConfigError(f"{path} is already a distilled student; stage 1 starts from the class-conditional model "
-                          "(`difflab train --classes`); for stage 2 use `difflab distill progressive --teacher`")
+                          "(`difflab train --conditional`); for stage 2 use `difflab distill progressive --teacher`")
     if not isinstance(teacher, (EDMDenoiser, PredictionDenoiser)):
         raise ConfigError(f"{path} holds a {type(teacher).__name__}; stage 1 needs a difflab network model trained "
-                          "with `difflab train --classes`")
+                          "with `difflab train --conditional`")
     num_classes = int(teacher.net.config.get("num_classes", 0))
     if num_classes < 1:
         raise ConfigError(f"{path} is not class-conditional (num_classes=0), so it has no guidance to distil; "
-                          "train it with `difflab train --classes` (label dropout gives the null class)")
+                          "train it with `difflab train --conditional` (label dropout gives the null class)")
     return teacher, num_classes
 
 
@@ -59,27 +59,29 @@ def _training_data(data: Optional[str], model, num_classes: int, seed: int):
 
 
 @app.command("guided")
+@writes_output
 def guided(
-    teacher: Path = typer.Option(..., help="class-conditional model folder (difflab train --classes)"),
-    w_range: Tuple[float, float] = typer.Option((0.0, 4.0), "--w-range", help="guidance weights w ~ U[W_MIN, W_MAX] "
-                                                "(w = 0: the conditional model; diffusers' scale is 1 + w)"),
+    teacher: Path = typer.Option(..., help="teacher model folder: a class-conditional model (`difflab train "
+                                 "--conditional`)"),
+    w_range: Tuple[float, float] = typer.Option((0.0, 4.0), "--w-range", help="classifier-free guidance weights w ~ "
+                                                "U[W_MIN, W_MAX] (w = 0: the conditional model; diffusers' scale is "
+                                                "1 + w)"),
     data: Optional[str] = typer.Option(None, help="data set to diffuse (default: the teacher's)"),
-    steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
-    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="batch per process"),
+    train_steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="training batch per optimiser step and process"),
     lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
     out: Path = typer.Option(..., help="student folder to write"),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED),
-    device: Device = typer.Option(Device.auto),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the run (initial noise, batches)"),
+    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing student folder"),
-    resume: bool = typer.Option(True, help="continue from OUT.checkpoints if present"),
+    resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
 ) -> None:
     """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
     from difflab.core.wrappers import CFGDenoiser
     from difflab.data import model_classes
-    from difflab.distill import dataset_batches, distill_guided, make_student
+    from difflab.distill import GuidedDistillConfig, dataset_batches, distill_guided, make_student
     from difflab.distill.guided import check_w_range
     from difflab.core.fingerprint import fingerprint
-    from difflab.train import TrainConfig
 
     check_output(out, force)
     w_min, w_max = check_w_range(w_range)
@@ -89,64 +91,67 @@ def guided(
     base_id = fingerprint(model)
     student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max,
                            kept_classes=model_classes(model))
-    config = TrainConfig(steps=steps, lr=lr, seed=seed, device=dev, checkpoint_every=max(steps // 4, 1))
+    config = GuidedDistillConfig(train_steps=train_steps, lr=lr, batch_size=batch_size, w_range=(w_min, w_max),
+                                 seed=seed, device=dev, checkpoint_every=max(train_steps // 4, 1))
     start = time.perf_counter()
-    trained, result = distill_guided(CFGDenoiser(model), student, dataset_batches(dataset.x, dataset.labels), config,
-                                     batch_size, (w_min, w_max), out_dir=out.with_name(out.name + ".checkpoints"),
-                                     resume=resume)
+    result = distill_guided(CFGDenoiser(model), student, dataset_batches(dataset.x, dataset.labels), config,
+                            out_dir=out.with_name(out.name + ".checkpoints"), resume=resume)
     if result.is_main_process:
-        trained.save(out, overwrite=force)
-        typer.echo(json.dumps({"out": str(out), "stage": "guided", "w_range": [w_min, w_max], "steps": steps,
-                               "final_loss": result.losses[-1][1], "seconds": round(time.perf_counter() - start, 1),
-                               "base_model": base_id[:12]}))
+        result.model.save(out, overwrite=force)
+        typer.echo(dumps_strict({"out": str(out), "stage": "guided", "w_range": [w_min, w_max],
+                                 "train_steps": train_steps,
+                                 "final_loss": result.final_loss, "seconds": round(time.perf_counter() - start, 1),
+                                 "base_model": base_id[:12]}))
 
 
 @app.command("progressive")
+@writes_output
 def progressive(
-    teacher: Path = typer.Option(..., help="w-conditioned student folder (from `difflab distill guided`, or a "
-                                 "previous progressive run)"),
-    n_from: int = typer.Option(256, "--from", help="the teacher's sampling steps (a power of two)"),
-    n_to: int = typer.Option(1, "--to", help="the final student's steps (a power of two below --from)"),
+    teacher: Path = typer.Option(..., help="teacher model folder: a w-conditioned student (from `difflab distill "
+                                 "guided`, or a round of a previous progressive run)"),
+    from_steps: int = typer.Option(256, help="the teacher's sampling steps, a power of two (one model evaluation "
+                                   "each: the teacher's NFE)"),
+    to_steps: int = typer.Option(1, help="the final student's sampling steps, a power of two below --from-steps "
+                                 "(its NFE for `difflab sample --nfe`)"),
     data: Optional[str] = typer.Option(None, help="data set to diffuse (default: the teacher's)"),
-    steps_per_round: int = typer.Option(1000, min=1, max=MAX_STEPS, help="optimiser steps per halving round"),
-    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="batch per process"),
+    train_steps_per_round: int = typer.Option(1000, min=1, max=MAX_STEPS, help="optimiser steps per halving round"),
+    batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="training batch per optimiser step and process"),
     lr: float = typer.Option(1e-4, min=1e-8, max=10.0, help="Adam learning rate (restarted, with warm-up, every round)"),
-    out: Path = typer.Option(..., help="the final student's folder; every round's student goes to OUT.rounds/steps-NNNN"),
-    seed: int = typer.Option(0, min=0, max=MAX_SEED),
-    device: Device = typer.Option(Device.auto),
+    out: Path = typer.Option(..., help="the final student's folder to write; every round's student goes to "
+                             "OUT.rounds/steps-NNNN"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the run (round N uses SEED+N)"),
+    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing output folder"),
-    resume: bool = typer.Option(True, help="reuse finished rounds and checkpoints in OUT.rounds"),
+    resume: bool = typer.Option(True, help="continue from the finished rounds and checkpoints in OUT.rounds"),
 ) -> None:
-    """Stage 2: halve the sampling steps round by round (teacher 2N steps → student N), from --from to --to."""
-    from accelerate import PartialState
-
-    from difflab.distill import dataset_batches, distill_progressive
+    """Stage 2: halve the sampling steps round by round (teacher 2N steps → student N), from --from-steps to
+    --to-steps."""
+    from difflab.distill import ProgressiveDistillConfig, dataset_batches, distill_progressive
     from difflab.distill.progressive import check_halving
     from difflab.distill.student import GuidedStudent
     from difflab.models import load
-    from difflab.train import TrainConfig
 
     check_output(out, force)
-    check_halving(n_from, n_to)
+    check_halving(from_steps, to_steps)
     dev = resolve_device(device)
     student = load(teacher, device=dev)
     if not isinstance(student, GuidedStudent):
         raise ConfigError(f"{teacher} holds a {type(student).__name__}; stage 2 starts from a w-conditioned student: "
                           "run `difflab distill guided` first")
-    if student.steps is not None and student.steps != n_from:
-        raise ConfigError(f"{teacher} was distilled for {student.steps} steps; continue from it with --from "
+    if student.steps is not None and student.steps != from_steps:
+        raise ConfigError(f"{teacher} was distilled for {student.steps} steps; continue from it with --from-steps "
                           f"{student.steps}")
     name, dataset = _training_data(data, student, student.num_classes, seed)
-    config = TrainConfig(steps=steps_per_round, lr=lr, seed=seed, device=dev,
-                         checkpoint_every=max(steps_per_round // 4, 1))
-    w_range = (student.distilled["w_min"], student.distilled["w_max"])
+    config = ProgressiveDistillConfig(from_steps=from_steps, to_steps=to_steps,
+                                      train_steps_per_round=train_steps_per_round, lr=lr,
+                                      batch_size=batch_size, w_range=(student.distilled["w_min"],
+                                                                      student.distilled["w_max"]),
+                                      seed=seed, device=dev, checkpoint_every=max(train_steps_per_round // 4, 1))
     rounds_dir = out.with_name(out.name + ".rounds")
-    finished: list[int] = []
     start = time.perf_counter()
-    final = distill_progressive(student, dataset_batches(dataset.x, dataset.labels), n_from, n_to, config, batch_size,
-                                w_range, rounds_dir=rounds_dir, resume=resume,
-                                on_round=lambda n, _: finished.append(n))
-    if PartialState().is_main_process:
-        final.save(out, overwrite=force)
-    typer.echo(json.dumps({"out": str(out), "stage": "progressive", "rounds": finished, "steps": n_to,
-                           "rounds_dir": str(rounds_dir), "seconds": round(time.perf_counter() - start, 1)}))
+    result = distill_progressive(student, dataset_batches(dataset.x, dataset.labels), config, out_dir=rounds_dir,
+                                 resume=resume)
+    if result.is_main_process:
+        result.model.save(out, overwrite=force)
+    typer.echo(dumps_strict({"out": str(out), "stage": "progressive", "rounds": config.rounds(), "to_steps": to_steps,
+                             "rounds_dir": str(rounds_dir), "seconds": round(time.perf_counter() - start, 1)}))

@@ -9,40 +9,43 @@ from typing import Optional
 
 import typer
 
-from difflab.apps.cli.common import Device, check_output, resolve_device
+from difflab.apps.cli.common import Device, check_output, resolve_device, writes_output
 from difflab.core.errors import ConfigError
 
 MAX_NFE = 10_000          # far beyond any useful budget; refuses typos like 10**9 before building a grid
 PNG_MAX_SAMPLES = 256     # a 16 x 16 grid
 STEP_SEED_OFFSET = 2**40  # stochastic solvers' per-step noise for sample i comes from seed SEED+i+2^40
+ROW_BLOCK = 8             # the model sees whole blocks of 8 rows (see run_batch)
 
 
+@writes_output
 def sample(
-    model: Path = typer.Option(..., help="model folder (difflab or diffusers)"),
-    solver: str = typer.Option("heun", help="euler | heun | dpm2 | dpmpp_2m | dpmpp_3m | ipndm | ipndm_v | unipc | "
-                               "deis | euler_maruyama | amed (with --predictor)"),
+    model: Path = typer.Option(..., help="model folder (difflab or diffusers; a distilled student too)"),
+    solver: str = typer.Option("heun", help="solver: euler | heun | dpm2 | dpmpp_2m | dpmpp_3m | ipndm | ipndm_v | "
+                               "unipc | deis | euler_maruyama | amed (with --predictor)"),
     nfe: Optional[int] = typer.Option(None, min=1, max=MAX_NFE, help="model evaluations to spend; the grid is built "
-                                      "to spend exactly this (default 35; with --solver amed, the predictor's)"),
-    grid: str = typer.Option("karras", help="karras | logsnr | time_uniform | time_quadratic | discrete"),
+                                      "to spend exactly this (default 35; with --solver amed, the predictor's; a "
+                                      "distilled student spends one per step: default, the steps it was distilled "
+                                      "for)"),
+    grid: str = typer.Option("karras", help="σ grid family: karras | logsnr | time_uniform | time_quadratic | "
+                             "discrete"),
     afs: bool = typer.Option(False, "--afs", help="analytical first step: replace the first evaluation by "
                              "x/sqrt(1+σ²) (saves one evaluation)"),
     to_zero: bool = typer.Option(True, help="end the grid with σ = 0 (a last Euler step to the denoised sample, "
                                  "as in EDM: Heun at 35 NFE = 18 steps)"),
     predictor: Optional[Path] = typer.Option(None, help="AMED predictor folder (from `difflab amed fit`)"),
-    steps: Optional[int] = typer.Option(None, min=1, max=MAX_NFE, help="a distilled student (`difflab distill`): "
-                                        "its number of steps (default: what it was distilled for)"),
-    w: Optional[float] = typer.Option(None, help="a distilled student: the guidance weight it is conditioned on "
-                                      "(default 0)"),
+    w: Optional[float] = typer.Option(None, help="a distilled student (`difflab distill`): the classifier-free "
+                                      "guidance weight w it is conditioned on (default 0)"),
     stochastic: bool = typer.Option(False, "--stochastic", help="a distilled student: the stochastic sampler "
                                     "(two steps down, one back up; same NFE)"),
     n: int = typer.Option(64, min=1, help="number of samples (.npz: streamed to disk a batch at a time, so memory "
                           f"does not grow with N; .png: at most {PNG_MAX_SAMPLES})"),
     seed: int = typer.Option(0, min=0, help="sample i uses seed SEED+i, whatever the batch size or process count"),
-    batch_size: int = typer.Option(256, min=1, help="samples per model call and per write to disk"),
+    batch_size: int = typer.Option(256, min=1, help="sampling batch: samples per model call and per write to disk"),
     class_label: Optional[int] = typer.Option(None, "--class", min=-1, max=2**31 - 1,
                                               help="class label for a conditional model (-1: the null class)"),
-    out: Path = typer.Option(..., help=".npz (array `x`) or .png (image grid)"),
-    device: Device = typer.Option(Device.auto),
+    out: Path = typer.Option(..., help="file to write: .npz (array `x`) or .png (image grid)"),
+    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Sample a model with a solver at an exact NFE budget; writes .npz or a .png grid.
@@ -61,7 +64,7 @@ def sample(
     if out.suffix == ".png" and n > PNG_MAX_SAMPLES:
         raise ConfigError(f"a .png grid shows at most {PNG_MAX_SAMPLES} samples, --n {n} was given; "
                           "write .npz for more")
-    if seed + n + STEP_SEED_OFFSET >= 2**64:
+    if seed + n + ROW_BLOCK + STEP_SEED_OFFSET >= 2**64:
         raise ConfigError(f"--seed {seed} with --n {n} gives seeds beyond 2^64 - 2^40; use a smaller seed")
     rank, processes, gather, dev = _processes(resolve_device(device))
     denoiser = load(model, device=dev)
@@ -76,10 +79,10 @@ def sample(
 
     student = isinstance(denoiser, GuidedStudent)
     if student:
-        run = _student_runner(denoiser, steps, 0.0 if w is None else w, stochastic, class_label, nfe, predictor)
+        run = _student_runner(denoiser, nfe, 0.0 if w is None else w, stochastic, class_label, predictor)
         class_label = None                                   # the student runner conditions itself
-    elif steps is not None or w is not None or stochastic:
-        raise ConfigError("--steps, --w and --stochastic are for distilled students (difflab distill); this model "
+    elif w is not None or stochastic:
+        raise ConfigError("--w and --stochastic are for distilled students (difflab distill); this model "
                           "takes --solver and --nfe")
     else:
         run = (_amed_runner(denoiser, predictor, nfe, dev) if solver == "amed"
@@ -88,8 +91,11 @@ def sample(
     batches = [range(seed + start, seed + min(n, start + batch_size)) for start in range(0, n, batch_size)]
 
     def run_batch(seeds: range):
-        cond = {} if class_label is None else {"class_labels": torch.full((len(seeds),), class_label, device=dev)}
-        return run(seeds, data_shape, dev, cond).to(torch.float32)
+        # whole blocks of ROW_BLOCK rows (the extra rows are the next seeds, dropped): BLAS takes a different
+        # path for a remainder of rows, so this keeps sample i bit-identical for every --batch-size
+        padded = range(seeds.start, seeds.start + -(-len(seeds) // ROW_BLOCK) * ROW_BLOCK)
+        cond = {} if class_label is None else {"class_labels": torch.full((len(padded),), class_label, device=dev)}
+        return run(padded, data_shape, dev, cond)[:len(seeds)].to(torch.float32)
 
     main_process = rank == 0
     with torch.no_grad(), _sample_writer(out, n, data_shape, main_process) as write, \
@@ -103,17 +109,25 @@ def sample(
                                "points": run.points, "processes": processes}))
 
 
-def _student_runner(student, steps: int | None, w: float, stochastic: bool, class_label: int | None,
-                    nfe: int | None, predictor: Path | None):
-    """A batch sampler for a distilled guided student: sample i from seed i, whatever the batch."""
+def _student_runner(student, nfe: int | None, w: float, stochastic: bool, class_label: int | None,
+                    predictor: Path | None):
+    """A batch sampler for a distilled guided student (one model evaluation per step, so --nfe is its step
+    count): sample i from seed i, whatever the batch."""
 
     from difflab.distill.samplers import sample_student
 
-    if nfe is not None or predictor is not None:
-        raise ConfigError("a distilled student takes --steps (one evaluation per step), not --nfe or --predictor")
+    if predictor is not None:
+        raise ConfigError("--predictor is for --solver amed; a distilled student samples itself (--nfe, --w)")
     if not math.isfinite(w):
         raise ConfigError(f"--w must be finite, got {w}")
-    steps = student.steps if steps is None else steps
+    if nfe is not None and student.steps is not None and nfe != student.steps:
+        raise ConfigError(f"this student was distilled for {student.steps} steps (one model evaluation each): "
+                          f"use --nfe {student.steps}, or the round folder OUT.rounds/steps-{nfe:04d} of "
+                          f"`difflab distill progressive` for --nfe {nfe}")
+    steps = student.steps if nfe is None else nfe
+    if steps is None:
+        raise ConfigError("this student (stage 1, `difflab distill guided`) was not distilled for a step count: "
+                          "pass --nfe N (one model evaluation per step)")
 
     def run(seeds, shape, device, cond):
         return sample_student(student, len(seeds), steps, w, class_label, stochastic, seed=seeds.start, device=device,

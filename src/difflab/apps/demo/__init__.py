@@ -1,4 +1,4 @@
 """`difflab demo`, the main job: one module per report section and the HTML report writer (`run`)."""
-from difflab.apps.demo.run import check_demo_folder, run_demo
+from difflab.apps.demo.run import run_demo
 
-__all__ = ["check_demo_folder", "run_demo"]
+__all__ = ["run_demo"]

@@ -76,7 +76,7 @@ def save_figure(run: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflab.apps.figures import _atomic_write
+    from difflab.apps.figures import save_figure
 
     a, b = (m.cpu() for m in run["models"])
     grid = torch.linspace(-6, 6, 121, dtype=torch.float64)
@@ -97,9 +97,7 @@ def save_figure(run: dict, path: Path) -> Path:
         ax.set_ylim(-6, 6)
     fig.suptitle("SuperDiff on two exact mixtures (blue: A, orange: B)")
     fig.tight_layout()
-    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:

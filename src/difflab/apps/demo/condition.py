@@ -9,7 +9,7 @@ from torch import Tensor
 
 from difflab.data import load_digits
 from difflab.core.errors import AddonMismatchError, ModelFormatError
-from difflab.condition.deft import HNetwork, default_config, fit_deft, load_hnet, parameter_fraction
+from difflab.condition.deft import DEFTConfig, HNetwork, fit_deft, load_hnet, parameter_fraction
 from difflab.condition.reconstruct import make_denoiser, make_operator, psnr, reconstruct, simulate, ssim, summarise
 
 COLUMNS = ("measurement", "DEFT", "DPS", "ΠGDM", "unconditional", "truth")
@@ -24,8 +24,8 @@ def cached_hnet(folder: Path, base, operator, x0_data: Tensor, steps: int, batch
     except (ModelFormatError, AddonMismatchError):
         pass
     start = time.perf_counter()
-    hnet = fit_deft(base, operator, x0_data.to(device), steps=steps, batch_size=batch_size,
-                    config=default_config(seed=seed, device=device, checkpoint_every=steps))
+    config = DEFTConfig(train_steps=steps, batch_size=batch_size, seed=seed, device=device, checkpoint_every=steps)
+    hnet = fit_deft(base, operator, x0_data.to(device), config).model
     seconds = time.perf_counter() - start
     hnet.save(folder, overwrite=True)
     return hnet, seconds
@@ -38,7 +38,7 @@ def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflab.apps.figures import _atomic_write
+    from difflab.apps.figures import save_figure
 
     n_rows = min(len(v) for v in columns.values())
     fig, axes = plt.subplots(n_rows, len(columns), figsize=(1.1 * len(columns), 1.1 * n_rows + 0.4), squeeze=False)
@@ -53,9 +53,7 @@ def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "") -> 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def run_task(base, task: str, operator_options: dict, n: int, fit_steps: int, batch_size: int, solver: str,

@@ -70,8 +70,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
     from difflab.data import load_digits
     from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_UNET, cached_model
     from difflab.nets import UNet
-    from difflab.train import TrainConfig
-    from difflab.train.denoiser import train_denoiser
+    from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
     torch.manual_seed(seed)
     nets = {"unet": UNet(**DIGITS_UNET).to(device).eval(), "cunet": CUNet().to(device).eval()}
@@ -85,9 +84,9 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
         train_x = load_digits("train").x
 
         def train():
-            config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)
-            return train_denoiser(CUNet(), train_x, config=config, batch_size=batch_size,
-                                  dataset="digits", progress=not quick)[0]
+            config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps,
+                                    batch_size=batch_size, dataset="digits")
+            return train_denoiser(CUNet(), train_x, config=config, progress=not quick).model
 
         cunet, train_seconds = cached_model(Path(out) / "models" / f"digits-cunet-{steps}x{batch_size}", train)
         test_x = load_digits("test").x.to(device)

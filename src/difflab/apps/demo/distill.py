@@ -64,7 +64,7 @@ def classes_by_steps_figure(panels: dict[str, dict[int, Tensor]], path: Path, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflab.apps.figures import _atomic_write, image_grid
+    from difflab.apps.figures import image_grid, save_figure
 
     fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 1.1 * sum(len(p) for p in panels.values()), 5.2),
                              squeeze=False)
@@ -78,25 +78,22 @@ def classes_by_steps_figure(panels: dict[str, dict[int, Tensor]], path: Path, ti
         ax.set_xlabel("steps", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def train_teacher(recipe: dict, seed: int, device: str, progress: bool = False) -> nn.Module:
     """A class-conditional digits U-Net with label dropout 0.1 (the null class −1 for guidance)."""
     from difflab.data import load_digits
     from difflab.nets import UNet
-    from difflab.train import TrainConfig
-    from difflab.train.denoiser import train_denoiser
+    from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
     data = load_digits("train")
     torch.manual_seed(seed)
     net = UNet(num_classes=NUM_CLASSES, **recipe["unet"])
-    config = TrainConfig(steps=recipe["teacher_steps"], lr=2e-3, seed=seed, device=device,
-                         checkpoint_every=recipe["teacher_steps"])
-    return train_denoiser(net, data.x, data.labels, config, batch_size=recipe["batch"], label_dropout=0.1,
-                          dataset="digits", progress=progress)[0]
+    config = DenoiserConfig(train_steps=recipe["teacher_steps"], lr=2e-3, seed=seed, device=device,
+                            checkpoint_every=recipe["teacher_steps"], batch_size=recipe["batch"], label_dropout=0.1,
+                            dataset="digits")
+    return train_denoiser(net, data.x, data.labels, config, progress=progress).model
 
 
 def distil(teacher: nn.Module, recipe: dict, seed: int, device: str, n_to: int = 4, rounds_dir: Path | None = None,
@@ -104,9 +101,8 @@ def distil(teacher: nn.Module, recipe: dict, seed: int, device: str, n_to: int =
     """(stage-1 student, n_to-step student, seconds): stage 1 then progressive rounds N₀ → n_to."""
     from difflab.data import load_digits
     from difflab.core.fingerprint import fingerprint
-    from difflab.train import TrainConfig
-    from difflab.distill.guided import dataset_batches, distill_guided
-    from difflab.distill.progressive import distill_progressive
+    from difflab.distill.guided import GuidedDistillConfig, dataset_batches, distill_guided
+    from difflab.distill.progressive import ProgressiveDistillConfig, distill_progressive
     from difflab.distill.student import make_student
 
     data = load_digits("train")
@@ -114,15 +110,16 @@ def distil(teacher: nn.Module, recipe: dict, seed: int, device: str, n_to: int =
     base_id = fingerprint(teacher)
     start = time.perf_counter()
     student = make_student(teacher, base_model=base_id, teacher=base_id, dataset="digits")
-    config = TrainConfig(steps=recipe["guided_steps"], lr=1e-3, warmup_steps=20, seed=seed, device=device,
-                         checkpoint_every=recipe["guided_steps"])
-    stage1, _ = distill_guided(CFGDenoiser(teacher), student, batches, config, recipe["batch"], (0.0, 4.0),
-                               progress=progress)
-    config = TrainConfig(steps=recipe["round_steps"], lr=3e-4, warmup_steps=10, seed=seed, device=device,
-                         checkpoint_every=recipe["round_steps"])
-    final = distill_progressive(stage1, batches, recipe["n0"], n_to, config, recipe["batch"], (0.0, 4.0),
-                                rounds_dir=rounds_dir, progress=progress)
-    return stage1, final.eval().requires_grad_(False), time.perf_counter() - start
+    config = GuidedDistillConfig(train_steps=recipe["guided_steps"], lr=1e-3, warmup_steps=20, seed=seed,
+                                 device=device, checkpoint_every=recipe["guided_steps"], batch_size=recipe["batch"],
+                                 w_range=(0.0, 4.0))
+    stage1 = distill_guided(CFGDenoiser(teacher), student, batches, config, progress=progress).model
+    config = ProgressiveDistillConfig(from_steps=recipe["n0"], to_steps=n_to,
+                                      train_steps_per_round=recipe["round_steps"], lr=3e-4, warmup_steps=10,
+                                      seed=seed, device=device, checkpoint_every=recipe["round_steps"],
+                                      batch_size=recipe["batch"], w_range=(0.0, 4.0))
+    final = distill_progressive(stage1, batches, config, out_dir=rounds_dir, progress=progress).model
+    return stage1, final, time.perf_counter() - start
 
 
 def _cached(folder: Path, build: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
@@ -179,7 +176,7 @@ def _samples_figure(panels: dict[str, dict[int, Tensor]], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflab.apps.figures import _atomic_write, image_grid
+    from difflab.apps.figures import image_grid, save_figure
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 4.4), squeeze=False)
     for ax, (name, by) in zip(axes[0], panels.items()):
@@ -191,9 +188,7 @@ def _samples_figure(panels: dict[str, dict[int, Tensor]], path: Path, title: str
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 __all__ = ["demo_section", "guided_samples", "evaluate", "classes_by_steps_figure", "train_teacher", "distil",

@@ -11,32 +11,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from difflab.core.io import atomic_path, write_json
 from difflab.core.mixture import GaussianMixture
 from difflab.models import load
 from difflab.sampling import get_sigmas, sample, seeded_noise
-from difflab.train import TrainConfig
+from difflab.train.denoiser import DenoiserConfig
 
 console = Console(stderr=True)
-
-
-def check_demo_folder(out: Path, force: bool) -> None:
-    """A demo writes into its own folder (reusing the models cached there); a file, or a non-empty
-    folder that is not a demo folder, is refused unless force (a file always)."""
-    from difflab.core.errors import ConfigError
-
-    out = Path(out)
-    if out.is_file() or (out.exists() and not out.is_dir()):
-        raise ConfigError(f"--out {out} is a file; the demo writes a folder")
-    if out.is_dir() and not force and any(out.iterdir()) and not (
-            (out / "report.json").is_file() or (out / "models").is_dir()):
-        raise ConfigError(f"{out} exists and is not a difflab demo folder; pass --force to write into it")
 
 
 def heun_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
@@ -68,8 +55,9 @@ def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     steps = 600 if quick else 1000
 
     def train():
-        config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)
-        return train_denoiser(MLP(dim=2), data, config=config, batch_size=512, dataset="gmm")[0]
+        config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps,
+                                batch_size=512, dataset="gmm")
+        return train_denoiser(MLP(dim=2), data, config=config).model
 
     denoiser, train_seconds = cached_model(out / "models" / f"gmm-{steps}", train)
     n = 2000
@@ -102,9 +90,9 @@ def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     steps = 200 if quick else DIGITS_STEPS
 
     def train():
-        config = TrainConfig(steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps)
-        return train_denoiser(UNet(**DIGITS_UNET), train_set.x, config=config, batch_size=DIGITS_BATCH,
-                              dataset="digits")[0]
+        config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps,
+                                batch_size=DIGITS_BATCH, dataset="digits")
+        return train_denoiser(UNet(**DIGITS_UNET), train_set.x, config=config).model
 
     denoiser, train_seconds = cached_model(out / "models" / f"digits-{steps}", train)
     n = 297 if quick else 1000
@@ -129,18 +117,20 @@ DIGITS_STEPS, DIGITS_BATCH = 500, 128  # the default recipe (benchmarks/train_di
 SECTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("sampling", "Fast sampling: every solver at NFE 3 / 5 / 10, AMED fitted on the spot",
      "Mean L2 distance at σ_min to a fine Heun solution from the same noise, on the digits model; AMED-Solver "
-     "and AMED-Plugin (iPNDM) predictors are fitted here (METHODS.md §1). Grid rows: solver × NFE, then the "
+     "and AMED-Plugin (iPNDM) predictors are fitted here (docs/methods/amed.md). Grid rows: solver × NFE, then the "
      "reference.", "difflab.apps.demo.sampling:demo_section"),
     ("compose", "SuperDiff: OR and AND of two models",
-     "Two Gaussian mixtures composed by SuperDiff with the Itô density estimator (METHODS.md §2).",
+     "Two Gaussian mixtures composed by SuperDiff with the Itô density estimator (docs/methods/superdiff.md).",
      "difflab.apps.demo.compose:demo_section"),
     ("condition", "Inverse problems: DEFT vs DPS vs ΠGDM",
      "Digit reconstruction from partial measurements with a small learned h-transform (DEFT) fitted here, "
-     "against the gradient-guided baselines at equal steps (METHODS.md §3).", "difflab.apps.demo.condition:demo_section"),
+     "against the gradient-guided baselines at equal steps (docs/methods/deft.md).",
+     "difflab.apps.demo.condition:demo_section"),
     ("distill", "Guided distillation: a 4-step student next to the guided teacher",
      "A class-conditional digits teacher with classifier-free guidance, distilled into a w-conditioned "
-     "few-step student (METHODS.md §4).", "difflab.apps.demo.distill:demo_section"),
-    ("cunet", "cU-Net vs U-Net", "The U-Net whose stages are ODE blocks, against the baseline U-Net (METHODS.md §5).",
+     "few-step student (docs/methods/distillation.md).", "difflab.apps.demo.distill:demo_section"),
+    ("cunet", "cU-Net vs U-Net",
+     "The U-Net whose stages are ODE blocks, against the baseline U-Net (docs/methods/cunet.md).",
      "difflab.apps.demo.cunet:demo_section"),
 )
 
@@ -175,7 +165,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, device: str = "cpu",
         console.print(f"{title}: {sections[key]['seconds']} s")
     report = {"quick": quick, "seed": seed, "device": device, "sections": sections,
               "titles": {key: (title, text) for key, title, text, _ in plan}}
-    _write_text(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
+    write_json(out / "report.json", report, default=_jsonable)
     _write_text(out / "report.html", render_html(report, out))
     return {"report": str(out / "report.html"), **{k: _headline(v) for k, v in sections.items()}}
 
@@ -189,9 +179,8 @@ def _jsonable(value):
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _headline(section: dict) -> dict:

@@ -40,7 +40,7 @@ def _solver_run(denoiser, noise: torch.Tensor, solver: str, nfe: int) -> torch.T
 
 def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:
     """base["digits"]: a digits denoiser. Writes sampling_error.png and sampling_grids.png into `out`."""
-    from difflab.amed.fit import default_config, fit_amed
+    from difflab.amed.fit import AMEDConfig, fit_amed
 
     denoiser = base["digits"].to(device)
     n = 32 if quick else 128
@@ -57,9 +57,9 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
     for row, base_solver, M in (("amed", "dpm2", 1), ("amed_plugin_ipndm", "ipndm", 3)):
         for nfe in (5,) if quick else (3, 5):
             start = time.perf_counter()
-            predictor = fit_amed(denoiser, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, M=M,
-                                 trajectories=64 if quick else 384, batch_size=32, base_solver=base_solver,
-                                 config=default_config(seed=seed, device=device))
+            config = AMEDConfig(nfe=nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, M=M, base_solver=base_solver,
+                                trajectories=64 if quick else 384, batch_size=32, seed=seed, device=device)
+            predictor = fit_amed(denoiser, config).model
             fit_seconds[f"{row} NFE {nfe}"] = round(time.perf_counter() - start, 1)
             with torch.no_grad():
                 x = amed_sample(denoiser, noise, predictor_sigmas(predictor), predictor)
