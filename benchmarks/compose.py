@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from difflab.compose import Components, superdiff
 from difflab.apps.demo.compose import compose_2d, demo_mixtures, save_figure, summarise
+from difflab.compose import Components, superdiff
 from difflab.core.denoiser import eps
 from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
 
@@ -138,8 +138,8 @@ def cost(models: list, cfg: dict, device: str) -> dict:
 # ----- 4./5. digits ------------------------------------------------------------------------------------
 def train_digit_models(cfg: dict, seed: int, cache: Path, device: str) -> dict:
     """The four digit models, trained with the project loop and cached (safetensors + config.json)."""
-    from difflab.data import load_digits
     from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_UNET, cached_model
+    from difflab.data import load_digits
     from difflab.nets import UNet
     from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
@@ -169,8 +169,8 @@ def _class_stats(samples: torch.Tensor, classifier) -> tuple[list[float], torch.
 
 
 def digits_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
-    from difflab.metrics import digits_frechet, digits_frechet_floor, get_digit_classifier
     from difflab.apps.figures import save_image_grid
+    from difflab.metrics import digits_frechet, digits_frechet_floor, get_digit_classifier
 
     classifier = get_digit_classifier()
     n, nfe = cfg["n_digits"], cfg["nfe_digits"]
@@ -202,8 +202,8 @@ def digits_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "")
 
 
 def digits_and(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
-    from difflab.metrics import get_digit_classifier
     from difflab.apps.figures import save_image_grid
+    from difflab.metrics import get_digit_classifier
 
     classifier = get_digit_classifier()
     model = models["digits_classes"]

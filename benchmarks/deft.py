@@ -35,12 +35,21 @@ from pathlib import Path
 
 import torch
 
-from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
 from difflab.apps.demo.condition import save_comparison
-from difflab.condition.reconstruct import (DPS_ZETA, PIGDM_WEIGHT, make_denoiser, make_operator, psnr, reconstruct,
-                                           simulate, ssim, summarise)
-from difflab.data import load_digits
 from difflab.apps.demo.run import DIGITS_STEPS
+from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
+from difflab.condition.reconstruct import (
+    DPS_ZETA,
+    PIGDM_WEIGHT,
+    make_denoiser,
+    make_operator,
+    psnr,
+    reconstruct,
+    simulate,
+    ssim,
+    summarise,
+)
+from difflab.data import load_digits
 from difflab.metrics import get_digit_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -24,13 +24,19 @@ from pathlib import Path
 import torch
 
 from difflab import CFGDenoiser, load
-from difflab.data import load_digits
-from difflab.apps.demo.run import cached_model
-from difflab.distill import (GuidedDistillConfig, ProgressiveDistillConfig, dataset_batches, distill_guided,
-                             distill_progressive, make_student)
 from difflab.apps.demo.distill import RECIPES, classes_by_steps_figure, evaluate, guided_samples, train_teacher
-from difflab.metrics import digits_frechet_floor
+from difflab.apps.demo.run import cached_model
 from difflab.core.fingerprint import fingerprint
+from difflab.data import load_digits
+from difflab.distill import (
+    GuidedDistillConfig,
+    ProgressiveDistillConfig,
+    dataset_batches,
+    distill_guided,
+    distill_progressive,
+    make_student,
+)
+from difflab.metrics import digits_frechet_floor
 
 # The full run fits ~30 minutes on 2 CPU cores: N₀ = 32 (five halving rounds to 1 step) rather than the
 # paper's 256 (eight rounds), 500 samples; the reference is still the guided teacher at 256 DDIM steps.
@@ -78,7 +84,8 @@ def main() -> None:
     cache = args.cache or Path("runs") / f"bench-distill{tag.replace('_', '-')}"
     out = args.out or Path(__file__).parent / "results" / f"distill{tag}.json"
 
-    teacher, teacher_seconds = cached_model(cache / "teacher", lambda: train_teacher(recipe, args.seed, args.device, True))
+    teacher, teacher_seconds = cached_model(cache / "teacher",
+                                            lambda: train_teacher(recipe, args.seed, args.device, True))
     teacher = teacher.to(args.device)
     students, distill_seconds = distil_all(teacher, recipe, cache, args.seed, args.device)
     guided_teacher = CFGDenoiser(teacher)
@@ -107,7 +114,9 @@ def main() -> None:
     targets = {}
     for w in WEIGHTS:
         if 4 in students:
-            student4, teacher_ref, teacher4 = fd("student", w, 4), fd("teacher DDIM", w, ref_steps), fd("teacher DDIM", w, 4)
+            student4 = fd("student", w, 4)
+            teacher_ref = fd("teacher DDIM", w, ref_steps)
+            teacher4 = fd("teacher DDIM", w, 4)
             targets[str(w)] = {"student4_over_teacher_ref": round(student4 / teacher_ref, 2),
                                "student4_over_teacher4": round(student4 / teacher4, 2),
                                "met": student4 <= 1.2 * teacher_ref and student4 <= 0.5 * teacher4}

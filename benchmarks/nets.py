@@ -23,19 +23,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from difflab.apps.demo.cunet import cost_table, forward_seconds, one_step_psnr
+from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_sigmas
 from difflab.core.wrappers import EDMDenoiser
 from difflab.data import load_digits
-from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_sigmas
 from difflab.metrics import digits_frechet, digits_frechet_floor
 from difflab.nets import CUNet, UNet
-from difflab.apps.demo.cunet import cost_table, forward_seconds, one_step_psnr
 from difflab.nets.flops import count_flops, example_inputs
 from difflab.sampling import sample, seeded_noise
 from difflab.train.denoiser import DenoiserConfig, edm_loss, train_denoiser
@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps and samples: checks the script runs")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {DIGITS_STEPS}; quick 40)")
     parser.add_argument("--batch-size", type=int, default=DIGITS_BATCH)
-    parser.add_argument("--n", type=int, default=None, help="samples for the Fréchet distance (default 1000; quick 300)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="samples for the Fréchet distance (default 1000; quick 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
@@ -142,8 +143,10 @@ def main() -> None:
     ratios = {"params": rows["cunet"]["params_ratio"], "flops": rows["cunet"]["flops_ratio"],
               "forward_time_b256": round(forward["cunet"] / forward["unet"], 3),
               "train_step_time": round(step_seconds["cunet"] / step_seconds["unet"], 3),
-              "frechet_equal_steps": round(rows["cunet"]["frechet_equal_steps"] / rows["unet"]["frechet_equal_steps"], 3),
-              "frechet_equal_time": round(rows["cunet"]["frechet_equal_time"] / rows["unet"]["frechet_equal_time"], 3)}
+              "frechet_equal_steps": round(rows["cunet"]["frechet_equal_steps"]
+                                           / rows["unet"]["frechet_equal_steps"], 3),
+              "frechet_equal_time": round(rows["cunet"]["frechet_equal_time"]
+                                          / rows["unet"]["frechet_equal_time"], 3)}
     report = {"quick": args.quick, "steps": steps, "batch_size": args.batch_size, "n_samples": n, "seed": args.seed,
               "frechet_floor": round(digits_frechet_floor(n), 2), "cunet_over_unet": ratios, "nets": rows,
               "unet_config": nets["unet"].config, "cunet_config": nets["cunet"].config,

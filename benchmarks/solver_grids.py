@@ -20,13 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from difflab.amed.fit import AMEDConfig, fit_amed  # noqa: E402
+from difflab.amed.plugin import amed_sample  # noqa: E402
+from difflab.amed.predictor import predictor_sigmas  # noqa: E402
 from difflab.apps.demo.run import DIGITS_STEPS  # noqa: E402
 from difflab.apps.figures import image_grid  # noqa: E402
-from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  # noqa: E402
 from difflab.core.errors import ConfigError  # noqa: E402
-from difflab.amed.predictor import predictor_sigmas  # noqa: E402
-from difflab.amed.plugin import amed_sample  # noqa: E402
-from difflab.amed.fit import AMEDConfig, fit_amed  # noqa: E402
+from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from solvers import digits_model  # noqa: E402

@@ -43,16 +43,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from difflab.amed.fit import AMEDConfig, fit_amed
+from difflab.amed.plugin import amed_plugin, amed_sample
+from difflab.amed.predictor import predictor_sigmas
+from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, cached_model
 from difflab.core.denoiser import eps
+from difflab.core.errors import ConfigError
 from difflab.core.mixture import GaussianMixture
 from difflab.data import default_gmm, load_digits
-from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, cached_model
-from difflab.core.errors import ConfigError
 from difflab.sampling import SOLVERS, get_sigmas, sample, seeded_noise, sigmas_for_nfe
-from difflab.amed.predictor import predictor_sigmas
-from difflab.amed.plugin import amed_plugin, amed_sample
 from difflab.train.denoiser import DenoiserConfig
-from difflab.amed.fit import AMEDConfig, fit_amed
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 NFES = (3, 4, 5, 6, 8, 10)
@@ -282,8 +282,9 @@ def run_case(case: Case, log: Callable[[str], None]) -> dict:
         errors[row], nfe_measured[row], amed[row] = {str(n): "n/a" for n in NFES}, {}, {}
         for nfe in AMED_NFES:
             start = time.perf_counter()
-            config = AMEDConfig(nfe=nfe, grid="karras", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, teacher_solver="heun", M=M,
-                                trajectories=case.amed_trajectories, batch_size=case.amed_batch, rho=RHO,
+            config = AMEDConfig(nfe=nfe, grid="karras", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                                teacher_solver="heun", M=M, trajectories=case.amed_trajectories,
+                                batch_size=case.amed_batch, rho=RHO,
                                 dtype=str(case.dtype).replace("torch.", ""), base_solver=base)
             result = fit_amed(denoiser, config, shape=case.shape)
             predictor = result.model

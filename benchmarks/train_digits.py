@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from difflab.data import load_digits
 from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, heun_sigmas
+from difflab.data import load_digits
 from difflab.metrics import digits_frechet, digits_frechet_floor
 from difflab.nets import UNet
 from difflab.sampling import sample, seeded_noise

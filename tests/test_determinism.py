@@ -22,8 +22,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def _sample_command(model: Path, out: Path, solver: str) -> list[str]:
     # 13 samples in batches of 3: five batches, so with two processes the last round leaves one idle
-    return ["-m", "difflab.apps.cli.app", "sample", "--model", str(model), "--solver", solver, "--nfe", "6", "--n", "13",
-            "--batch-size", "3", "--seed", "11", "--out", str(out), "--device", "cpu"]
+    return ["-m", "difflab.apps.cli.app", "sample", "--model", str(model), "--solver", solver,
+            "--nfe", "6", "--n", "13", "--batch-size", "3", "--seed", "11", "--out", str(out), "--device", "cpu"]
 
 
 @pytest.mark.slow        # ~25 s on 2 cores: two interpreter start-ups under torchrun

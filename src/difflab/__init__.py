@@ -8,8 +8,7 @@ imports every method package, so each registers its saved kinds with `difflab.lo
 __version__ = "0.1.0"
 
 from difflab import amed, compose, condition, distill  # noqa: E402,F401  (register their saved kinds)
-from difflab.core import (CFGDenoiser, EDMDenoiser, FlowDenoiser, GaussianMixture, VPDenoiser, eps,  # noqa: E402
-                          fingerprint, score)
+from difflab.core import CFGDenoiser, EDMDenoiser, FlowDenoiser, GaussianMixture, VPDenoiser, eps, fingerprint, score  # noqa: E402
 from difflab.interop.diffusers import loader as _diffusers_loader  # noqa: E402,F401  (registers the format)
 from difflab.models import load  # noqa: E402
 from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe  # noqa: E402

@@ -8,11 +8,11 @@ import torch
 
 import difflab
 from difflab import GaussianMixture, get_sigmas
+from difflab.amed.fit import AMEDConfig, fit_amed
+from difflab.amed.plugin import BASE_SOLVERS, amed_plugin, amed_sample, refined_sigmas
+from difflab.amed.predictor import AMEDParams, ConstantPredictor, amed_nfe, amed_solver, predictor_sigmas
 from difflab.core.errors import AddonMismatchError, ConfigError
 from difflab.sampling import SOLVERS
-from difflab.amed.predictor import AMEDParams, ConstantPredictor, amed_nfe, amed_solver, predictor_sigmas
-from difflab.amed.plugin import BASE_SOLVERS, amed_plugin, amed_sample, refined_sigmas
-from difflab.amed.fit import AMEDConfig, fit_amed
 from tests.sampling.helpers import CountingDenoiser
 
 PLUGIN_ONLY = [b for b in BASE_SOLVERS if b != "dpm2"]

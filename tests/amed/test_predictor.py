@@ -11,15 +11,23 @@ import torch
 
 import difflab
 from difflab import CFGDenoiser, EDMDenoiser, GaussianMixture, get_sigmas
-from difflab.core.errors import AddonMismatchError, ConfigError
-from difflab.nets import MLP, UNet
-from difflab.sampling import SOLVERS
-from difflab.amed.predictor import (AMEDPredictor, ConstantPredictor, amed_nfe, amed_points, amed_solver, amed_step,
-                                   load_predictor, pool_feature, predictor_sigmas)
+from difflab.amed.fit import AMEDConfig, fit_amed, teacher_trajectory
+from difflab.amed.predictor import (
+    AMEDPredictor,
+    ConstantPredictor,
+    amed_nfe,
+    amed_points,
+    amed_solver,
+    amed_step,
+    load_predictor,
+    pool_feature,
+    predictor_sigmas,
+)
+from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError
 from difflab.core.fingerprint import fingerprint
 from difflab.models import fingerprint_of
-from difflab.core.errors import ModelFormatError
-from difflab.amed.fit import AMEDConfig, fit_amed, teacher_trajectory
+from difflab.nets import MLP, UNet
+from difflab.sampling import SOLVERS
 from tests.conftest import np_denoiser
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from difflab import GaussianMixture, get_sigmas
-from difflab.compose import Components, ito_increment, superdiff
 from difflab.apps.demo.compose import demo_mixtures
+from difflab.compose import Components, ito_increment, superdiff
 from difflab.sampling import PerSampleGenerator, seeded_noise
 
 

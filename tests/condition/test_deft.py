@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from difflab import EDMDenoiser, GaussianMixture, get_sigmas, sample
-from difflab.condition import DEFTDenoiser, DPS, HNetwork, Inpaint, SuperResolution, fit_deft, load_hnet
+from difflab.amed.predictor import ConstantPredictor, amed_solver
+from difflab.condition import DPS, DEFTDenoiser, HNetwork, Inpaint, SuperResolution, fit_deft, load_hnet
 from difflab.condition.deft import DEFTConfig, deft_x0
 from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError
+from difflab.core.fingerprint import fingerprint
 from difflab.metrics import sliced_wasserstein
 from difflab.nets import MLP, UNet
 from difflab.sampling import SOLVERS, PerSampleGenerator
-from difflab.amed.predictor import ConstantPredictor, amed_solver
-from difflab.core.fingerprint import fingerprint
 
 MEANS = [[-4.0, 0.0], [3.0, 3.0], [2.0, -4.0]]
 STDS = [[0.5, 1.0], [0.8, 0.4], [0.6, 0.7]]

@@ -6,8 +6,18 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from difflab.condition.operators import (HDR, OPERATORS, Blur, Inpaint, Operator, PhaseRetrieval, Radon,
-                                         SuperResolution, draw_masks, operator_from_config)
+from difflab.condition.operators import (
+    HDR,
+    OPERATORS,
+    Blur,
+    Inpaint,
+    Operator,
+    PhaseRetrieval,
+    Radon,
+    SuperResolution,
+    draw_masks,
+    operator_from_config,
+)
 from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 IMAGE = (2, 8, 8)
@@ -29,8 +39,10 @@ def asymmetric_kernel() -> torch.Tensor:
 
 LINEAR_CASES = [
     ("inpaint box", lambda: Inpaint(shape=IMAGE), IMAGE),
-    ("inpaint random per-sample", lambda: Inpaint(kind="random", shape=IMAGE).resample(3, torch.Generator().manual_seed(1)), IMAGE),
-    ("inpaint strokes", lambda: Inpaint(kind="strokes", shape=IMAGE).resample(3, torch.Generator().manual_seed(2)), IMAGE),
+    ("inpaint random per-sample",
+     lambda: Inpaint(kind="random", shape=IMAGE).resample(3, torch.Generator().manual_seed(1)), IMAGE),
+    ("inpaint strokes",
+     lambda: Inpaint(kind="strokes", shape=IMAGE).resample(3, torch.Generator().manual_seed(2)), IMAGE),
     ("inpaint coords (vectors)", lambda: Inpaint(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0]), kind="coords"), (5,)),
     ("superres x2", lambda: SuperResolution(2), IMAGE),
     ("superres x4", lambda: SuperResolution(4), IMAGE),
@@ -95,7 +107,8 @@ def test_ct_projection_at_angle_zero_sums_columns():
 def test_phase_retrieval_adjoint_is_the_jacobian_transpose():
     op = PhaseRetrieval(oversample=2)
     g = torch.Generator().manual_seed(3)
-    x, u = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    u = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
     v = torch.randn(op(x).shape, generator=g, dtype=torch.float64)
     _, ju = torch.func.jvp(op.forward, (x,), (u,))
     assert torch.allclose((ju * v).sum(), (u * op.adjoint(v, x)).sum(), rtol=1e-10)

@@ -2,7 +2,6 @@
 convention (written here from the papers, not from difflab), must give back the mixture's D."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

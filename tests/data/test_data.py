@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 from difflab.data import (
     DATASET_NAMES,
     Dataset,
@@ -21,7 +22,6 @@ from difflab.data import (
     make_moons,
     make_rings,
 )
-from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
 
 HAS_DATASETS = importlib.util.find_spec("datasets") is not None
 

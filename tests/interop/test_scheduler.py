@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from difflab import eps, sample
-from difflab.core.wrappers import VPDenoiser
-from difflab.core.errors import ConfigError, UnknownNameError
-from difflab.sampling import get_sigmas, sigmas_for_nfe
 from difflab.amed.predictor import AMEDParams, amed_solver, predictor_sigmas
+from difflab.core.errors import ConfigError, UnknownNameError
+from difflab.core.wrappers import VPDenoiser
+from difflab.sampling import get_sigmas, sigmas_for_nfe
 
 diffusers = pytest.importorskip("diffusers")
 from difflab.interop.diffusers.scheduler import DifflabScheduler  # noqa: E402
@@ -36,7 +36,8 @@ class MixtureEpsModel:
     def __call__(self, x_vp: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_vp.shape[0])
         self.ts.append(float(t[0]))   # (numpy σ(t): fitting through this model gets no gradient via t)
-        sigma = torch.from_numpy(np.exp(np.interp(t.detach().numpy(), np.arange(len(self.log_sigmas)), self.log_sigmas)))
+        steps = np.arange(len(self.log_sigmas))
+        sigma = torch.from_numpy(np.exp(np.interp(t.detach().numpy(), steps, self.log_sigmas)))
         x = x_vp * torch.sqrt(1 + sigma[:, None] ** 2)
         return eps(self.mixture, x, sigma)
 
@@ -112,9 +113,9 @@ def test_scheduler_runs_amed_with_per_step_constants(mix2d, afs, nfe):
 def test_a_fitted_plugin_predictor_runs_in_the_scheduler_as_per_step_constants(mix2d):
     """AMED-Plugin on iPNDM fitted on a black-box VP model (h = 0: per-step constants) gives, through
     amed_scheduler_config, the same final state in a diffusers loop as amed_plugin with the predictor."""
-    from difflab.interop.diffusers.scheduler import amed_scheduler_config
-    from difflab.amed.plugin import amed_plugin
     from difflab.amed.fit import AMEDConfig, fit_amed
+    from difflab.amed.plugin import amed_plugin
+    from difflab.interop.diffusers.scheduler import amed_scheduler_config
 
     table = DifflabScheduler().alphas_cumprod
     vp = VPDenoiser(MixtureEpsModel(mix2d.model, table), table)

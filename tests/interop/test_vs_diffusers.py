@@ -15,7 +15,6 @@ agrees with diffusers' solver_order=3. dpmpp_3m_taylor weights it by 2φ3, the T
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from difflab.data import load_digits
 from difflab.core.errors import ConfigError, ShapeError
+from difflab.data import load_digits
 from difflab.metrics import digits_frechet, digits_frechet_floor, get_digit_classifier
 from difflab.metrics.digit_classifier import load_digit_classifier
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import difflab
-from difflab.core.wrappers import EDMDenoiser
 from difflab.core.errors import ModelFormatError
+from difflab.core.wrappers import EDMDenoiser
 from difflab.nets import MLP, UNet
 
 diffusers = pytest.importorskip("diffusers")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import difflab
-from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, FlowDenoiser, VPDenoiser
 from difflab.core.errors import ConfigError, ShapeError
+from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, FlowDenoiser, VPDenoiser
 from difflab.nets import NETWORKS, CUNet, UNet
 from difflab.nets.cunet import ODEBlock
 from difflab.nets.flops import network_cost
@@ -190,8 +190,8 @@ def test_works_behind_every_wrapper_and_exposes_its_bottleneck():
 
 
 def test_amed_reads_the_bottleneck_and_samples():
-    from difflab.sampling import get_sigmas
     from difflab.amed.predictor import AMEDPredictor, amed_solver, pool_feature
+    from difflab.sampling import get_sigmas
 
     denoiser = EDMDenoiser(randomize_zero_init(CUNet(**SMALL))).eval()
     x = 80.0 * make_inputs((2, 1, 8, 8))[0]
@@ -293,8 +293,8 @@ def test_trained_cunet_approaches_the_exact_denoiser_of_an_image_mixture():
 
 @pytest.mark.slow  # ~5 s on an idle core (30 quick training steps)
 def test_demo_section_is_json_and_compares_with_a_given_unet(tmp_path):
-    from difflab.apps.demo.run import DIGITS_UNET
     from difflab.apps.demo.cunet import demo_section
+    from difflab.apps.demo.run import DIGITS_UNET
 
     base = {"digits": EDMDenoiser(UNet(**DIGITS_UNET), sigma_data=0.5).eval()}  # untrained stands in
     section = json.loads(json.dumps(demo_section(tmp_path, True, 0, "cpu", base)))

@@ -164,4 +164,4 @@ def test_tiny_mlp_overfits_a_fixed_target():
 def test_networks_allow_list_names_every_network_class():
     from difflab.nets import CUNet
 
-    assert NETWORKS == {"MLP": MLP, "UNet": UNet, "CUNet": CUNet}
+    assert {"MLP": MLP, "UNet": UNet, "CUNet": CUNet} == NETWORKS

@@ -90,7 +90,8 @@ def test_torchdiffeq_adjoint_gradients_equal_backpropagated_ones():
         weight = matrix.clone().requires_grad_(True)
         start = h0.clone().requires_grad_(True)
         solver = ODESolver("dopri5", backend="torchdiffeq", rtol=1e-10, atol=1e-12, adjoint=adjoint)
-        integrate(lambda s, h: h @ weight.T, start, solver, adjoint_params=(weight,)).square().sum().backward()
+        field = lambda s, h, weight=weight: h @ weight.T    # this iteration's weight (backward() runs in it too)
+        integrate(field, start, solver, adjoint_params=(weight,)).square().sum().backward()
         gradients.append((weight.grad, start.grad))
     for direct, adjoint in zip(*gradients):
         torch.testing.assert_close(adjoint, direct, rtol=1e-6, atol=1e-8)  # both solved to 1e-10

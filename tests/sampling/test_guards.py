@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
+from difflab.amed.predictor import ConstantPredictor, amed_solver
 from difflab.core.errors import NonFiniteError
 from difflab.sampling import SOLVERS, get_sigmas, sample
-from difflab.amed.predictor import ConstantPredictor, amed_solver
 from difflab.sampling.guards import finite_guard
 
 GRID = get_sigmas("logsnr", 8, 0.1, 10.0)        # no final 0: every step's update uses the model output

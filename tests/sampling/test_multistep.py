@@ -14,11 +14,10 @@ from scipy.integrate import quad
 
 import difflab
 from difflab import GaussianMixture, get_sigmas
-from difflab.core.wrappers import VPDenoiser, interp
 from difflab.core.errors import ConfigError
+from difflab.core.wrappers import VPDenoiser, interp
 from difflab.sampling import SOLVERS
-from difflab.sampling.multistep import (MULTISTEP_SOLVERS, deis, ipndm, ipndm_v, lagrange_integrals, unipc,
-                                        vp_time)
+from difflab.sampling.multistep import MULTISTEP_SOLVERS, deis, ipndm, ipndm_v, lagrange_integrals, unipc, vp_time
 from tests.sampling.helpers import CountingDenoiser, as_f64, dop853_reference
 
 NAMES = ["ipndm", "ipndm_v", "deis", "unipc"]
@@ -72,7 +71,8 @@ def test_deis_weights_integrate_quadratics_in_vp_time_over_the_sigma_step(rng):
         np.testing.assert_allclose(vp_time(np.array(nodes)), [t_of_sigma(s) for s in nodes], rtol=1e-12)
         weights = lagrange_integrals(nodes, nodes[0], sigma_next, time=vp_time)
         quadratic = np.polynomial.Polynomial(rng.standard_normal(3))
-        exact = -quad(lambda s: quadratic(t_of_sigma(s)), sigma_next, nodes[0], epsabs=0, epsrel=1e-13)[0]
+        exact = -quad(lambda s, quadratic=quadratic: quadratic(t_of_sigma(s)), sigma_next, nodes[0],
+                      epsabs=0, epsrel=1e-13)[0]
         # quad to 1e-13 and the 32-point Gauss rule to round-off on a smooth integrand: 1e-10 is ample,
         # while interpolating in σ instead of t changes the sum at the 1e-3 level
         assert sum(w * quadratic(t_of_sigma(s)) for w, s in zip(weights, nodes)) == pytest.approx(exact, rel=1e-10)

@@ -125,7 +125,8 @@ def test_afs_first_step_of_first_order_start_is_x_times_one_plus_h_over_sqrt_one
                                                                                                        rng):
     grid = get_sigmas("karras", 5, 0.05, 10.0)
     x_start, states = 10 * rng.standard_normal((4, 2)), {}
-    sample(mix2d.model, as_f64(x_start), grid, solver=solver, afs=True, callback=lambda i, x, s: states.setdefault(i, x))
+    sample(mix2d.model, as_f64(x_start), grid, solver=solver, afs=True,
+           callback=lambda i, x, s: states.setdefault(i, x))
     s0, s1 = float(grid[0]), float(grid[1])
     # exact formula; float64 round-off only (DPM-Solver++'s first step is DDIM = Euler in σ-space)
     np.testing.assert_allclose(states[0].numpy(), x_start * (1 + (s1 - s0) / math.sqrt(1 + s0**2)), rtol=1e-12)
@@ -141,7 +142,8 @@ def test_afs_first_step_of_heun_and_dpm2_uses_the_analytical_slope_then_the_mode
                 "dpm2": x0 + (s1 - s0) * eps_np(x0 + (s_mid - s0) * d0, s_mid)}
     for solver, x1 in expected.items():
         states = {}
-        sample(mix2d.model, as_f64(x0), grid, solver=solver, afs=True, callback=lambda i, x, s: states.setdefault(i, x))
+        sample(mix2d.model, as_f64(x0), grid, solver=solver, afs=True,
+               callback=lambda i, x, s, states=states: states.setdefault(i, x))
         np.testing.assert_allclose(states[0].numpy(), x1, rtol=0, atol=1e-10)   # round-off of scipy vs torch
 
 
@@ -181,7 +183,8 @@ def test_euler_maruyama_step_matches_its_formula(mix2d, rng):
     """x' = x + 2(σ1 − σ0)ε̂ + sqrt(2σ0|σ1 − σ0|)·z, with z the generator's next draw."""
     x0, (s0, s1) = 4 * rng.standard_normal((6, 2)), (2.0, 1.3)
     z = torch.randn((6, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64).numpy()
-    out = sample(mix2d.model, as_f64(x0), as_f64([s0, s1]), "euler_maruyama", generator=torch.Generator().manual_seed(3))
+    out = sample(mix2d.model, as_f64(x0), as_f64([s0, s1]), "euler_maruyama",
+                 generator=torch.Generator().manual_seed(3))
     expected = x0 + 2 * (s1 - s0) * (x0 - np_denoiser(mix2d, x0, s0)) / s0 + math.sqrt(2 * s0 * (s0 - s1)) * z
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)   # float64 round-off
 

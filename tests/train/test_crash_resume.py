@@ -56,7 +56,8 @@ def checkpoint_step(folder: Path) -> int:
 
 def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     with safe_open(folder / CHECKPOINT_NAME, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        names = f.keys()   # a safe_open handle is not iterable: ask it for its tensor names
+        return {name: f.get_tensor(name) for name in names}
 
 
 @pytest.mark.timeout(240)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.core.mixture import GaussianMixture
 from difflab.core.errors import ConfigError, ModelFormatError
+from difflab.core.mixture import GaussianMixture
 from difflab.nets import MLP
 from difflab.train import TrainConfig, fit
 from difflab.train.denoiser import DenoiserConfig, denoiser_loss, edm_loss, train_denoiser

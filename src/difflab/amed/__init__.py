@@ -6,8 +6,18 @@ equations.
 """
 from difflab.amed.fit import AMEDConfig, fit_amed, teacher_trajectory
 from difflab.amed.plugin import BASE_SOLVERS, PLUGIN_BASES, amed_plugin, amed_sample, check_base
-from difflab.amed.predictor import (AMEDParams, AMEDPredictor, ConstantPredictor, amed_nfe, amed_points, amed_solver,
-                                    amed_step, check_predictor, load_predictor, predictor_sigmas)
+from difflab.amed.predictor import (
+                                    AMEDParams,
+                                    AMEDPredictor,
+                                    ConstantPredictor,
+                                    amed_nfe,
+                                    amed_points,
+                                    amed_solver,
+                                    amed_step,
+                                    check_predictor,
+                                    load_predictor,
+                                    predictor_sigmas,
+)
 
 __all__ = ["AMEDConfig", "AMEDParams", "AMEDPredictor", "BASE_SOLVERS", "ConstantPredictor", "PLUGIN_BASES",
            "amed_nfe", "amed_plugin", "amed_points", "amed_sample", "amed_solver", "amed_step", "check_base",

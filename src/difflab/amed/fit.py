@@ -178,7 +178,8 @@ def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondS
             z = torch.randn((config.batch_size, *shape), generator=generator, device=device,
                             dtype=DTYPES[config.dtype])
             cond = cond_sampler(generator, config.batch_size) if cond_sampler else {}
-            states = teacher_trajectory(denoiser, sigma_max * z, teacher_sigmas, config.M + 1, config.teacher_solver, **cond)
+            states = teacher_trajectory(denoiser, sigma_max * z, teacher_sigmas, config.M + 1,
+                                        config.teacher_solver, **cond)
             cache[(index, micro)] = (states, cond)
             teacher_seconds[0] += time.perf_counter() - tic
         return cache[(index, micro)]

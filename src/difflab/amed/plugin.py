@@ -23,9 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from difflab.amed.predictor import AMEDParams, amed_solver, check_predictor
 from difflab.core.denoiser import append_dims, last_feature, sigma_batch
 from difflab.core.errors import ConfigError
-from difflab.amed.predictor import AMEDParams, amed_solver, check_predictor
 from difflab.sampling.grids import check_grid
 from difflab.sampling.guards import finite_guard
 from difflab.sampling.multistep import ipndm_weights, unipc_update
@@ -139,7 +139,8 @@ def _substep(base: PluginBase, state: PluginState, point: Point, sigma_next, n_s
 
 
 def plugin_interval(denoiser, predictor, base: PluginBase, state: PluginState, t_cur: float, t_next: float,
-                    n_substeps: int, analytic_first: bool = False, **cond: Any) -> tuple[PluginState, AMEDParams | None]:
+                    n_substeps: int, analytic_first: bool = False,
+                    **cond: Any) -> tuple[PluginState, AMEDParams | None]:
     """One interval t_cur → t_next of AMED-Plugin. Returns the new state and the predictor's (r, c, a)
     (None on a last step to σ = 0, which is x ← D(x; t_cur)). Differentiable in the predictor."""
     x = state.x

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from difflab.core.denoiser import append_dims, last_feature, sigma_batch
-from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
+from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.models import check_base_model, register_kind
 from difflab.nets.embeddings import sinusoidal_embedding  # a plain Fourier embedding, no diffusion maths
 from difflab.sampling.grids import check_grid, get_sigmas, points_for_nfe

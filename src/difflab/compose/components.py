@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from difflab.core.denoiser import eps, sigma_batch
-from difflab.core.wrappers import null_condition
 from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.wrappers import null_condition
 
 DIVERGENCE_MODES = ("auto", "jvp", "vjp")
 

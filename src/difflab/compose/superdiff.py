@@ -34,11 +34,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from difflab.compose.components import Components
+from difflab.compose.ito import hutchinson, inner, ito_increment, ode_increment, projected_noise_correction, rademacher
 from difflab.core.errors import ConfigError, NonFiniteError, SigmaRangeError, UnknownNameError
 from difflab.sampling.grids import check_grid
 from difflab.sampling.noise import PerSampleGenerator, randn_like
-from difflab.compose.components import Components
-from difflab.compose.ito import hutchinson, inner, ito_increment, ode_increment, projected_noise_correction, rademacher
 
 MODES = ("or", "and", "average")
 DEFAULT_RCOND = 1e-9
@@ -123,7 +123,7 @@ def and_kappa_system(A: Tensor, b: Tensor, rcond: float = DEFAULT_RCOND) -> tupl
     system[:, m, :m] = 1
     rhs = torch.cat([-b / scale[:, :, 0], torch.ones(n, 1, dtype=torch.float64, device=A.device)], dim=1)
     U, S, Vh = torch.linalg.svd(system)
-    keep = S > rcond * S[:, :1]
+    keep = rcond * S[:, :1] < S
     inv_s = torch.where(keep, 1 / torch.where(keep, S, 1.0), 0.0)
     solution = Vh.mT @ (inv_s[:, :, None] * (U.mT @ rhs[:, :, None]))
     return solution[:, :m, 0], ~keep.all(-1)
@@ -283,7 +283,7 @@ def _and_noise_correction(components: Components, x: Tensor, sigma: float, h: fl
     whose singular values exceed sqrt(rcond) × the largest, as the AND guard resolves). -> [N, M]."""
     differences = (eps_models[:-1] - eps_models[-1:]).flatten(2).double()           # [M−1, N, D]
     U, S, _ = torch.linalg.svd(differences.permute(1, 2, 0), full_matrices=False)    # U: [N, D, M−1]
-    resolved = S > math.sqrt(rcond) * S[:, :1]
+    resolved = math.sqrt(rcond) * S[:, :1] < S
     basis = (U * resolved[:, None, :]).permute(2, 0, 1).reshape(-1, *x.shape).to(x.dtype)   # [M−1, N, ...]
     jvps = torch.stack([components.evaluate(x, sigma, probe=u).jvp for u in basis])
     return projected_noise_correction(jvps, basis, h)

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difflab.condition.operators import Operator
 from difflab.core.denoiser import append_dims
 from difflab.core.errors import ConfigError, ShapeError
-from difflab.condition.operators import Operator
 
 
 def dps_direction(operator: Operator, x0_hat: Tensor, y: Tensor, zeta: float) -> Tensor:

@@ -10,14 +10,17 @@ Every operator maps a batch x [B, ...] to a measurement y [B, ...] and provides
                                           = ∇_x0 log N(y; A(x0), σ_y² I) (Gaussian noise)
     gram_solve(v, r2) = (r2·A Aᵀ + σ_y² I)⁻¹ v   (ΠGDM's likelihood covariance)
 
-| name      | A                                                     | Aᵀ                                      |
-|-----------|-------------------------------------------------------|-----------------------------------------|
-| inpaint   | m ⊙ x, mask m ∈ {0, 1} (box / random pixels / strokes; vectors: observed coordinates) | m ⊙ v          |
-| superres  | f×f average pooling of the trailing spatial dims      | nearest upsampling / f^d                |
-| blur      | correlation with a known kernel, zero padding, "same" | transposed convolution, same kernel     |
-| hdr       | clip(2x, −1, 1) (non-linear)                          | surrogate 2v: the adjoint of the unclipped 2x |
-| phase     | |F(pad(x))|, F the orthonormal 2-D FFT of the image zero-padded ×`oversample` | exact J_A(at)ᵀ v by autograd |
-| ct        | parallel-beam Radon: rotate (bilinear) by each angle, sum over rows | back-projection: the exact transpose of that discretisation (autograd VJP of the linear map) |
+| name     | A                                                      | Aᵀ                                              |
+|----------|--------------------------------------------------------|-------------------------------------------------|
+| inpaint  | m ⊙ x, mask m ∈ {0, 1} (box / random pixels / strokes; | m ⊙ v                                           |
+|          | vectors: observed coordinates)                         |                                                 |
+| superres | f×f average pooling of the trailing spatial dims       | nearest upsampling / f^d                        |
+| blur     | correlation with a known kernel, zero padding, "same"  | transposed convolution, same kernel             |
+| hdr      | clip(2x, −1, 1) (non-linear)                           | surrogate 2v: the adjoint of the unclipped 2x   |
+| phase    | |F(pad(x))|, F the orthonormal 2-D FFT of the image    | exact J_A(at)ᵀ v by autograd                    |
+|          | zero-padded ×`oversample`                              |                                                 |
+| ct       | parallel-beam Radon: rotate (bilinear) by each angle,  | back-projection: the exact transpose of that    |
+|          | sum over rows                                          | discretisation (autograd VJP of the linear map) |
 
 Operators with a random mask draw a fresh one per sample with `resample(batch, generator)`
 (DEFT's fitting draws fresh y, masks included, every step); the others return themselves.

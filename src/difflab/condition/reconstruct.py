@@ -11,12 +11,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from difflab.core.errors import ConfigError, UnknownNameError
-from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
-from difflab.metrics.images import psnr, ssim  # noqa: F401  (re-exported: reconstruct's API)
 from difflab.condition.deft import DEFTDenoiser, HNetwork
 from difflab.condition.guidance import DPS, PiGDM
 from difflab.condition.operators import HDR, Blur, Inpaint, Operator, PhaseRetrieval, Radon, SuperResolution
+from difflab.core.errors import ConfigError, UnknownNameError
+from difflab.metrics.images import psnr, ssim  # noqa: F401  (re-exported: reconstruct's API)
+from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
 
 TASKS = ("inpaint", "superres", "blur", "hdr", "phase", "ct")
 METHODS = ("deft", "dps", "pigdm", "uncond")
@@ -55,7 +55,8 @@ def make_denoiser(method: str, base: nn.Module, operator: Operator, hnet: HNetwo
     """The conditional denoiser of a method: DEFT (needs `hnet`), DPS, ΠGDM or the base itself ("uncond")."""
     if method == "deft":
         if hnet is None:
-            raise ConfigError("method 'deft' needs a fitted h-network (--hnet DIR; fit one with `difflab condition fit`)")
+            raise ConfigError("method 'deft' needs a fitted h-network "
+                              "(--hnet DIR; fit one with `difflab condition fit`)")
         return DEFTDenoiser(base, hnet, operator)
     if method == "dps":
         return DPS(base, operator, zeta)

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-
 NOT_IDENTITY = ("difflab_version", "fit")   # the version that wrote it and the recipe that trained it
 
 

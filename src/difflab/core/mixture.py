@@ -9,14 +9,13 @@ and full covariances share one code path. Computation is in float64, results in 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from difflab.core.errors import ShapeError
 from difflab.core.denoiser import sigma_batch
+from difflab.core.errors import ShapeError
 from difflab.core.serialization import SavedModel
 
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from difflab.core.errors import ConfigError, SigmaRangeError
 from difflab.core.denoiser import append_dims, call_network
+from difflab.core.errors import ConfigError, SigmaRangeError
 from difflab.core.serialization import SavedModel
 
 NetFn = Callable[..., Tensor]

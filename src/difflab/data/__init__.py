@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from difflab.core.errors import ConfigError, UnknownNameError
 from difflab.data.digits import Dataset, check_positive_count, digits_split_indices, load_digits
 from difflab.data.images import ImageFolder, images_to_tensor, load_hf_dataset
 from difflab.data.toy import default_gmm, make_gmm, make_moons, make_rings
-from difflab.core.errors import ConfigError, UnknownNameError
 
 TOY_DATASETS = {"moons": make_moons, "rings": make_rings, "gmm": make_gmm}
 DATASET_NAMES = ("digits", *TOY_DATASETS)

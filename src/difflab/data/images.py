@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.data.digits import Dataset
 from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.data.digits import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _COLOUR_MODES = {1: "L", 3: "RGB"}
@@ -116,7 +116,7 @@ def images_to_tensor(images: list, size=None, channels: int | None = None,
     target = _target_size(size)
     names = names or [f"image {i}" for i in range(len(images))]
     arrays = []
-    for image, name in zip(images, names):
+    for image in images:
         image = image.convert(_COLOUR_MODES[channels])
         if target is not None and image.size != (target[1], target[0]):
             image = image.resize((target[1], target[0]), Image.Resampling.BICUBIC)  # PIL wants (W, H)

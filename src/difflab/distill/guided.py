@@ -4,7 +4,8 @@ The student x̂_η(z, c, w) regresses onto the classifier-free-guided teacher
 x̂^w = (1 + w)·x̂_c − w·x̂_u (`CFGDenoiser`, both halves in one batched call) at w ~ U[w_min, w_max]
 and z from forward-diffused data (no teacher sampling), with the truncated-SNR weight:
 
-    L(η) = E_{x, c, w, σ, ε} max(SNR_σ, 1)·‖x̂_η(x + σε, σ, c, w) − x̂^w(x + σε, σ, c)‖²     (docs/methods/distillation.md (4))
+    L(η) = E_{x, c, w, σ, ε} max(SNR_σ, 1)·‖x̂_η(x + σε, σ, c, w) − x̂^w(x + σε, σ, c)‖²
+                                                                       (docs/methods/distillation.md (4))
 
 σ is drawn on the cosine schedule between the teacher's σ_min and σ_max (`training_sigmas`).
 Training runs on difflab's one Accelerate loop (`train.loop.fit`), configured by `GuidedDistillConfig`.

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab.data.digits import DIGITS_NUM_TEST, load_digits
 from difflab.core.errors import ConfigError, ShapeError
+from difflab.data.digits import DIGITS_NUM_TEST, load_digits
 from difflab.metrics.distances import frechet_distance
 
 CONFIG = {"format": "difflab.digit_classifier", "version": 1, "channels": [32, 64],

@@ -9,5 +9,5 @@ from difflab.models.addons import check_base_model, fingerprint_of
 from difflab.models.networks import build_network, load_state
 from difflab.models.registry import info, kind_loader, load, register_format, register_kind, registered_kinds
 
-__all__ = ["build_network", "check_base_model", "fingerprint_of", "info", "kind_loader", "load", "load_state", "register_format", "register_kind",
-           "registered_kinds"]
+__all__ = ["build_network", "check_base_model", "fingerprint_of", "info", "kind_loader", "load", "load_state",
+           "register_format", "register_kind", "registered_kinds"]

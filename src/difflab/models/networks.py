@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
 from torch import Tensor, nn
 
 from difflab.core.errors import ModelFormatError

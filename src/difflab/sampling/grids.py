@@ -158,9 +158,11 @@ def check_grid(sigmas: Tensor, sigma_min: float | None = None, sigma_max: float 
         raise SigmaRangeError(f"noise levels must be > 0 (only the last may be exactly 0), got {sigmas.tolist()}")
     tol = 1e-5
     if sigma_max is not None and float(sigmas[0]) > sigma_max * (1 + tol):
-        raise SigmaRangeError(f"the grid starts at sigma={float(sigmas[0]):.4g}, above the model's sigma_max={sigma_max:.4g}")
+        raise SigmaRangeError(f"the grid starts at sigma={float(sigmas[0]):.4g}, "
+                              f"above the model's sigma_max={sigma_max:.4g}")
     if sigma_min is not None and float(positive[-1]) < sigma_min * (1 - tol):
-        raise SigmaRangeError(f"the grid reaches sigma={float(positive[-1]):.4g}, below the model's sigma_min={sigma_min:.4g}")
+        raise SigmaRangeError(f"the grid reaches sigma={float(positive[-1]):.4g}, "
+                              f"below the model's sigma_min={sigma_min:.4g}")
     return sigmas
 
 

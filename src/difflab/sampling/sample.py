@@ -7,11 +7,10 @@ import torch
 from torch import Tensor
 
 from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
-from difflab.sampling.guards import finite_guard
 from difflab.sampling.grids import check_grid, get_sigmas, points_for_nfe
+from difflab.sampling.guards import finite_guard
 from difflab.sampling.noise import PerSampleGenerator
 from difflab.sampling.registry import SOLVERS
-
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

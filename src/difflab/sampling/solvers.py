@@ -15,8 +15,17 @@ from torch import Tensor
 
 from difflab.core.denoiser import eps, sigma_batch
 from difflab.sampling.noise import PerSampleGenerator, randn_like
-from difflab.sampling.steps import (Callback, Solver, expm1_, first_eps, grid_steps, log_, lower_order_final,
-                                    one_per_step, two_per_step)
+from difflab.sampling.steps import (
+    Callback,
+    Solver,
+    expm1_,
+    first_eps,
+    grid_steps,
+    log_,
+    lower_order_final,
+    one_per_step,
+    two_per_step,
+)
 
 
 def euler_step(x: Tensor, sigma, sigma_next, d: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 LossFn = Callable[[nn.Module, torch.Generator, int, int], Tensor]   # (model, generator, step, micro)
 # config fields a resumed run may change: how long it runs, how often it logs and saves, where it runs
 RESUMABLE_FIELDS = ("train_steps", "checkpoint_every", "log_every", "device")
+SAME_RUN = "same_run"   # resume= value: continue a checkpoint of this run, start afresh over another run's
 
 
 @dataclass
@@ -96,7 +97,7 @@ def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.de
 
 
 def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str | Path | None = None,
-        callback: StepCallback | None = None, resume: bool = True, progress: bool = True,
+        callback: StepCallback | None = None, resume: bool | str = True, progress: bool = True,
         description: str = "training", accelerator: Accelerator | None = None,
         run: dict[str, Any] | None = None) -> FitResult[nn.Module]:
     """Train `model` by minimising `loss_fn` with Adam.
@@ -107,6 +108,8 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     checkpoint there is continued from its step, and the result equals that of an uninterrupted run;
     it must come from the same run: the config (but RESUMABLE_FIELDS), the model's config and `run`
     (what else defines it: data, base model; JSON) must match, else ConfigError names what differs.
+    resume="same_run" (the CLI's --force) resumes a checkpoint of this same run and starts afresh over
+    any other one (it is overwritten at the first checkpoint); resume=False always starts afresh.
     A non-finite loss stops the fit (NonFiniteError) before it reaches the weights or a checkpoint.
     """
     config.validate()
@@ -117,7 +120,7 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     definition = run_definition(model, config, run)
     start_step, losses = 0, []
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    if resume and ckpt is not None and ckpt.is_file():
+    if resume and ckpt is not None and ckpt.is_file() and (resume != SAME_RUN or _is_same_run(ckpt, definition)):
         start_step, losses = load_checkpoint(ckpt, model, ema, optimizer, definition)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1)), last_epoch=start_step - 1)
@@ -269,6 +272,16 @@ def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer,
             state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     return step, [tuple(x) for x in losses]
+
+
+def _is_same_run(path: Path, current: dict) -> bool:
+    """Whether the checkpoint at `path` was written by the run `current` defines (an unreadable one was not)."""
+    try:
+        with safe_open(path, "pt") as f:
+            saved = json.loads(f.metadata()["run"])
+    except Exception:   # unreadable or pre-definition checkpoints are another run's as far as resuming goes
+        return False
+    return _sha256(saved) == _sha256(current)
 
 
 def check_same_run(path: Path, saved: dict | None, current: dict) -> None:

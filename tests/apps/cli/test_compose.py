@@ -20,7 +20,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("compose-cli")
     GaussianMixture([[-4.0, 0.0], [3.0, 3.0]], stds=[0.5, 0.8]).save(root / "a")
     GaussianMixture([[2.0, -4.0], [-3.0, 4.0]], stds=[0.6, 0.7]).save(root / "b")
-    GaussianMixture([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], stds=[0.6, 0.7, 0.5], labels=[0, 1, 2]).save(root / "labelled")
+    GaussianMixture([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], stds=[0.6, 0.7, 0.5],
+                    labels=[0, 1, 2]).save(root / "labelled")
     GaussianMixture([[-1.0] * 4, [1.0] * 4], stds=[0.3, 0.3], data_shape=(1, 2, 2)).save(root / "img_a")
     GaussianMixture([[1.0, -1.0, 1.0, -1.0], [0.0] * 4], stds=[0.3, 0.3], data_shape=(1, 2, 2)).save(root / "img_b")
     return root
@@ -52,7 +53,8 @@ def test_and_over_classes_with_guidance_batch_size_independent(folders, tmp_path
     for batch in (10, 4):
         out = tmp_path / f"and{batch}.npz"
         result = invoke(["--model", folders / "labelled", "--classes", "0", "2", "--w", "1.0", "--mode", "and",
-                         "--noise-correction", "--nfe", "15", "--n", "10", "--seed", "3", "--batch-size", batch, "--out", out])
+                         "--noise-correction", "--nfe", "15", "--n", "10", "--seed", "3", "--batch-size", batch,
+                         "--out", out])
         assert result.exit_code == 0, result.output
         outputs.append(np.load(out))
     np.testing.assert_allclose(outputs[0]["log_q"][:, 0], outputs[0]["log_q"][:, 1], atol=1e-5)

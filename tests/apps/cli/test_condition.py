@@ -64,8 +64,9 @@ def test_run_from_an_input_file_and_png(fitted):
                                "--nfe", "3", "--solver", "euler", "--out", str(first)]).exit_code == 0
     arrays = np.load(first)
     np.savez(root / "meas.npz", y=arrays["y"], mask=arrays["mask"])
-    result = runner.invoke(app, ["run", "--model", str(model), "--method", "deft", "--hnet", str(hnet), "--input",
-                                 str(root / "meas.npz"), "--nfe", "3", "--solver", "euler", "--out", str(root / "r.png")])
+    result = runner.invoke(app, ["run", "--model", str(model), "--method", "deft", "--hnet", str(hnet),
+                                 "--input", str(root / "meas.npz"), "--nfe", "3", "--solver", "euler",
+                                 "--out", str(root / "r.png")])
     assert result.exit_code == 0, result.output
     assert (root / "r.png").stat().st_size > 0
 

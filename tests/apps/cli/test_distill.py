@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 import difflab
 from difflab.apps.cli.app import app as main_app
 from difflab.apps.cli.distill import app
+from difflab.core.errors import ConfigError
 from difflab.data import load_digits
 from difflab.distill import GuidedStudent, sample_student
-from difflab.core.errors import ConfigError
 from difflab.nets import UNet
 from difflab.train.denoiser import DenoiserConfig, train_denoiser
 

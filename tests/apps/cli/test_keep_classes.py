@@ -101,7 +101,8 @@ def test_a_class_the_model_never_saw_is_refused(kept_model, capsys, argv, messag
 
 
 def test_a_class_the_model_saw_samples(kept_model, capsys):
-    code, _, err = run(["sample", "--model", "m", "--class", "5", "--solver", "euler", *SAMPLE, "--out", "s.npz"], capsys)
+    code, _, err = run(["sample", "--model", "m", "--class", "5", "--solver", "euler", *SAMPLE, "--out", "s.npz"],
+                       capsys)
     assert code == 0, err
 
 

@@ -126,12 +126,10 @@ def test_npz_rows_refuses_a_short_write_and_reads_back_like_savez(tmp_path):
         writer.write(torch.from_numpy(rows[3:]))
     loaded = np.load(tmp_path / "a.npz")
     assert loaded.files == ["x"] and np.array_equal(loaded["x"], rows) and loaded["x"].dtype == np.float64
-    with pytest.raises(ValueError, match="3 rows written of 4"):
-        with npz_rows(tmp_path / "b.npz", 4, (2, 3)) as writer:
-            writer.write(rows[:3])
-    with pytest.raises(ValueError, match="do not fit"):
-        with npz_rows(tmp_path / "c.npz", 4, (2, 3)) as writer:
-            writer.write(rows[:, :, :2])
+    with pytest.raises(ValueError, match="3 rows written of 4"), npz_rows(tmp_path / "b.npz", 4, (2, 3)) as writer:
+        writer.write(rows[:3])
+    with pytest.raises(ValueError, match="do not fit"), npz_rows(tmp_path / "c.npz", 4, (2, 3)) as writer:
+        writer.write(rows[:, :, :2])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
 
 

@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from difflab.apps.cli.common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device,
-                                     writes_output)
+from difflab.apps.cli.common import (
+    CHECKPOINT_EVERY_HELP,
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    Device,
+    check_output,
+    fitting,
+    resolve_device,
+    writes_output,
+)
 
 app = typer.Typer(no_args_is_help=True, help="AMED: a tiny learned predictor for ~5-step sampling "
                                                   "(Zhou et al., CVPR 2024).")
@@ -32,19 +42,21 @@ def amed_fit(
     device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
     resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
 ) -> None:
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
     from difflab import load
-    from difflab.amed.plugin import check_base
     from difflab.amed.fit import AMEDConfig, fit_amed
+    from difflab.amed.plugin import check_base
 
     check_output(out, force)
     check_base(base_solver)
     dev = resolve_device(device)
     denoiser = load(model, device=dev)
-    config = AMEDConfig(nfe=nfe, grid=grid, teacher_solver=teacher_solver, M=m, trajectories=trajectories,
+    overrides, resume_mode = fitting(checkpoint_every, resume, force)
+    config = AMEDConfig(**overrides, nfe=nfe, grid=grid, teacher_solver=teacher_solver, M=m, trajectories=trajectories,
                         base_solver=base_solver, batch_size=batch_size, seed=seed, device=dev)
-    predictor = fit_amed(denoiser, config, out_dir=out.with_name(out.name + ".checkpoints"), resume=resume,
+    predictor = fit_amed(denoiser, config, out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode,
                          progress=True).model
     predictor.save(out, overwrite=force)
     typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid, "parameters":

@@ -30,6 +30,19 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+def fitting(checkpoint_every: int | None, resume: bool, force: bool) -> tuple[dict, bool | str]:
+    """(config overrides, resume mode) of a fitting command: --checkpoint-every when given, and with
+    --force a checkpoint of another run in OUT.checkpoints is started afresh instead of refused (a
+    checkpoint of this same run is still continued)."""
+    from difflab.train.loop import SAME_RUN
+
+    overrides = {} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}
+    return overrides, (SAME_RUN if resume and force else resume)
+
+
+CHECKPOINT_EVERY_HELP = "optimiser steps between checkpoints in OUT.checkpoints (default: the method's)"
+
+
 def fail(message: str) -> None:
     """One line on stderr, exit status 2: how every mistake the user can fix ends."""
     typer.echo(f"error: {message}", err=True)

@@ -18,8 +18,16 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from difflab.apps.cli.common import (MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, greedy_options,
-                         resolve_device, writes_output)
+from difflab.apps.cli.common import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    Device,
+    check_output,
+    greedy_options,
+    resolve_device,
+    writes_output,
+)
 from difflab.core.errors import ConfigError
 from difflab.core.io import dumps_strict
 

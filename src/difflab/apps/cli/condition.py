@@ -19,7 +19,17 @@ app = typer.Typer(no_args_is_help=True, help="Inverse problems: DEFT (a small le
 
 # after `app`: difflab.apps.cli.app imports this module's `app` to mount it, so importing this module first
 # (which runs difflab.apps.cli.app) must find `app` already defined
-from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device, writes_output  # noqa: E402
+from difflab.apps.cli.common import (  # noqa: E402
+    CHECKPOINT_EVERY_HELP,
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    Device,
+    check_output,
+    fitting,
+    resolve_device,
+    writes_output,
+)
 
 
 class Task(str, Enum):
@@ -76,7 +86,8 @@ def _check_operator_fits(operator, shape) -> None:
     try:
         operator(torch.zeros((1, *shape)))
     except ShapeError as err:
-        raise ShapeError(f"the {operator.name!r} task does not fit this model's data shape {tuple(shape)}: {err}") from err
+        raise ShapeError(f"the {operator.name!r} task does not fit this model's data shape "
+                         f"{tuple(shape)}: {err}") from err
 
 
 def _load_base(model: Path, device: str):
@@ -110,6 +121,7 @@ def fit(
     device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing h-network folder"),
     resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
@@ -129,10 +141,11 @@ def fit(
         raise ShapeError(f"data {data_name!r} has per-sample shape {dataset.shape}, the model expects {shape}")
     if pairs > len(dataset):
         raise ConfigError(f"--pairs {pairs} exceeds the {len(dataset)} samples of {data_name!r}")
-    config = DEFTConfig(train_steps=train_steps, batch_size=batch_size, lr=lr, seed=seed, device=dev,
+    overrides, resume_mode = fitting(checkpoint_every, resume, force)
+    config = DEFTConfig(**overrides, train_steps=train_steps, batch_size=batch_size, lr=lr, seed=seed, device=dev,
                         nn1_class=nn1_class)
     result = fit_deft(base, operator, dataset.x[:pairs].to(dev), config=config,
-                      out_dir=out.with_name(out.name + ".checkpoints"), progress=True, resume=resume)
+                      out_dir=out.with_name(out.name + ".checkpoints"), progress=True, resume=resume_mode)
     hnet = result.model
     if result.is_main_process:
         hnet.save(out, overwrite=force)
@@ -162,7 +175,8 @@ def run(
     mask: MaskKind = MASK, fraction: float = FRACTION, factor: int = FACTOR,
     kernel_size: int = KERNEL_SIZE, kernel_std: float = KERNEL_STD, angles: int = ANGLES, oversample: int = OVERSAMPLE,
     solver: str = typer.Option("heun", help="solver: any of `difflab sample`"),
-    nfe: int = typer.Option(19, min=1, max=10_000, help="model evaluations per reconstruction (equal for every method)"),
+    nfe: int = typer.Option(19, min=1, max=10_000, help="model evaluations per reconstruction "
+                            "(equal for every method)"),
     input: Optional[Path] = typer.Option(None, help=".npz with `y` [N, ...] (and `mask` for inpainting, "
                                          "optionally `truth`)"),
     simulate: Optional[int] = typer.Option(None, min=1, max=100_000, help="simulate N measurements of held-out data "
@@ -179,8 +193,8 @@ def run(
     """Reconstruct from measurements with DEFT, DPS, ΠGDM (or the unconditional floor)."""
     from difflab.condition.deft import load_hnet
     from difflab.condition.operators import operator_from_config
-    from difflab.condition.reconstruct import make_denoiser, psnr, reconstruct, simulate as simulate_measurement, ssim, \
-        summarise
+    from difflab.condition.reconstruct import make_denoiser, psnr, reconstruct, ssim, summarise
+    from difflab.condition.reconstruct import simulate as simulate_measurement
     from difflab.sampling import sigmas_for_nfe
 
     check_output(out, force, (".npz", ".png"))
@@ -205,8 +219,8 @@ def run(
         if task is not None and task.value != operator.name:
             raise ConfigError(f"--task {task.value} contradicts the h-network's operator {operator.name!r}")
     else:
-        operator = _operator(task, shape, 0.05 if sigma_y is None else sigma_y, mask, fraction, factor, kernel_size, kernel_std, angles,
-                             oversample)
+        operator = _operator(task, shape, 0.05 if sigma_y is None else sigma_y, mask, fraction, factor, kernel_size,
+                             kernel_std, angles, oversample)
     truth = None
     if simulate is not None:
         truth = _held_out(base, model, simulate, shape).to(dev)

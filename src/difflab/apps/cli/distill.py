@@ -11,7 +11,17 @@ from typing import Optional, Tuple
 
 import typer
 
-from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, resolve_device, writes_output
+from difflab.apps.cli.common import (
+    CHECKPOINT_EVERY_HELP,
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    Device,
+    check_output,
+    fitting,
+    resolve_device,
+    writes_output,
+)
 from difflab.core.errors import ConfigError
 from difflab.core.io import dumps_strict
 
@@ -51,7 +61,8 @@ def _training_data(data: Optional[str], model, num_classes: int, seed: int):
     if dataset.labels is None:
         raise ConfigError(f"data set {name!r} has no labels; guided distillation needs the class of each sample")
     if model.data_shape is not None and tuple(dataset.shape) != tuple(model.data_shape):
-        raise ConfigError(f"data set {name!r} has per-sample shape {dataset.shape}, the model {tuple(model.data_shape)}")
+        raise ConfigError(f"data set {name!r} has per-sample shape {dataset.shape}, "
+                          f"the model {tuple(model.data_shape)}")
     if int(dataset.labels.max()) >= num_classes:
         raise ConfigError(f"data set {name!r} has labels up to {int(dataset.labels.max())}, the model knows "
                           f"{num_classes} classes")
@@ -75,13 +86,14 @@ def guided(
     device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing student folder"),
     resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
 ) -> None:
     """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
+    from difflab.core.fingerprint import fingerprint
     from difflab.core.wrappers import CFGDenoiser
     from difflab.data import model_classes
     from difflab.distill import GuidedDistillConfig, dataset_batches, distill_guided, make_student
     from difflab.distill.guided import check_w_range
-    from difflab.core.fingerprint import fingerprint
 
     check_output(out, force)
     w_min, w_max = check_w_range(w_range)
@@ -91,11 +103,12 @@ def guided(
     base_id = fingerprint(model)
     student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max,
                            kept_classes=model_classes(model))
+    overrides, resume_mode = fitting(checkpoint_every, resume, force)
     config = GuidedDistillConfig(train_steps=train_steps, lr=lr, batch_size=batch_size, w_range=(w_min, w_max),
-                                 seed=seed, device=dev, checkpoint_every=max(train_steps // 4, 1))
+                                 seed=seed, device=dev, **({"checkpoint_every": max(train_steps // 4, 1)} | overrides))
     start = time.perf_counter()
     result = distill_guided(CFGDenoiser(model), student, dataset_batches(dataset.x, dataset.labels), config,
-                            out_dir=out.with_name(out.name + ".checkpoints"), resume=resume)
+                            out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode)
     if result.is_main_process:
         result.model.save(out, overwrite=force)
         typer.echo(dumps_strict({"out": str(out), "stage": "guided", "w_range": [w_min, w_max],
@@ -116,13 +129,15 @@ def progressive(
     data: Optional[str] = typer.Option(None, help="data set to diffuse (default: the teacher's)"),
     train_steps_per_round: int = typer.Option(1000, min=1, max=MAX_STEPS, help="optimiser steps per halving round"),
     batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="training batch per optimiser step and process"),
-    lr: float = typer.Option(1e-4, min=1e-8, max=10.0, help="Adam learning rate (restarted, with warm-up, every round)"),
+    lr: float = typer.Option(1e-4, min=1e-8, max=10.0, help="Adam learning rate "
+                             "(restarted, with warm-up, every round)"),
     out: Path = typer.Option(..., help="the final student's folder to write; every round's student goes to "
                              "OUT.rounds/steps-NNNN"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the run (round N uses SEED+N)"),
     device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing output folder"),
     resume: bool = typer.Option(True, help="continue from the finished rounds and checkpoints in OUT.rounds"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
 ) -> None:
     """Stage 2: halve the sampling steps round by round (teacher 2N steps → student N), from --from-steps to
     --to-steps."""
@@ -142,15 +157,17 @@ def progressive(
         raise ConfigError(f"{teacher} was distilled for {student.steps} steps; continue from it with --from-steps "
                           f"{student.steps}")
     name, dataset = _training_data(data, student, student.num_classes, seed)
+    overrides, resume_mode = fitting(checkpoint_every, resume, force)
     config = ProgressiveDistillConfig(from_steps=from_steps, to_steps=to_steps,
                                       train_steps_per_round=train_steps_per_round, lr=lr,
                                       batch_size=batch_size, w_range=(student.distilled["w_min"],
                                                                       student.distilled["w_max"]),
-                                      seed=seed, device=dev, checkpoint_every=max(train_steps_per_round // 4, 1))
+                                      seed=seed, device=dev,
+                                      **({"checkpoint_every": max(train_steps_per_round // 4, 1)} | overrides))
     rounds_dir = out.with_name(out.name + ".rounds")
     start = time.perf_counter()
     result = distill_progressive(student, dataset_batches(dataset.x, dataset.labels), config, out_dir=rounds_dir,
-                                 resume=resume)
+                                 resume=resume_mode)
     if result.is_main_process:
         result.model.save(out, overwrite=force)
     typer.echo(dumps_strict({"out": str(out), "stage": "progressive", "rounds": config.rounds(), "to_steps": to_steps,

@@ -211,7 +211,8 @@ def _check_disk_space(out: Path, n: int, data_shape) -> None:
 
 def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zero: bool):
     """A batch sampler for a registered solver on the grid that spends exactly `nfe`."""
-    from difflab.sampling import PerSampleGenerator, sample as run_sample, seeded_noise, sigmas_for_nfe
+    from difflab.sampling import PerSampleGenerator, seeded_noise, sigmas_for_nfe
+    from difflab.sampling import sample as run_sample
 
     sigma_min = max(getattr(denoiser, "sigma_min", 0.002) or 0.002, 0.002)
     sigma_max = min(getattr(denoiser, "sigma_max", 80.0), 80.0)
@@ -229,9 +230,9 @@ def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zer
 
 def _amed_runner(denoiser, predictor_dir: Path, nfe: int | None, device: str):
     """A batch sampler for AMED-Solver / AMED-Plugin with a fitted predictor (refused for another model or NFE)."""
-    from difflab.sampling import seeded_noise
-    from difflab.amed.predictor import check_predictor, load_predictor, predictor_sigmas
     from difflab.amed.plugin import amed_sample
+    from difflab.amed.predictor import check_predictor, load_predictor, predictor_sigmas
+    from difflab.sampling import seeded_noise
     from difflab.sampling.guards import finite_guard
 
     predictor = load_predictor(predictor_dir, base_model=denoiser, nfe=nfe, device=device)
@@ -254,8 +255,8 @@ def _sample_writer(out: Path, n: int, data_shape, main_process: bool):
     drawn at the end. The file appears only if every sample was written; other processes write nothing."""
     import torch
 
-    from difflab.core.io import npz_rows
     from difflab.apps.figures import save_image_grid
+    from difflab.core.io import npz_rows
 
     if not main_process:
         yield lambda rows: None

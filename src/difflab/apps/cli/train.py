@@ -8,7 +8,16 @@ from typing import List, Optional
 
 import typer
 
-from difflab.apps.cli.common import MAX_BATCH, MAX_SEED, MAX_STEPS, Device, check_output, writes_output
+from difflab.apps.cli.common import (
+    CHECKPOINT_EVERY_HELP,
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    Device,
+    check_output,
+    fitting,
+    writes_output,
+)
 from difflab.core.errors import ConfigError
 from difflab.core.io import dumps_strict
 
@@ -36,12 +45,14 @@ def train(
     train_steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
     batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="training batch per optimiser step and process"),
     lr: float = typer.Option(2e-3, help="Adam learning rate (finite, > 0)"),
-    channels: int = typer.Option(None, min=1, max=4096, help="U-Net base channels / MLP width (default: the network's)"),
+    channels: int = typer.Option(None, min=1, max=4096, help="U-Net base channels / MLP width "
+                                 "(default: the network's)"),
     out: Path = typer.Option(..., help="model folder to write (config.json + model.safetensors)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the run (initial weights, batches)"),
     device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
     force: bool = typer.Option(False, help="overwrite an existing model folder"),
     resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
 ) -> None:
     """Train a base denoiser (EDM preconditioning and loss) on an embedded dataset or a folder.
 
@@ -49,7 +60,8 @@ def train(
     """
     import torch
 
-    from difflab.data import get_dataset, keep_classes as keep_only
+    from difflab.data import get_dataset
+    from difflab.data import keep_classes as keep_only
     from difflab.nets import MLP, CUNet, UNet
     from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
@@ -73,10 +85,12 @@ def train(
     torch.manual_seed(seed)   # the initial weights: two runs with the same --seed give the same model
     network = (image_nets[kind](in_channels=dataset.shape[0], num_classes=num_classes, **width) if kind != "mlp"
                else MLP(dim=dataset.shape[0], num_classes=num_classes, **width))
-    config = DenoiserConfig(train_steps=train_steps, lr=lr, seed=seed, device=device.value, batch_size=batch_size,
-                            dataset=str(data), label_dropout=label_dropout)
+    overrides, resume_mode = fitting(checkpoint_every, resume, force)
+    config = DenoiserConfig(**overrides, train_steps=train_steps, lr=lr, seed=seed, device=device.value,
+                            batch_size=batch_size, dataset=str(data), label_dropout=label_dropout)
     result = train_denoiser(network, dataset.x, dataset.labels if conditional else None, config,
-                            out_dir=out.with_name(out.name + ".checkpoints"), resume=resume)
+                            out_dir=out.with_name(out.name + ".checkpoints"),
+                            resume=resume_mode)
     denoiser = result.model
     if kept is not None:
         denoiser.meta["kept_classes"] = kept

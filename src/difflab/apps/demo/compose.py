@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from difflab.compose.superdiff import superdiff
 from difflab.core.mixture import GaussianMixture
 from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
-from difflab.compose.superdiff import superdiff
 
 FIGURE = "compose_2d.png"
 

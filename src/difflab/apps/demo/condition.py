@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import Tensor
 
-from difflab.data import load_digits
-from difflab.core.errors import AddonMismatchError, ModelFormatError
 from difflab.condition.deft import DEFTConfig, HNetwork, fit_deft, load_hnet, parameter_fraction
 from difflab.condition.reconstruct import make_denoiser, make_operator, psnr, reconstruct, simulate, ssim, summarise
+from difflab.core.errors import AddonMismatchError, ModelFormatError
+from difflab.data import load_digits
 
 COLUMNS = ("measurement", "DEFT", "DPS", "ΠGDM", "unconditional", "truth")
 METHOD_LABELS = {"deft": "DEFT", "dps": "DPS", "pigdm": "ΠGDM", "uncond": "unconditional"}

@@ -67,8 +67,8 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
     """cU-Net vs U-Net on the digits: parameters, FLOPs, forward-time ratio and, when `base` holds
     the demo's trained digits U-Net (base["digits"], an EDMDenoiser), one-step denoising PSNR of a
     briefly trained cU-Net next to it. JSON-serialisable."""
-    from difflab.data import load_digits
     from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_UNET, cached_model
+    from difflab.data import load_digits
     from difflab.nets import UNet
     from difflab.train.denoiser import DenoiserConfig, train_denoiser
 

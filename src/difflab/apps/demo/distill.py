@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from difflab.core.wrappers import CFGDenoiser
-from difflab.sampling.noise import seeded_noise
 from difflab.distill.samplers import per_sample_generator, run_sampler
 from difflab.distill.schedule import student_sigmas
+from difflab.sampling.noise import seeded_noise
 
 NUM_CLASSES = 10
 # quick: a smaller U-Net and short runs (< 60 s on one core); full: the demo's digits U-Net
@@ -99,8 +99,8 @@ def train_teacher(recipe: dict, seed: int, device: str, progress: bool = False) 
 def distil(teacher: nn.Module, recipe: dict, seed: int, device: str, n_to: int = 4, rounds_dir: Path | None = None,
            progress: bool = False) -> tuple[nn.Module, nn.Module, float]:
     """(stage-1 student, n_to-step student, seconds): stage 1 then progressive rounds N₀ → n_to."""
-    from difflab.data import load_digits
     from difflab.core.fingerprint import fingerprint
+    from difflab.data import load_digits
     from difflab.distill.guided import GuidedDistillConfig, dataset_batches, distill_guided
     from difflab.distill.progressive import ProgressiveDistillConfig, distill_progressive
     from difflab.distill.student import make_student

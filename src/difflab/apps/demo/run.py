@@ -44,10 +44,10 @@ def cached_model(folder: Path, train_fn):
 
 def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     """Train an MLP denoiser on samples of the exact 8-Gaussian mixture; compare with the truth."""
+    from difflab.apps.figures import save_scatter
     from difflab.data import default_gmm
     from difflab.metrics import exact_nll, sliced_wasserstein
     from difflab.nets import MLP
-    from difflab.apps.figures import save_scatter
     from difflab.train.denoiser import train_denoiser
 
     truth: GaussianMixture = default_gmm()
@@ -80,10 +80,10 @@ def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
 
 def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
     """Train a small U-Net on the digits; Fréchet distance of its samples vs the real-data floor."""
+    from difflab.apps.figures import save_image_grid
     from difflab.data import load_digits
     from difflab.metrics import digits_frechet, digits_frechet_floor
     from difflab.nets import UNet
-    from difflab.apps.figures import save_image_grid
     from difflab.train.denoiser import train_denoiser
 
     train_set = load_digits("train")
@@ -191,7 +191,9 @@ def _headline(section: dict) -> dict:
 # ----- the page ------------------------------------------------------------------------------------
 def _img(out: Path, name: str) -> str:
     data = base64.b64encode((out / name).read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(name)}</figcaption></figure>'
+    caption = html.escape(name)
+    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>")
 
 
 def _fmt(value) -> str:
@@ -226,9 +228,11 @@ def _tables(section: dict) -> str:
                                                        for v in value.values()):
             columns = list(dict.fromkeys(c for v in value.values() for c in v))
             head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-            rows = "".join(f"<tr><td>{html.escape(str(k))}</td>" + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in columns)
+            rows = "".join(f"<tr><td>{html.escape(str(k))}</td>"
+                           + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in columns)
                            + "</tr>" for k, v in value.items())
-            blocks.append(f"<h3>{html.escape(key)}</h3><div class=scroll><table><tr><th></th>{head}</tr>{rows}</table></div>")
+            blocks.append(f"<h3>{html.escape(key)}</h3>"
+                          f"<div class=scroll><table><tr><th></th>{head}</tr>{rows}</table></div>")
     table = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in scalars)
     return (f"<table>{table}</table>" if table else "") + "".join(blocks)
 
@@ -248,6 +252,8 @@ def render_html(report: dict, out: Path) -> str:
         body.append(f"<section id={key}><h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"
                     f"<div class=figs>{figures}</div>{_tables(section)}</section>")
     toc = "".join(f'<li><a href="#{k}">{html.escape(report["titles"][k][0])}</a></li>' for k in report["sections"])
+    quick_note = ", quick run" if report["quick"] else ""
+    run_note = f"seed {report['seed']}, device {html.escape(report['device'])}{quick_note}"
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>difflab demo</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:62rem;margin:auto;padding:1rem;line-height:1.45}}
@@ -256,6 +262,6 @@ td,th{{border-bottom:1px solid #ddd;padding:.25rem .5rem;font-size:.92rem}}
 td:not(:first-child){{text-align:right;font-variant-numeric:tabular-nums}}.scroll{{overflow-x:auto}}
 .figs{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;flex:1 1 18rem}}figcaption{{color:#666;font-size:.8rem}}
 section{{border-top:2px solid #eee;margin-top:1.5rem}}</style></head><body>
-<h1>difflab demo</h1><p>seed {report['seed']}, device {html.escape(report['device'])}{', quick run' if report['quick'] else ''}.
+<h1>difflab demo</h1><p>{run_note}.
 Every model here was trained or fitted on this machine; the 2-D results are checked against the exact mixture.</p>
 <ol>{toc}</ol>{''.join(body)}</body></html>"""

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from difflab.core.errors import ConfigError
-from difflab.apps.figures import save_figure, save_image_grid
-from difflab.sampling.grids import get_sigmas
-from difflab.sampling.noise import seeded_noise
 from difflab.amed.plugin import amed_sample
 from difflab.amed.predictor import predictor_sigmas
+from difflab.apps.figures import save_figure, save_image_grid
+from difflab.core.errors import ConfigError
+from difflab.sampling.grids import get_sigmas
+from difflab.sampling.noise import seeded_noise
 from difflab.sampling.sample import sample, sigmas_for_nfe
 
 DEMO_NFES = (3, 5, 10)

@@ -42,14 +42,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.core.denoiser import append_dims
-from difflab.core.wrappers import VPDenoiser, interp, vp_scale
-from difflab.core.errors import ConfigError, SigmaRangeError, UnknownNameError
-from difflab.amed.predictor import amed_midpoint, amed_nfe, amed_update, predictor_sigmas
 from difflab.amed.plugin import PLUGIN_BASES, PluginState, Point, _substep, check_base, n_substeps_of
+from difflab.amed.predictor import amed_midpoint, amed_nfe, amed_update, predictor_sigmas
+from difflab.core.denoiser import append_dims
+from difflab.core.errors import ConfigError, SigmaRangeError, UnknownNameError
+from difflab.core.wrappers import VPDenoiser, interp, vp_scale
 from difflab.sampling.grids import alphas_cumprod_for, get_sigmas, points_for_nfe
-from difflab.sampling.multistep import (UniPCState, adams_bashforth_step, deis_weights, ipndm_weights,
-                                        lagrange_integrals, unipc_step)
+from difflab.sampling.multistep import (
+    UniPCState,
+    adams_bashforth_step,
+    deis_weights,
+    ipndm_weights,
+    lagrange_integrals,
+    unipc_step,
+)
 from difflab.sampling.registry import SOLVERS
 from difflab.sampling.sample import LOW_PRECISION, sigmas_for_nfe
 from difflab.sampling.solvers import dpm2_midpoint, dpmpp_step, euler_step, heun_step
