@@ -8,10 +8,12 @@ from typing import Optional
 import typer
 
 from difflab.apps.cli.common import (
-    CHECKPOINT_EVERY_HELP,
+    CHECKPOINT_EVERY_OPTION,
+    DEVICE_OPTION,
     MAX_BATCH,
     MAX_SEED,
     MAX_STEPS,
+    RESUME_OPTION,
     Device,
     check_output,
     fitting,
@@ -39,10 +41,10 @@ def amed_fit(
     batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="teacher trajectories per training batch"),
     out: Path = typer.Option(..., help="predictor folder to write"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the fit (trajectories' noise, batches)"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
-    resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
-    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
+    resume: bool = RESUME_OPTION,
+    checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
     from difflab import load

@@ -8,7 +8,16 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from difflab.apps.cli.common import MAX_SEED, Device, check_output, fail, greedy_options, resolve_device, writes_output
+from difflab.apps.cli.common import (
+    DEVICE_OPTION,
+    MAX_SEED,
+    Device,
+    check_output,
+    fail,
+    greedy_options,
+    resolve_device,
+    writes_output,
+)
 from difflab.core.errors import DifflabError
 from difflab.core.io import dumps_strict
 
@@ -40,7 +49,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="report folder to write (report.html, report.json, figures)"),
     quick: bool = typer.Option(False, help="a short run (smoke test)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of every section"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="no effect: the demo writes into an empty folder or an existing demo folder "
                                "(reusing its models) and refuses any other"),
 ) -> None:

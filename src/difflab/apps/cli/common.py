@@ -40,7 +40,13 @@ def fitting(checkpoint_every: int | None, resume: bool, force: bool) -> tuple[di
     return overrides, (SAME_RUN if resume and force else resume)
 
 
-CHECKPOINT_EVERY_HELP = "optimiser steps between checkpoints in OUT.checkpoints (default: the method's)"
+# Options that mean the same in every command that takes them (docs/cli.md), declared once.
+DEVICE_OPTION = typer.Option(Device.auto, "--device", help="where to run: auto (CUDA when torch sees it), cpu, cuda")
+RESUME_OPTION = typer.Option(True, "--resume/--no-resume",
+                             help="continue from the checkpoints in OUT.checkpoints if present")
+CHECKPOINT_EVERY_OPTION = typer.Option(None, "--checkpoint-every", min=1, max=MAX_STEPS,
+                                       help="optimiser steps between checkpoints in OUT.checkpoints (default: the "
+                                            "method's)")
 
 
 def fail(message: str) -> None:

@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from difflab.apps.cli.common import (
+    DEVICE_OPTION,
     MAX_BATCH,
     MAX_SEED,
     MAX_STEPS,
@@ -79,8 +80,7 @@ def compose(
     out: Path = typer.Option(..., "--out", help="file to write: .npz (x [K, ...], log_q [K, M], kappa [K, M]) or "
                              ".png grid"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
-    device: Device = typer.Option(Device.auto, "--device", help="where to run: auto (CUDA when torch sees it), cpu, "
-                                  "cuda"),
+    device: Device = DEVICE_OPTION,
 ) -> None:
     """Sample a SuperDiff composition of several models, or of one conditional model's classes."""
     plan = _validate(models, model, classes, w, nfe, bias, n, batch_size, out, force, mode.value, sde,

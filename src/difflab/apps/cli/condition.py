@@ -19,11 +19,13 @@ app = typer.Typer(no_args_is_help=True, help="Inverse problems: DEFT (a small le
 
 # after `app`: difflab.apps.cli.app imports this module's `app` to mount it, so importing this module first
 # (which runs difflab.apps.cli.app) must find `app` already defined
-from difflab.apps.cli.common import (  # noqa: E402
-    CHECKPOINT_EVERY_HELP,
+from difflab.apps.cli.common import (  # noqa: E402  # noqa: E402
+    CHECKPOINT_EVERY_OPTION,
+    DEVICE_OPTION,
     MAX_BATCH,
     MAX_SEED,
     MAX_STEPS,
+    RESUME_OPTION,
     Device,
     check_output,
     fitting,
@@ -118,10 +120,10 @@ def fit(
                                        "(default) or cU-Net (ODE blocks); vectors always use an MLP"),
     out: Path = typer.Option(..., help="h-network folder to write (config.json + model.safetensors)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the fit (initial weights, batches)"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing h-network folder"),
-    resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
-    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
+    resume: bool = RESUME_OPTION,
+    checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
@@ -187,7 +189,7 @@ def run(
     out: Path = typer.Option(..., help="file to write: .npz (x, y, truth) or .png (measurement | reconstruction | "
                              "truth)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="reconstruction i uses seed SEED+i"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Reconstruct from measurements with DEFT, DPS, ΠGDM (or the unconditional floor)."""

@@ -12,10 +12,12 @@ from typing import Optional, Tuple
 import typer
 
 from difflab.apps.cli.common import (
-    CHECKPOINT_EVERY_HELP,
+    CHECKPOINT_EVERY_OPTION,
+    DEVICE_OPTION,
     MAX_BATCH,
     MAX_SEED,
     MAX_STEPS,
+    RESUME_OPTION,
     Device,
     check_output,
     fitting,
@@ -83,10 +85,10 @@ def guided(
     lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
     out: Path = typer.Option(..., help="student folder to write"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the run (initial noise, batches)"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing student folder"),
-    resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
-    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
+    resume: bool = RESUME_OPTION,
+    checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
     """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
     from difflab.core.fingerprint import fingerprint
@@ -134,10 +136,10 @@ def progressive(
     out: Path = typer.Option(..., help="the final student's folder to write; every round's student goes to "
                              "OUT.rounds/steps-NNNN"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the run (round N uses SEED+N)"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing output folder"),
     resume: bool = typer.Option(True, help="continue from the finished rounds and checkpoints in OUT.rounds"),
-    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
+    checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
     """Stage 2: halve the sampling steps round by round (teacher 2N steps → student N), from --from-steps to
     --to-steps."""

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from difflab.apps.cli.common import Device, check_output, resolve_device, writes_output
+from difflab.apps.cli.common import DEVICE_OPTION, Device, check_output, resolve_device, writes_output
 from difflab.core.errors import ConfigError
 
 MAX_NFE = 10_000          # far beyond any useful budget; refuses typos like 10**9 before building a grid
@@ -45,7 +45,7 @@ def sample(
     class_label: Optional[int] = typer.Option(None, "--class", min=-1, max=2**31 - 1,
                                               help="class label for a conditional model (-1: the null class)"),
     out: Path = typer.Option(..., help="file to write: .npz (array `x`) or .png (image grid)"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Sample a model with a solver at an exact NFE budget; writes .npz or a .png grid.

@@ -9,10 +9,12 @@ from typing import List, Optional
 import typer
 
 from difflab.apps.cli.common import (
-    CHECKPOINT_EVERY_HELP,
+    CHECKPOINT_EVERY_OPTION,
+    DEVICE_OPTION,
     MAX_BATCH,
     MAX_SEED,
     MAX_STEPS,
+    RESUME_OPTION,
     Device,
     check_output,
     fitting,
@@ -49,10 +51,10 @@ def train(
                                  "(default: the network's)"),
     out: Path = typer.Option(..., help="model folder to write (config.json + model.safetensors)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the run (initial weights, batches)"),
-    device: Device = typer.Option(Device.auto, help="where to run: auto (CUDA when torch sees it), cpu, cuda"),
+    device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing model folder"),
-    resume: bool = typer.Option(True, help="continue from the checkpoints in OUT.checkpoints if present"),
-    checkpoint_every: Optional[int] = typer.Option(None, min=1, max=MAX_STEPS, help=CHECKPOINT_EVERY_HELP),
+    resume: bool = RESUME_OPTION,
+    checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
     """Train a base denoiser (EDM preconditioning and loss) on an embedded dataset or a folder.
 
