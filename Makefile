@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint test-slow bench clean install browser screenshot
+.PHONY: demo test lint test-slow bench clean install browser screenshot reliability
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ browser:
 # docs/images/report.png, the README's screenshot: the browser test on the quick report, laptop width
 screenshot: $(VENV)/.installed browser
 	DIFFLAB_SCREENSHOT_DIR=docs/images $(PY) -m pytest -q -m browser tests/apps/demo/test_report_browser.py
+
+# The reliability tests (marker `reliability`) tallied per category: the table in docs/reliability.md
+reliability: $(VENV)/.installed
+	$(PY) tools/reliability_table.py
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests

@@ -37,6 +37,7 @@ def _hidden(folder: Path) -> list[str]:
 
 # ----- strict JSON ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.reliability("outputs")
 def test_write_json_refuses_nan_and_infinity_and_says_where(tmp_path, value):
     target = tmp_path / "report.json"
     with pytest.raises(NonFiniteError, match=r"losses\[1\]\[1\]"):
@@ -44,17 +45,20 @@ def test_write_json_refuses_nan_and_infinity_and_says_where(tmp_path, value):
     assert list(tmp_path.iterdir()) == []                     # neither the file nor a temporary
 
 
+@pytest.mark.reliability("outputs")
 def test_dumps_strict_is_json_dumps_for_finite_values():
     obj = {"b": [1, 2.5, None, "x"], "a": {"c": True}}
     assert dumps_strict(obj, sort_keys=True) == json.dumps(obj, sort_keys=True)
 
 
+@pytest.mark.reliability("outputs")
 def test_a_model_config_with_nan_is_refused_and_leaves_no_folder(tmp_path):
     with pytest.raises(NonFiniteError, match="sigma_data"):
         write_model_folder(tmp_path / "m", {"class": "X", "sigma_data": math.nan}, {"w": torch.zeros(2)})
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.reliability("outputs")
 def test_write_json_round_trips(tmp_path):
     obj = {"x": [1.0, -2.0], "name": "ω"}
     assert json.loads(write_json(tmp_path / "a" / "b.json", obj).read_text(encoding="utf-8")) == obj
@@ -63,6 +67,7 @@ def test_write_json_round_trips(tmp_path):
 # ----- permissions ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
                                                           (0o002, 0o664, 0o775)])
+@pytest.mark.reliability("outputs")
 def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask, mask, file_mode, folder_mode):
     umask(mask)
     with atomic_path(tmp_path / "x.npz") as tmp:
@@ -74,6 +79,7 @@ def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask, mask, file
     assert {_mode(p) for p in (tmp_path / "m").iterdir()} == {file_mode}
 
 
+@pytest.mark.reliability("outputs")
 def test_a_replaced_folder_gets_the_umask_permissions_too(tmp_path, umask):
     write_model_folder(tmp_path / "m", {"class": "X"}, {"w": torch.zeros(2)})
     write_model_folder(tmp_path / "m", {"class": "Y"}, {"w": torch.ones(2)}, overwrite=True)
@@ -83,6 +89,7 @@ def test_a_replaced_folder_gets_the_umask_permissions_too(tmp_path, umask):
 
 
 # ----- atomicity -----------------------------------------------------------------------------------
+@pytest.mark.reliability("outputs")
 def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"old")
     with pytest.raises(RuntimeError), atomic_path(tmp_path / "x.npz") as tmp:
@@ -97,6 +104,7 @@ def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary(tmp_path):
     assert _hidden(tmp_path) == []
 
 
+@pytest.mark.reliability("outputs")
 def test_atomic_folder_refuses_an_existing_folder_without_overwrite(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(FileExistsError, match="overwrite=True"), atomic_folder(tmp_path / "m"):
@@ -124,6 +132,7 @@ def _kill_a_writer(target: Path, kind: str) -> None:
     assert done.returncode == -9, done.stderr.decode()[-2000:]
 
 
+@pytest.mark.reliability("outputs")
 def test_the_next_write_removes_what_a_sigkill_left(tmp_path):
     _kill_a_writer(tmp_path / "x.npz", "file")
     _kill_a_writer(tmp_path / "m", "folder")
@@ -136,6 +145,7 @@ def test_the_next_write_removes_what_a_sigkill_left(tmp_path):
     assert (tmp_path / "x.npz").read_bytes() == b"whole"
 
 
+@pytest.mark.reliability("outputs")
 def test_an_interrupted_swap_and_old_style_temporaries_are_removed(tmp_path):
     (tmp_path / ".m.old").mkdir()                             # killed between the two renames of a swap
     (tmp_path / ".m.old" / "config.json").write_text("{}")
@@ -147,6 +157,7 @@ def test_an_interrupted_swap_and_old_style_temporaries_are_removed(tmp_path):
     assert _hidden(tmp_path) == []
 
 
+@pytest.mark.reliability("concurrency")
 def test_a_live_temporary_and_unrelated_files_are_kept(tmp_path):
     live = tmp_path / ".x.npz.abcd1234.tmp"
     live.write_bytes(b"another process is writing this")
@@ -161,6 +172,7 @@ def test_a_live_temporary_and_unrelated_files_are_kept(tmp_path):
     assert remove_stale_temporaries(tmp_path / "x.npz") == [live]
 
 
+@pytest.mark.reliability("concurrency")
 def test_a_temporary_removed_by_a_cleaner_before_it_was_held_is_made_again(tmp_path, monkeypatch):
     import difflab.core.io as io
 

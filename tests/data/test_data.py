@@ -252,6 +252,7 @@ def test_dataset_validates_its_fields():
 
 
 @pytest.mark.parametrize("name", ["", "  "])
+@pytest.mark.reliability("cli input")
 def test_an_empty_data_set_name_is_refused_not_read_as_the_current_folder(name, tmp_path, monkeypatch):
     Image.new("L", (8, 8)).save(tmp_path / "stray.png")      # an image folder would load without the check
     monkeypatch.chdir(tmp_path)

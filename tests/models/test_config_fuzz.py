@@ -14,6 +14,8 @@ from difflab.core.errors import DifflabError
 from difflab.core.wrappers import EDMDenoiser
 from difflab.nets import MLP, UNet
 
+pytestmark = pytest.mark.reliability("configs")
+
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),

@@ -57,6 +57,7 @@ def test_diffusers_unet_loads_as_the_sigma_space_denoiser(diffusers_folder, pred
     assert denoiser.last_feature is not None and denoiser.last_feature.shape[0] == 3
 
 
+@pytest.mark.reliability("configs")
 def test_diffusers_folder_with_only_pickled_weights_is_refused(diffusers_folder):
     root, _, _ = diffusers_folder("epsilon", "pipeline")
     weights = root / "unet" / "diffusion_pytorch_model.safetensors"
@@ -65,6 +66,7 @@ def test_diffusers_folder_with_only_pickled_weights_is_refused(diffusers_folder)
         difflab.load(root)
 
 
+@pytest.mark.reliability("configs")
 def test_diffusers_folder_without_scheduler_is_refused(diffusers_folder):
     root, _, _ = diffusers_folder("epsilon", "unet_folder")
     (root / "scheduler_config.json").unlink()
@@ -73,6 +75,7 @@ def test_diffusers_folder_without_scheduler_is_refused(diffusers_folder):
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "unet config not JSON", "scheduler config not JSON"])
+@pytest.mark.reliability("configs")
 def test_a_broken_diffusers_folder_is_a_one_line_model_format_error(diffusers_folder, damage):
     root, _, _ = diffusers_folder("epsilon", "pipeline")
     if damage == "truncated weights":
@@ -86,6 +89,7 @@ def test_a_broken_diffusers_folder_is_a_one_line_model_format_error(diffusers_fo
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.reliability("configs")
 def test_a_flow_matching_scheduler_is_refused_not_read_as_ddpm(diffusers_folder):
     root, _, _ = diffusers_folder("epsilon", "pipeline")
     (root / "scheduler").rename(root / "ddpm")
@@ -109,6 +113,7 @@ def test_edm_denoiser_round_trips_through_disk(tmp_path, net):
     assert loaded.data_shape == shape and loaded.meta["dataset"] == "test" and loaded.sigma_data == 0.7
 
 
+@pytest.mark.reliability("configs")
 def test_config_naming_a_class_outside_the_allow_list_is_refused(tmp_path):
     denoiser = EDMDenoiser(MLP(dim=2, hidden=8, depth=1), data_shape=(2,))
     denoiser.save(tmp_path / "m")
@@ -119,6 +124,7 @@ def test_config_naming_a_class_outside_the_allow_list_is_refused(tmp_path):
         difflab.load(tmp_path / "m")
 
 
+@pytest.mark.reliability("configs")
 def test_config_whose_shapes_do_not_match_the_weights_is_refused(tmp_path):
     EDMDenoiser(MLP(dim=2, hidden=8, depth=1), data_shape=(2,)).save(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -129,6 +135,7 @@ def test_config_whose_shapes_do_not_match_the_weights_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("hidden, message", [(60_000, "do not match its config.json"), (10**6, "exceed")])
+@pytest.mark.reliability("configs")
 def test_a_config_asking_for_a_huge_network_is_refused_before_allocating(tmp_path, hidden, message):
     """hidden = 60,000 in a depth-2 MLP is 3.6·10^9 weights (14 GB): the shapes are checked on the meta
     device against the weights file, so the refusal is a ModelFormatError, not an allocation; a size
@@ -143,6 +150,7 @@ def test_a_config_asking_for_a_huge_network_is_refused_before_allocating(tmp_pat
 
 @pytest.mark.parametrize("field, value", [("data_shape", [2, -1]), ("data_shape", "2"), ("sigma_data", 0),
                                           ("sigma_data", "half"), ("sigma_max", None)])
+@pytest.mark.reliability("configs")
 def test_bad_scalar_fields_in_a_config_are_one_line_errors(tmp_path, field, value):
     EDMDenoiser(MLP(dim=2, hidden=16, depth=2), data_shape=(2,)).save(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())

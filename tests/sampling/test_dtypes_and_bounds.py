@@ -19,6 +19,7 @@ def network_denoiser() -> EDMDenoiser:
 
 
 @pytest.mark.parametrize("dtype, resolution", [(torch.float16, 2**-10), (torch.bfloat16, 2**-7)])
+@pytest.mark.reliability("numerics")
 def test_half_precision_noise_is_integrated_in_float32_and_returned_in_its_dtype(network_denoiser, dtype, resolution):
     sigmas = difflab.get_sigmas("karras", 8)
     x = (80 * torch.randn(16, 2, generator=torch.Generator().manual_seed(1))).to(dtype)
@@ -29,6 +30,7 @@ def test_half_precision_noise_is_integrated_in_float32_and_returned_in_its_dtype
     torch.testing.assert_close(out.float(), reference, rtol=resolution, atol=resolution)
 
 
+@pytest.mark.reliability("numerics")
 def test_float64_noise_on_a_float32_network_stays_float64(network_denoiser):
     sigmas = difflab.get_sigmas("karras", 8)
     x = 80 * torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -38,6 +40,7 @@ def test_float64_noise_on_a_float32_network_stays_float64(network_denoiser):
     torch.testing.assert_close(out.float(), reference, rtol=1e-4, atol=1e-4)   # float32 network round-off
 
 
+@pytest.mark.reliability("numerics")
 def test_a_bf16_network_runs_on_a_float32_state(network_denoiser):
     bf16 = EDMDenoiser(MLP(**network_denoiser.net.config), sigma_data=1.0, data_shape=(2,))
     bf16.load_state_dict(network_denoiser.state_dict())
@@ -53,6 +56,7 @@ def test_a_bf16_network_runs_on_a_float32_state(network_denoiser):
 
 @pytest.mark.parametrize("kwargs", [{"n": 10**9}, {"n": 5, "rho": 0.0}, {"n": 5, "rho": float("nan")},
                                     {"n": 5, "rho": -7.0}, {"n": 5, "rho": float("inf")}])
+@pytest.mark.reliability("numerics")
 def test_grid_arguments_are_refused_before_allocation(kwargs):
     with pytest.raises(ConfigError):
         difflab.get_sigmas("karras", **kwargs)

@@ -52,17 +52,20 @@ def assert_steps_match(steps: list[Step], result: FitResult, total: int) -> None
 
 # ----- configs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+@pytest.mark.reliability("configs")
 def test_every_config_round_trips_through_json(config):
     again = type(config).from_json(config.to_json())
     assert again == config and again.to_json() == config.to_json()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+@pytest.mark.reliability("configs")
 def test_an_unknown_key_is_refused_and_named(config):
     with pytest.raises(ConfigError, match="stpes"):
         type(config).from_dict({**config.to_dict(), "stpes": 3})
 
 
+@pytest.mark.reliability("configs")
 def test_a_mistyped_value_is_refused_and_ints_pass_as_floats():
     with pytest.raises(ConfigError, match="train_steps"):
         DenoiserConfig.from_dict({"train_steps": "100"})
@@ -125,6 +128,7 @@ def test_fit_deft_calls_back_and_records_its_config(tmp_path):
 
 
 # ----- resume only the same run ---------------------------------------------------------------------
+@pytest.mark.reliability("checkpoints")
 def test_resume_of_another_run_is_refused_naming_the_fields(tmp_path):
     config = DenoiserConfig(train_steps=2, batch_size=16, device="cpu")
     train_denoiser(MLP(dim=2, hidden=16, depth=1), data(), config=config, out_dir=tmp_path, progress=False)
@@ -143,6 +147,7 @@ def test_resume_of_another_run_is_refused_naming_the_fields(tmp_path):
     assert [step for step, _ in fresh.history] == [4]            # started afresh, and overwrote the checkpoint
 
 
+@pytest.mark.reliability("checkpoints")
 def test_an_amed_checkpoint_for_another_base_model_is_refused(tmp_path):
     config = AMEDConfig(nfe=3, trajectories=32, batch_size=32)
     fit_amed(mixture(), config, shape=(2,), out_dir=tmp_path)
@@ -152,6 +157,7 @@ def test_an_amed_checkpoint_for_another_base_model_is_refused(tmp_path):
 
 
 # ----- a non-finite loss ------------------------------------------------------------------------------
+@pytest.mark.reliability("numerics")
 def test_a_non_finite_loss_stops_the_fit_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = EDMDenoiser(MLP(dim=2, hidden=16, depth=1), sigma_data=1.0)

@@ -60,6 +60,7 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
         return {name: f.get_tensor(name) for name in names}
 
 
+@pytest.mark.reliability("checkpoints")
 @pytest.mark.timeout(240)
 def test_sigkilled_run_resumes_bit_exactly(tmp_path):
     killed = tmp_path / "killed"

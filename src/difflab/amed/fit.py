@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +32,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, check_base, plugin_interval
-from difflab.amed.predictor import AMEDPredictor, amed_points, amed_step
+from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, amed_plugin, check_base, plugin_interval
+from difflab.amed.predictor import AMEDPredictor, ConstantPredictor, amed_points, amed_step
 from difflab.core.errors import ConfigError
 from difflab.core.fingerprint import fingerprint
 from difflab.sampling.grids import get_sigmas
@@ -56,6 +57,10 @@ class AMEDConfig(TrainConfig):
     AMED-Plugin base (euler, ipndm, dpmpp_2m, dpmpp_3m, unipc); delta_c, delta_a: the ranges of c and
     a; dtype: of the trajectories ("float32" or "float64"). train_steps 0 (the default): derived,
     ceil(trajectories / batch_size)·(N−1); a positive value is used as given (batches continue).
+    heldout: trajectories (from a seed disjoint from training) on which the endpoint error vs the
+    teacher is measured every eval_every steps (0: about ten checks; rounded up to whole batches),
+    the first check being the base solver itself; the best state seen is the one returned.
+    r_search: candidate r values for AMED-Solver's warm start (`warm_start`; 0: none, start at r = ½).
     """
 
     train_steps: int = 0
@@ -80,11 +85,17 @@ class AMEDConfig(TrainConfig):
     delta_a: float = 0.0
     base_solver: str = "dpm2"
     dtype: str = "float32"
+    heldout: int = 256
+    eval_every: int = 0
+    r_search: int = 21
 
     def validate(self) -> None:
         if self.teacher_solver not in SOLVERS or SOLVERS[self.teacher_solver].stochastic:
             raise ConfigError(f"teacher_solver must be a deterministic registered solver, got {self.teacher_solver!r}")
         check_base(self.base_solver)
+        if self.heldout < 1 or self.eval_every < 0 or self.r_search < 0 or self.r_search == 1:
+            raise ConfigError(f"need heldout >= 1, eval_every >= 0 and r_search 0 or >= 2; got {self.heldout}, "
+                              f"{self.eval_every}, {self.r_search}")
         if self.M < 0 or self.trajectories < 1 or self.batch_size < 1 or self.train_steps < 0:
             raise ConfigError(f"need M >= 0, trajectories >= 1, batch_size >= 1, train_steps >= 0; got {self.M}, "
                               f"{self.trajectories}, {self.batch_size}, {self.train_steps}")
@@ -100,7 +111,10 @@ class AMEDConfig(TrainConfig):
         checkpoint_every = self.checkpoint_every
         if self.base_solver not in ONE_STEP_BASES:   # batch boundaries: the student's own state starts afresh
             checkpoint_every = math.ceil(checkpoint_every / n_steps) * n_steps
-        return dataclasses.replace(self, train_steps=train_steps, checkpoint_every=checkpoint_every, device=device)
+        batches = math.ceil(train_steps / n_steps)
+        eval_every = math.ceil((self.eval_every or math.ceil(batches / 10) * n_steps) / n_steps) * n_steps
+        return dataclasses.replace(self, train_steps=train_steps, checkpoint_every=checkpoint_every, device=device,
+                                   eval_every=eval_every)
 
 
 def batch_generator(seed: int, batch: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
@@ -185,9 +199,16 @@ def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondS
         return cache[(index, micro)]
 
     student_step = _student_step(denoiser, sigmas, config.base_solver, config.afs, n_steps)
+    heldout_error = _heldout_check(denoiser, config, sigmas, teacher_sigmas, shape, cond_sampler, device)
+    tracked = BestKept(predictor)
+    if config.base_solver == "dpm2" and config.r_search:
+        tracked.base_error.fill_(heldout_error(predictor))    # the base solver: measured before the warm start
+        warm_start(predictor, denoiser, sigmas, *batch(0, 0), config.r_search, config.afs)
 
     def loss_fn(model: nn.Module, generator: torch.Generator, step: int, micro: int) -> Tensor:
         index, i = divmod(step, n_steps)                 # batch index, interval index
+        if step % config.eval_every == 0 and micro == 0:
+            tracked.check(heldout_error, step)
         states, cond = batch(index, micro)
         x_student = student_step(model, states, i, micro, cond)
         return (x_student - states[i + 1]).square().flatten(1).sum(1).mean()
@@ -196,18 +217,127 @@ def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondS
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        result = fit(predictor, loss_fn, config, out_dir=out_dir, callback=callback, resume=resume, progress=progress,
+        result = fit(tracked, loss_fn, config, out_dir=out_dir, callback=callback, resume=resume, progress=progress,
                      description=f"fitting AMED {config.base_solver} (NFE {config.nfe})", accelerator=accelerator,
                      run={"shape": list(shape)})
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    fitted = result.model.eval().requires_grad_(False)
+    trained = result.raw_model        # the held-out checks select among the trained (not averaged) states
+    metrics = trained.finish(heldout_error, config.train_steps)
+    fitted = trained.predictor.eval().requires_grad_(False)
     fitted.fitted_for["fit"] = config.to_dict()
+    if metrics["heldout_error_fitted"] >= metrics["heldout_error_base"]:
+        warnings.warn(f"AMED fit ({config.base_solver}, NFE {config.nfe}) did not improve on its base solver: held-out "
+                      f"endpoint error vs the teacher {metrics['heldout_error_base']:.4g} (base) and "
+                      f"{metrics['heldout_error_fitted']:.4g} (fitted); the returned predictor is the base solver. "
+                      "Try a finer teacher (M), more trajectories or another base solver", NotImprovedWarning,
+                      stacklevel=2)
     if out_dir is not None and result.is_main_process:
         fitted.save(Path(out_dir) / "predictor", overwrite=True)
     timings = {"total": time.perf_counter() - start, "teacher": teacher_seconds[0]}
-    return dataclasses.replace(result, model=fitted, timings=timings)
+    return dataclasses.replace(result, model=fitted, timings=timings, raw_model=fitted, metrics=metrics)
+
+
+class NotImprovedWarning(UserWarning):
+    """A fitted AMED predictor is no better than its base solver on held-out noise."""
+
+
+class BestKept(nn.Module):
+    """The predictor being fitted, with the best state seen at the held-out checks kept in buffers (so
+    checkpoints carry it and a resumed fit returns what an uninterrupted one would)."""
+
+    def __init__(self, predictor: AMEDPredictor):
+        super().__init__()
+        self.predictor = predictor
+        self.register_buffer("best_state", nn.utils.parameters_to_vector(predictor.parameters()).detach().clone())
+        self.register_buffer("best_error", torch.tensor(math.inf, dtype=torch.float64))
+        self.register_buffer("best_step", torch.tensor(-1.0, dtype=torch.float64))   # float: the EMA averages buffers
+        self.register_buffer("base_error", torch.tensor(math.nan, dtype=torch.float64))
+
+    def config(self) -> dict:
+        return self.predictor.config()
+
+    def forward(self, *args, **kwargs):
+        return self.predictor(*args, **kwargs)
+
+    @torch.no_grad()
+    def check(self, heldout_error: Callable[[nn.Module], float], step: int) -> None:
+        """Measure the current state on the held-out noise; keep it if it is the best so far."""
+        error = heldout_error(self.predictor)
+        if step == 0 and math.isnan(float(self.base_error)):
+            self.base_error.fill_(error)        # no warm start: the initial state is the base solver
+        if error < float(self.best_error):
+            self.best_error.fill_(error)
+            self.best_step.fill_(step)
+            self.best_state.copy_(nn.utils.parameters_to_vector(self.predictor.parameters()))
+
+    @torch.no_grad()
+    def finish(self, heldout_error: Callable[[nn.Module], float], step: int) -> dict[str, float]:
+        """Check the final state, restore the best (the base solver's when nothing beat it): the metrics."""
+        self.check(heldout_error, step)
+        nn.utils.vector_to_parameters(self.best_state, self.predictor.parameters())
+        if float(self.best_error) >= float(self.base_error):     # nothing beat the base: a zero head is the base
+            nn.init.zeros_(self.predictor.head.weight)
+            nn.init.zeros_(self.predictor.head.bias)
+            self.best_error.copy_(self.base_error)
+            self.best_step.fill_(0)
+        return {"heldout_error_base": float(self.base_error), "heldout_error_fitted": float(self.best_error),
+                "best_step": int(self.best_step)}
+
+
+def heldout_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The RNG of the held-out noise: disjoint from every training batch's (`batch_generator`)."""
+    digest = hashlib.blake2b(f"amed-heldout/{seed}".encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def _heldout_check(denoiser, config: AMEDConfig, sigmas: Tensor, teacher_sigmas: Tensor, shape: tuple[int, ...],
+                   cond_sampler: CondSampler | None, device: torch.device) -> Callable[[nn.Module], float]:
+    """heldout_error(predictor) -> mean over config.heldout samples of ‖x_student − x_teacher‖₂ at sigmas[-1]."""
+    generator = heldout_generator(config.seed, device)
+    z = torch.randn((config.heldout, *shape), generator=generator, device=device, dtype=DTYPES[config.dtype])
+    cond = cond_sampler(generator, config.heldout) if cond_sampler else {}
+    x_start = float(sigmas[0]) * z
+    target = teacher_trajectory(denoiser, x_start, teacher_sigmas, config.M + 1, config.teacher_solver, **cond)[-1]
+
+    @torch.no_grad()
+    def heldout_error(predictor: nn.Module) -> float:
+        x = amed_plugin(denoiser, x_start, sigmas, predictor, base=config.base_solver, afs=config.afs, check=False,
+                        **cond)
+        return float((x - target).double().flatten(1).norm(dim=1).mean())
+
+    return heldout_error
+
+
+@torch.no_grad()
+def warm_start(predictor: AMEDPredictor, denoiser, sigmas: Tensor, states: list[Tensor], cond: dict,
+               candidates: int, afs: bool) -> Tensor:
+    """Start a one-step student at the best constant r per interval instead of r = ½ (returns those r: [N−1]).
+
+    The teacher-forced loss (11) of one interval, as a function of r, has more than one basin (on the
+    2-D mixture at NFE 3–4 the last interval's has one near r = 0.9 and a far deeper one near r = 0.15),
+    and gradient descent from r = ½ can settle in the wrong one. So each interval's loss is evaluated on
+    one batch at `candidates` values of r in [0.02, 0.98] (c = a = 1), and the head's time columns and
+    bias are set, by least squares, to give logit(r_i*) at interval i; its feature columns stay zero, so
+    the warm start depends on the time alone and training goes on from there.
+    """
+    grid = torch.linspace(0.02, 0.98, candidates).tolist()
+    best_r = []
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
+        losses = [float((amed_step(denoiser, states[i], t_cur, t_next, ConstantPredictor(r),
+                                   analytic_first=afs and i == 0, **cond)[0] - states[i + 1]).square().sum())
+                  for r in grid]
+        best_r.append(grid[min(range(len(grid)), key=losses.__getitem__)])
+    target = torch.logit(torch.tensor(best_r, dtype=torch.float64))
+    head = predictor.head
+    times = torch.cat([predictor._time_embedding(sigmas[:-1].float()), predictor._time_embedding(sigmas[1:].float()),
+                       torch.ones(len(best_r), 1)], dim=1).double()      # [N−1, 2·time_channels + 1]
+    solution = torch.linalg.pinv(times) @ target                          # the minimum-norm exact fit
+    n_feature = head.weight.shape[1] - 2 * predictor.time_channels
+    head.weight[0, n_feature:] = solution[:-1].to(head.weight)
+    head.bias[0] = solution[-1].to(head.bias)
+    return torch.tensor(best_r)
 
 
 def _student_step(denoiser, sigmas: Tensor, base_solver: str, afs: bool, n_steps: int):
@@ -251,4 +381,5 @@ def _default(value: float | None, from_model: float | None, fallback: float) -> 
     return float(from_model)
 
 
-__all__ = ["AMEDConfig", "fit_amed", "teacher_trajectory", "batch_generator"]
+__all__ = ["AMEDConfig", "BestKept", "NotImprovedWarning", "fit_amed", "teacher_trajectory", "batch_generator",
+           "heldout_generator", "warm_start"]

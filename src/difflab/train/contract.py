@@ -48,7 +48,8 @@ class FitResult(Generic[Fitted]):
     timings: seconds by phase ("total" always; e.g. "teacher" for AMED's trajectories);
     num_processes / process_index: the data-parallel layout (process 0 writes files);
     raw_model: the trained, un-averaged model where `model` is an EMA (the same object otherwise;
-    None where the fitting function does not expose it).
+    None where the fitting function does not expose it); metrics: held-out measurements by name (AMED:
+    "heldout_error_base", "heldout_error_fitted"; empty where the method takes none).
     """
 
     model: Fitted
@@ -57,6 +58,7 @@ class FitResult(Generic[Fitted]):
     num_processes: int = 1
     process_index: int = 0
     raw_model: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_main_process(self) -> bool:

@@ -1,7 +1,11 @@
 """Sizes that would allocate without bound are refused by the command line before any work."""
 from __future__ import annotations
 
+import pytest
+
 from tests.apps.cli.helpers import run
+
+pytestmark = pytest.mark.reliability("cli input")
 
 
 def test_a_huge_simulate_count_is_a_one_line_error(tmp_path, capsys):

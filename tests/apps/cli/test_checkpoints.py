@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import shutil
 
+import pytest
+
 from tests.apps.cli.helpers import run
+
+pytestmark = pytest.mark.reliability("checkpoints")
 
 
 def train(out, capsys, *extra):

@@ -215,12 +215,14 @@ def assert_refused(code: int, out: str, err: str, before: list[str], after: list
 GENERIC_ONLY = {"condition run", "distill guided", "distill progressive"}
 
 
+@pytest.mark.reliability("cli input")
 def test_every_command_has_a_baseline_or_is_listed_as_generic_only():
     uncovered = {" ".join(path) for path, _ in COMMANDS if path not in BASELINES}
     assert uncovered == GENERIC_ONLY
 
 
 @pytest.mark.parametrize("path, args", _cases())
+@pytest.mark.reliability("cli input")
 def test_bad_arguments_end_in_one_line_and_status_2_and_leave_nothing(path, args, model_folder, tmp_path, capsys):
     before = _listing(tmp_path)
     code, out, err = run_in(tmp_path, path, args, model_folder, capsys)
@@ -235,6 +237,7 @@ def _existing_output_cases():
 
 
 @pytest.mark.parametrize("path, existing", _existing_output_cases())
+@pytest.mark.reliability("outputs")
 def test_an_existing_output_is_kept_without_force(path, existing, model_folder, tmp_path, capsys):
     args = BASELINES[path]
     target = tmp_path / args[args.index("--out") + 1]
@@ -249,6 +252,7 @@ def test_an_existing_output_is_kept_without_force(path, existing, model_folder, 
     assert (target.read_bytes() if existing == "file" else (target / "keep.txt").read_bytes()) == b"keep me"
 
 
+@pytest.mark.reliability("outputs")
 def test_ctrl_c_ends_with_a_non_zero_status_and_no_file(model_folder, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -260,6 +264,7 @@ def test_ctrl_c_ends_with_a_non_zero_status_and_no_file(model_folder, tmp_path, 
 
 
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=[" ".join(p) for p, _ in COMMANDS])
+@pytest.mark.reliability("cli input")
 def test_help_works_for_every_command(path, model_folder, tmp_path, capsys):
     code, out, err = run_in(tmp_path, path, ["--help"], model_folder, capsys)
     assert code == 0 and "Usage" in out and err == ""

@@ -51,6 +51,7 @@ def _assert_refused(code: int, out: str, err: str, *words: str) -> None:
     ("/proc/s.npz", ["cannot create"]),
     ("/proc/difflab-test/s.npz", ["cannot create"]),
 ])
+@pytest.mark.reliability("outputs")
 def test_a_bad_file_output_is_one_line_before_any_work(workdir, capsys, out, words):
     before = _listing(workdir)
     _assert_refused(*run(_sample(out), capsys), *words)
@@ -64,12 +65,14 @@ def test_a_bad_file_output_is_one_line_before_any_work(workdir, capsys, out, wor
     ("/proc/difflab-test/m", ["cannot create"]),
     ("notes.txt", ["is a file", "model folder"]),
 ])
+@pytest.mark.reliability("outputs")
 def test_a_bad_folder_output_is_one_line_before_any_work(workdir, capsys, out, words):
     before = _listing(workdir)
     _assert_refused(*run(_train(out, "--force"), capsys), *words)
     assert _listing(workdir) == before and (workdir / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.reliability("outputs")
 def test_a_folder_where_a_file_is_expected_is_refused_even_with_force(workdir, capsys):
     (workdir / "d.npz").mkdir()
     (workdir / "d.npz" / "data.bin").write_bytes(b"keep me")
@@ -80,6 +83,7 @@ def test_a_folder_where_a_file_is_expected_is_refused_even_with_force(workdir, c
 
 @pytest.mark.parametrize("contents", [{"a.txt": "mine"}, {"config.json": json.dumps({"class": "Spreadsheet"})},
                                       {"config.json": "not json"}])
+@pytest.mark.reliability("outputs")
 def test_force_does_not_replace_a_folder_difflab_did_not_write(workdir, capsys, contents):
     documents = workdir / "Documents"
     documents.mkdir()
@@ -92,6 +96,7 @@ def test_force_does_not_replace_a_folder_difflab_did_not_write(workdir, capsys, 
     assert all((documents / name).read_text() == text for name, text in contents.items())
 
 
+@pytest.mark.reliability("outputs")
 def test_the_demo_refuses_a_folder_that_is_not_a_demo_folder_even_with_force(workdir, capsys):
     (workdir / "Documents").mkdir()
     (workdir / "Documents" / "a.txt").write_text("mine")
@@ -101,6 +106,7 @@ def test_the_demo_refuses_a_folder_that_is_not_a_demo_folder_even_with_force(wor
     assert _listing(workdir) == before
 
 
+@pytest.mark.reliability("outputs")
 def test_force_replaces_what_difflab_wrote(workdir):
     (workdir / "s.npz").write_bytes(b"old samples")
     check_output(workdir / "s.npz", force=True, suffixes=(".npz", ".png"))
@@ -111,6 +117,7 @@ def test_force_replaces_what_difflab_wrote(workdir):
         check_output(workdir / "g", force=False)
 
 
+@pytest.mark.reliability("outputs")
 def test_sample_with_force_replaces_its_own_output_and_leaves_no_lock(workdir, capsys):
     assert run(_sample("s.npz"), capsys)[0] == 0
     code, _, err = run(_sample("s.npz", "--force"), capsys)
@@ -119,6 +126,7 @@ def test_sample_with_force_replaces_its_own_output_and_leaves_no_lock(workdir, c
     assert [p.name for p in workdir.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.reliability("concurrency")
 def test_a_second_writer_of_the_same_output_fails_at_once(workdir, capsys):
     with locked_output(workdir / "s.npz"):
         assert (workdir / ".s.npz.lock").exists()
@@ -130,12 +138,14 @@ def test_a_second_writer_of_the_same_output_fails_at_once(workdir, capsys):
     assert run(_sample("s.npz"), capsys)[0] == 0
 
 
+@pytest.mark.reliability("concurrency")
 def test_the_lock_of_an_output_in_a_new_folder_leaves_no_folder_when_refused(workdir, capsys):
     before = _listing(workdir)
     _assert_refused(*run(_sample("new/deeper/s.npz", "--solver", "nonsense"), capsys))
     assert _listing(workdir) == before
 
 
+@pytest.mark.reliability("concurrency")
 def test_only_the_main_process_takes_the_lock(workdir, monkeypatch):
     with locked_output(workdir / "s.npz"):
         monkeypatch.setenv("RANK", "1")                       # another process of `accelerate launch`

@@ -33,6 +33,7 @@ def sample_args(model, out, batch_size, solver="heun", nfe=9, n=23, seed=7):
 
 
 @pytest.mark.parametrize("solver", ["heun", "euler_maruyama"])   # deterministic, and with per-step noise
+@pytest.mark.reliability("numerics")
 def test_output_is_bit_identical_whatever_the_batch_size(mixture_folder, tmp_path, capsys, solver):
     outputs = []
     for batch_size in (23, 5, 1):                                  # one batch, uneven batches, one row each
@@ -45,6 +46,7 @@ def test_output_is_bit_identical_whatever_the_batch_size(mixture_folder, tmp_pat
         assert np.array_equal(outputs[0], other)
 
 
+@pytest.mark.reliability("numerics")
 def test_a_network_model_gives_bit_identical_rows_for_every_batch_size(tmp_path, capsys):
     """A float32 MLP: BLAS takes another path for a remainder of fewer than its block of rows (2.6e-6
     differences before the CLI evaluated whole blocks of 8)."""
@@ -63,6 +65,7 @@ def test_a_network_model_gives_bit_identical_rows_for_every_batch_size(tmp_path,
         assert np.array_equal(outputs[0], other)
 
 
+@pytest.mark.reliability("numerics")
 def test_streamed_rows_are_the_librarys_samples_in_seed_order(mixture_folder, tmp_path, capsys):
     code, out, err = run(sample_args(mixture_folder, tmp_path / "s.npz", batch_size=4), capsys)
     assert code == 0, err
@@ -73,6 +76,7 @@ def test_streamed_rows_are_the_librarys_samples_in_seed_order(mixture_folder, tm
     assert np.array_equal(np.load(tmp_path / "s.npz")["x"], expected.numpy())
 
 
+@pytest.mark.reliability("outputs")
 def test_no_write_holds_more_than_one_batch(mixture_folder, tmp_path, capsys, monkeypatch):
     sizes = []
     original = NpyRows.write
@@ -87,6 +91,7 @@ class Interrupt(Exception):
 
 
 @pytest.mark.parametrize("failure", [Interrupt, KeyboardInterrupt])
+@pytest.mark.reliability("outputs")
 def test_a_run_failing_mid_way_leaves_no_file_and_no_folder(mixture_folder, tmp_path, capsys, monkeypatch,
                                                              failure):
     make_runner, calls = sample_cli._solver_runner, []
@@ -119,6 +124,7 @@ def test_a_run_failing_mid_way_leaves_no_file_and_no_folder(mixture_folder, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == before     # no s.npz, no .s.npz.*.tmp, no new/
 
 
+@pytest.mark.reliability("outputs")
 def test_npz_rows_refuses_a_short_write_and_reads_back_like_savez(tmp_path):
     rows = np.arange(24, dtype=np.float64).reshape(4, 2, 3)
     with npz_rows(tmp_path / "a.npz", 4, (2, 3)) as writer:
@@ -133,6 +139,7 @@ def test_npz_rows_refuses_a_short_write_and_reads_back_like_savez(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
 
 
+@pytest.mark.reliability("numerics")
 def test_a_model_returning_nan_ends_in_one_line_naming_solver_and_step_and_no_file(tmp_path, capsys):
     from difflab.core.wrappers import EDMDenoiser
     from difflab.nets import MLP

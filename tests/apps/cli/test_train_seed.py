@@ -2,7 +2,11 @@
 runs with the same seed write byte-identical weights (and another seed different ones)."""
 from __future__ import annotations
 
+import pytest
+
 from tests.apps.cli.helpers import run
+
+pytestmark = pytest.mark.reliability("numerics")
 
 TRAIN = ["train", "--data", "gmm", "--train-steps", "3", "--batch-size", "16", "--device", "cpu"]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,7 @@ from difflab.apps.cli.common import (
     RESUME_OPTION,
     Device,
     check_output,
+    fail,
     fitting,
     resolve_device,
     writes_output,
@@ -43,12 +45,14 @@ def amed_fit(
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of the fit (trajectories' noise, batches)"),
     device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
+    save_if_worse: bool = typer.Option(False, help="save the predictor even when it is **no better than its base "
+                                       "solver** on held-out noise (it is then the base solver itself)"),
     resume: bool = RESUME_OPTION,
     checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
     from difflab import load
-    from difflab.amed.fit import AMEDConfig, fit_amed
+    from difflab.amed.fit import AMEDConfig, NotImprovedWarning, fit_amed
     from difflab.amed.plugin import check_base
 
     check_output(out, force)
@@ -58,8 +62,16 @@ def amed_fit(
     overrides, resume_mode = fitting(checkpoint_every, resume, force)
     config = AMEDConfig(**overrides, nfe=nfe, grid=grid, teacher_solver=teacher_solver, M=m, trajectories=trajectories,
                         base_solver=base_solver, batch_size=batch_size, seed=seed, device=dev)
-    predictor = fit_amed(denoiser, config, out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode,
-                         progress=True).model
-    predictor.save(out, overwrite=force)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotImprovedWarning)     # said below, in one line
+        result = fit_amed(denoiser, config, out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode,
+                          progress=True)
+    base, fitted = result.metrics["heldout_error_base"], result.metrics["heldout_error_fitted"]
+    if fitted >= base and not save_if_worse:
+        fail(f"the fitted predictor is no better than its base solver {config.base_solver} on held-out noise "
+             f"(endpoint error vs the teacher {base:.4g}); not saved: try a larger --M or more --trajectories, "
+             "or pass --save-if-worse to save it anyway")
+    result.model.save(out, overwrite=force)
     typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid, "parameters":
-                           sum(p.numel() for p in predictor.parameters())}))
+                           sum(p.numel() for p in result.model.parameters()),
+                           "heldout_error_base": base, "heldout_error_fitted": fitted}))

@@ -66,6 +66,8 @@ def main() -> None:
         status = app(standalone_mode=False)
     except (DifflabError, FileExistsError) as err:
         fail(str(err))
+    except OSError as err:    # the file system refused a path given (a name too long, no permission): say which
+        fail(_os_error_line(err))
     except Exception as err:  # click's usage errors arrive here in non-standalone mode
         if hasattr(err, "format_message"):
             fail(" ".join(err.format_message().split()))        # one line, whatever click wrapped
@@ -74,6 +76,14 @@ def main() -> None:
         raise
     if isinstance(status, int) and status != 0:               # e.g. 130 after Ctrl-C
         sys.exit(status)
+
+
+def _os_error_line(err: OSError, keep: int = 80) -> str:
+    """'PATH: reason' for an OSError, the path shortened to `keep` characters."""
+    if err.filename is None:
+        return " ".join(str(err).split())
+    path = str(err.filename)
+    return f"{path if len(path) <= keep else path[:keep] + '…'}: {err.strerror or err}"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ app = typer.Typer(no_args_is_help=True, help="Inverse problems: DEFT (a small le
 
 # after `app`: difflab.apps.cli.app imports this module's `app` to mount it, so importing this module first
 # (which runs difflab.apps.cli.app) must find `app` already defined
-from difflab.apps.cli.common import (  # noqa: E402  # noqa: E402
+from difflab.apps.cli.common import (  # noqa: E402
     CHECKPOINT_EVERY_OPTION,
     DEVICE_OPTION,
     MAX_BATCH,

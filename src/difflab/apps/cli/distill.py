@@ -91,6 +91,8 @@ def guided(
     checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
     """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
+    import torch
+
     from difflab.core.fingerprint import fingerprint
     from difflab.core.wrappers import CFGDenoiser
     from difflab.data import model_classes
@@ -103,6 +105,7 @@ def guided(
     model, num_classes = _conditional_teacher(teacher, dev)
     name, dataset = _training_data(data, model, num_classes, seed)
     base_id = fingerprint(model)
+    torch.manual_seed(seed)   # the w slot's initial weights: two runs with the same --seed give the same student
     student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max,
                            kept_classes=model_classes(model))
     overrides, resume_mode = fitting(checkpoint_every, resume, force)
