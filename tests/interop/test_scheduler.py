@@ -57,7 +57,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("solver, nfe, afs", [("dpmpp_2m", 6, False), ("ipndm", 7, False), ("unipc", 6, False),
-                                              ("heun", 8, False), ("dpm2", 6, False), ("dpmpp_2m", 5, True)])
+                                              ("heun", 8, False), ("dpm2", 6, False), ("dpmpp_2m", 5, True),
+                                              ("ipndm_v", 7, False), ("ab_variable", 7, False), ("deis", 7, False)])
 def test_scheduler_replays_the_solver_exactly(mix2d, solver, nfe, afs):
     scheduler = DifflabScheduler(solver=solver, afs=afs)   # DDPM linear table, T = 1000
     x_vp = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

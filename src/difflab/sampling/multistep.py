@@ -1,11 +1,13 @@
-"""Linear multistep probability-flow ODE solvers in σ-space: iPNDM, iPNDM-v, DEIS-tAB, UniPC.
+"""Linear multistep probability-flow ODE solvers in σ-space: iPNDM, iPNDM-v, exact variable-step AB, DEIS-tAB,
+UniPC.
 
 All spend one model evaluation per step and reuse the earlier ones. In σ-space the ODE is
 dx/dσ = ε̂(x; σ), so an Adams–Bashforth step is x_{i+1} = x_i + ∫_{σ_i}^{σ_{i+1}} P dσ with P an
-interpolant of the last few ε̂'s: iPNDM, iPNDM-v and DEIS-tAB differ only in the weights this
-gives them (`_adams_bashforth`): fixed equal-step ones, exact ones for P polynomial in σ, or for
-P polynomial in the VP time t. UniPC instead works on the data prediction D = x − σ·ε̂ in
-λ = −log σ. A last step to σ = 0 is x ← D(x; σ_{N−2}), the evaluation that step makes anyway.
+interpolant of the last few ε̂'s: iPNDM, iPNDM-v, `ab_variable` and DEIS-tAB differ only in the
+weights this gives them (`_adams_bashforth`): fixed equal-step ones, the published step-ratio ones
+of iPNDM-v, exact ones for P polynomial in σ, or for P polynomial in the VP time t. UniPC instead
+works on the data prediction D = x − σ·ε̂ in λ = −log σ. A last step to σ = 0 is x ← D(x; σ_{N−2}), the
+evaluation that step makes anyway.
 
 Warm-up: every method starts at first order and raises its order as history accumulates, so the
 first step's local error O(h²) bounds the *asymptotic* global order by 2 (3 for UniPC, whose
@@ -120,7 +122,7 @@ def ipndm(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
     x_{i+1} = x_i + (σ_{i+1} − σ_i)·Σ_j c_j ε̂_{i−j}.
 
     The coefficients assume equal steps in σ. On any other grid (Karras, logSNR) they miss the
-    variable-step weights of `ipndm_v` by O(r − 1) = O(h) (r the ratio of successive steps); times
+    variable-step weights of `ab_variable` by O(r − 1) = O(h) (r the ratio of successive steps); times
     the O(h) differences of the ε̂'s and the step h that is a local error O(h³), so the global
     order is 2 there (measured 2.03 on a logSNR grid) and max_order only on a σ-uniform grid.
 
@@ -131,23 +133,79 @@ def ipndm(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: b
     return _adams_bashforth(denoiser, x, sigmas, max_order, ipndm_weights, callback, afs, **cond)
 
 
-def ipndm_v(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
-            max_order: int = 4, **cond: Any) -> Tensor:
-    """iPNDM with variable-step Adams–Bashforth weights (the "iPNDM-v" of the AMED paper's code
-    base; = ρAB-DEIS, Zhang & Chen 2023, §4): ε̂ is interpolated by the Lagrange polynomial in σ
-    through (σ_{i−j}, ε̂_{i−j}), j < k, and integrated exactly over [σ_i, σ_{i+1}]:
-    b_j = ∫ ℓ_j(σ) dσ (`lagrange_integrals`). In closed form, with h = σ_{i+1} − σ_i and the
-    nodes in step units u_j = (σ_{i−j} − σ_i)/h (u_0 = 0, u_1 = −1/r, r = h/(σ_i − σ_{i−1})):
+def ab_variable(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
+                max_order: int = 4, **cond: Any) -> Tensor:
+    """The exact variable-step Adams–Bashforth method on ε̂ (= ρAB-DEIS, Zhang & Chen 2023, §4):
+    ε̂ is interpolated by the Lagrange polynomial in σ through (σ_{i−j}, ε̂_{i−j}), j < k, and
+    integrated exactly over [σ_i, σ_{i+1}]: b_j = ∫ ℓ_j(σ) dσ (`lagrange_integrals`). In closed form,
+    with h = σ_{i+1} − σ_i and the nodes in step units u_j = (σ_{i−j} − σ_i)/h (u_0 = 0, u_1 = −1/r,
+    r = h/(σ_i − σ_{i−1})):
       AB2: b = h·(1 + r/2, −r/2)
       AB3: b_j = h·∫_0^1 Π_{m≠j}(u − u_m)/(u_j − u_m) du, i.e. with a = u_1, c = u_2:
            b_0 = h(1/3 − (a + c)/2 + ac)/(ac), b_1 = h(1/3 − c/2)/(a(a − c)), b_2 = h(1/3 − a/2)/(c(c − a))
     and likewise AB4 (one formula for every order). Equal steps give back AB_COEFFS.
+    Not the iPNDM-v of the AMED / diff-sampler code (that is `ipndm_v`, whose weights differ from
+    these from the third order on); few-step accuracy differs accordingly (docs/methods/solvers.md).
 
     x: [B, ...] at sigmas[0]; sigmas: [N] decreasing, may end at 0. Returns x at sigmas[-1].
     Order max_order on any smooth grid (see the module note on warm-up). NFE = N − 1 (− 1 with AFS).
     """
     _check_order("max_order", max_order, 4)
     return _adams_bashforth(denoiser, x, sigmas, max_order, lagrange_integrals, callback, afs, **cond)
+
+
+def ipndm_v_weights(nodes: Sequence[float], sigma: float, sigma_next: float) -> list[float]:
+    """iPNDM-v's b_j (the diff-sampler code of Zhou et al. 2024 / Zhang & Chen 2023; docs/methods/
+    solvers.md (16b)), written with the step sizes h_0 = σ_{i+1} − σ_i, h_m = σ_{i−m+1} − σ_{i−m}:
+
+      b = h_0·[ε̂-weights of  ε̂_i + (r_1/2)·Δ_1 + g_2·Δ_2 + g_3·Δ_3 ]   (orders 2, 3, 4 add one term each)
+
+    with the ratios r_m = h_{m−1}/h_m, Δ_1 = ε̂_i − ε̂_{i−1}, Δ_2 = Δ_1 − r_2·(ε̂_{i−1} − ε̂_{i−2}) and, with
+    q = h_1(h_1 + h_2)/(h_2(h_2 + h_3)), Δ_3 = Δ_2 − q·(ε̂_{i−1} − (1 + r_3)·ε̂_{i−2} + r_2·ε̂_{i−3}) (the
+    reference's last weight carries r_2 where a third difference would have r_3, so on uneven steps the
+    order-4 weights do not sum to h_0: kept as published). The gains
+      g_2 = ½(1 − h_0²/(3h_1(h_1 + h_2)))
+      g_3 = [½(1 − h_0/(3H_1)) + (1 − h_0/(2H_1))·h_0/(6H_2)]·h_0H_1H_2/(h_1(h_1 + h_2)(h_1 + h_2 + h_3)),
+    H_1 = h_0 + h_1, H_2 = H_1 + h_2. Equal steps give AB_COEFFS at orders 1–3 and (57, −65, 43, −11)/24
+    at order 4 (not AB4's (55, −59, 37, −9)/24). nodes: σ_i, σ_{i−1}, … (newest first, 1–4 of them).
+    """
+    h = [sigma_next - sigma] + [newer - older for newer, older in zip(nodes[:-1], nodes[1:])]
+    order = len(nodes)
+    weights = [1.0] + [0.0] * (order - 1)
+    if order >= 2:
+        r_1 = h[0] / h[1]
+        weights[0] += r_1 / 2                                    # (r_1/2)·Δ_1: exact variable-step AB2
+        weights[1] -= r_1 / 2
+    if order >= 3:
+        r_2 = h[1] / h[2]
+        gain_2 = (1 - h[0] ** 2 / (3 * h[1] * (h[1] + h[2]))) / 2
+        for j, c in enumerate((1.0, -(1 + r_2), r_2)):           # g_2·Δ_2
+            weights[j] += gain_2 * c
+    if order >= 4:
+        r_3, h_1 = h[2] / h[3], h[0] + h[1]
+        h_2 = h_1 + h[2]
+        q = h[1] * (h[1] + h[2]) / (h[2] * (h[2] + h[3]))
+        gain_3 = (((1 - h[0] / (3 * h_1)) / 2 + (1 - h[0] / (2 * h_1)) * h[0] / (6 * h_2))
+                  * h[0] * h_1 * h_2 / (h[1] * (h[1] + h[2]) * (h[1] + h[2] + h[3])))
+        for j, c in enumerate((1.0, -(1 + r_2 + q), r_2 + q * (1 + r_3), -q * r_2)):   # g_3·Δ_3
+            weights[j] += gain_3 * c
+    return [h[0] * w for w in weights]
+
+
+def ipndm_v(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
+            max_order: int = 4, **cond: Any) -> Tensor:
+    """iPNDM-v: iPNDM with step-ratio-dependent weights, as in the code of the AMED paper (Zhou et al.
+    2024, diff-sampler) after Zhang & Chen 2023: x_{i+1} = x_i + Σ_j b_j ε̂_{i−j} with b from
+    `ipndm_v_weights`, order 1, 2, 3, 4 as history accumulates. Its AB2 step is the exact variable-step
+    one; from the third order on its weights are the published ones, not the exact variable-step
+    integrals (those are `ab_variable`). At few steps on Karras grids it is the more accurate of the two
+    (measured in tests/sampling/test_multistep.py).
+
+    x: [B, ...] at sigmas[0]; sigmas: [N] decreasing, may end at 0. Returns x at sigmas[-1].
+    NFE = N − 1 (− 1 with AFS).
+    """
+    _check_order("max_order", max_order, 4)
+    return _adams_bashforth(denoiser, x, sigmas, max_order, ipndm_v_weights, callback, afs, **cond)
 
 
 def deis(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bool = False,
@@ -158,7 +216,7 @@ def deis(denoiser, x: Tensor, sigmas: Tensor, callback: Callback = None, afs: bo
     σ-space (VE) form: after the rescaling x_σ = x_vp/α the transition Ψ is the identity and the
     weight ½GGᵀL⁻ᵀ becomes dσ/dt, so the tAB update reads x_{i+1} = x_i + Σ_j C_ij ε̂_{i−j} with
     C_ij = ∫_{t_i}^{t_{i+1}} ℓ_j(t) σ'(t) dt = ∫_{σ_i}^{σ_{i+1}} ℓ_j(t(σ)) dσ, t the VP-SDE time of
-    DEIS's experiments (β_min = 0.1, β_d = 19.9). With t = σ this would be ρAB-DEIS = `ipndm_v`.
+    DEIS's experiments (β_min = 0.1, β_d = 19.9). With t = σ this would be ρAB-DEIS = `ab_variable`.
 
     x: [B, ...] at sigmas[0]; sigmas: [N] decreasing, may end at 0. Returns x at sigmas[-1].
     Order `order` (≤ 4). NFE = N − 1 (− 1 with AFS).
@@ -289,7 +347,8 @@ def unipc_step(x: Tensor, x0_hat: Tensor, sigma_list: Sequence[float], i: int, s
 
 MULTISTEP_SOLVERS: dict[str, Solver] = {
     "ipndm": Solver(ipndm, one_per_step, order=4),              # 4 on σ-uniform grids, 2 on others
-    "ipndm_v": Solver(ipndm_v, one_per_step, order=4),
+    "ipndm_v": Solver(ipndm_v, one_per_step, order=3),          # measured 2.9–3.0 on logSNR grids; < 2 on Karras
+    "ab_variable": Solver(ab_variable, one_per_step, order=4),
     "deis": Solver(deis, one_per_step, order=3),
     "unipc": Solver(unipc, one_per_step, order=3),              # UniP order; with UniC ≈ 4 measured
 }

@@ -21,6 +21,7 @@ import typer
 import difflab.apps.cli.app as cli
 import difflab.apps.cli.sample as sample_cli
 from difflab import GaussianMixture
+from tests.apps.cli.helpers import tripwire
 
 MODEL = "@model"          # replaced by the path of a small GaussianMixture folder
 PREDICTOR = "@predictor"  # a model folder that is not an AMED predictor
@@ -68,10 +69,6 @@ TRIPWIRE_SECONDS = 4.0
 # (most would train until the tripwire); delete an entry once its command refuses the case.
 _HUGE = str(10**30)
 KNOWN_BUGS: dict[str, str] = {}   # case id -> why it still fails (run=False, strict xfail)
-
-
-class StartedWork(BaseException):
-    """Raised by the tripwire: the command accepted the arguments and is working."""
 
 
 def _commands():
@@ -175,16 +172,6 @@ def run_in(folder: Path, path: tuple[str, ...], args: list[str], model: Path, ca
     old_argv, old_cwd = sys.argv, os.getcwd()
     sys.argv = ["difflab", *path, *args]
     os.chdir(folder)
-
-    def tripwire(signum, frame):
-        caller = frame
-        while caller is not None:                 # never interrupt an import: it would stay half-done
-            if caller.f_code.co_filename.startswith("<frozen importlib"):
-                signal.setitimer(signal.ITIMER_REAL, 0.1)
-                return
-            caller = caller.f_back
-        raise StartedWork(f"`difflab {' '.join(path)} {' '.join(args)}` was accepted and ran "
-                          f"{TRIPWIRE_SECONDS} s")
 
     previous = signal.signal(signal.SIGALRM, tripwire)
     signal.setitimer(signal.ITIMER_REAL, TRIPWIRE_SECONDS)

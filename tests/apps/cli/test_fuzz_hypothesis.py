@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 
 import difflab.apps.cli.app as cli
+from tests.apps.cli.helpers import StartedWork, tripwire
 from tests.apps.cli.test_fuzz import BASELINES, COMMANDS, MODEL, PREDICTOR
 
 TRIPWIRE_SECONDS = 1.0
@@ -42,10 +43,6 @@ HOSTILE = ["-1", "0", str(10**30), str(2**63), str(-(2**63) - 1), "nan", "-nan",
 WORDS = {"data": ["moons", "gmm", "rings", "digits"], "solver": ["euler", "heun", "dpm2", "unipc", "amed"],
          "grid": ["karras", "logsnr", "discrete"], "base_solver": ["dpm2", "euler", "ipndm"],
          "teacher_solver": ["heun", "dpm2"]}
-
-
-class StartedWork(BaseException):
-    """Raised by the tripwire: the command accepted the arguments and is working."""
 
 
 def _annotation(param):
@@ -134,17 +131,8 @@ def _reset_peak_memory() -> int:
 
 
 def _peak_memory() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _tripwire(signum, frame):
-    caller = frame
-    while caller is not None:                     # never interrupt an import: it would stay half-done
-        if caller.f_code.co_filename.startswith("<frozen importlib"):
-            signal.setitimer(signal.ITIMER_REAL, 0.1)
-            return
-        caller = caller.f_back
-    raise StartedWork
+    """The peak resident memory since the last reset, bytes (VmHWM: what clear_refs resets)."""
+    return _status_kb("VmHWM") * 1024
 
 
 def run_case(folder: Path, argv: list[str]) -> tuple[int | str, int]:
@@ -154,7 +142,7 @@ def run_case(folder: Path, argv: list[str]) -> tuple[int | str, int]:
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
     sys.argv = ["difflab", *argv]
     os.chdir(folder)
-    previous = signal.signal(signal.SIGALRM, _tripwire)
+    previous = signal.signal(signal.SIGALRM, tripwire)
     rss_before = _reset_peak_memory()
     resource.setrlimit(resource.RLIMIT_AS, (_status_kb("VmSize") * 1024 + ADDRESS_SPACE_ROOM, old_limit[1]))
     signal.setitimer(signal.ITIMER_REAL, TRIPWIRE_SECONDS)

@@ -22,13 +22,16 @@ ROW_BLOCK = 8             # the model sees whole blocks of 8 rows (see run_batch
 def sample(
     model: Path = typer.Option(..., help="model folder (difflab or diffusers; a distilled student too)"),
     solver: str = typer.Option("heun", help="solver: euler | heun | dpm2 | dpmpp_2m | dpmpp_3m | ipndm | ipndm_v | "
-                               "unipc | deis | euler_maruyama | amed (with --predictor)"),
+                               "ab_variable | unipc | deis | euler_maruyama | amed (with --predictor)"),
     nfe: Optional[int] = typer.Option(None, min=1, max=MAX_NFE, help="model evaluations to spend; the grid is built "
                                       "to spend exactly this (default 35; with --solver amed, the predictor's; a "
                                       "distilled student spends one per step: default, the steps it was distilled "
                                       "for)"),
     grid: str = typer.Option("karras", help="σ grid family: karras | logsnr | time_uniform | time_quadratic | "
                              "discrete"),
+    grid_file: Optional[Path] = typer.Option(None, help="a learned grid folder (difflab.amed.fit_grid: GITS / "
+                                             "LD3): sample on its σ's with its solver, NFE and AFS setting "
+                                             "(replaces --grid; --to-zero does not apply)"),
     afs: bool = typer.Option(False, "--afs", help="analytical first step: replace the first evaluation by "
                              "x/sqrt(1+σ²) (saves one evaluation)"),
     to_zero: bool = typer.Option(True, help="end the grid with σ = 0 (a last Euler step to the denoised sample, "
@@ -84,6 +87,9 @@ def sample(
     elif w is not None or stochastic:
         raise ConfigError("--w and --stochastic are for distilled students (difflab distill); this model "
                           "takes --solver and --nfe")
+    elif grid_file is not None:
+        run = _grid_file_runner(denoiser, grid_file, solver, nfe)
+        solver = run.solver
     else:
         run = (_amed_runner(denoiser, predictor, nfe, dev) if solver == "amed"
                else _solver_runner(denoiser, solver, 35 if nfe is None else nfe, grid, afs, to_zero))
@@ -225,6 +231,28 @@ def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zer
         return run_sample(denoiser, x, sigmas, solver=solver, generator=generator, afs=afs, **cond)
 
     run.nfe, run.points = nfe, len(sigmas)
+    return run
+
+
+def _grid_file_runner(denoiser, grid_file: Path, solver: str, nfe: int | None):
+    """A batch sampler on a learned grid (refused for another base model, a different --nfe or --solver amed)."""
+    from difflab.amed.grids import load_grid
+    from difflab.sampling import sample as run_sample
+    from difflab.sampling import seeded_noise
+
+    if solver == "amed":
+        raise ConfigError("--grid-file runs the grid's own solver; --solver amed takes --predictor instead")
+    grid = load_grid(grid_file, base_model=denoiser)
+    if nfe is not None and nfe != grid.nfe:
+        raise ConfigError(f"this grid was fitted for NFE {grid.nfe} with {grid.solver}; use --nfe {grid.nfe} or fit "
+                          f"one for NFE {nfe}")
+    sigmas = grid.sigmas
+
+    def run(seeds, shape, device, cond):
+        x = seeded_noise(seeds, shape, float(sigmas[0]), device=device)
+        return run_sample(denoiser, x, sigmas.to(device), solver=grid.solver, afs=grid.afs, **cond)
+
+    run.nfe, run.points, run.solver = grid.nfe, len(sigmas), grid.solver
     return run
 
 

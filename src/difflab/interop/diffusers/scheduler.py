@@ -52,6 +52,7 @@ from difflab.sampling.multistep import (
     UniPCState,
     adams_bashforth_step,
     deis_weights,
+    ipndm_v_weights,
     ipndm_weights,
     lagrange_integrals,
     unipc_step,
@@ -250,7 +251,8 @@ def make_stepper(solver: str, grid: list[float], amed_base: str = "dpm2", amed_c
                 "dpmpp_2m": lambda: _DPMSolverPP(grid, 2), "dpmpp_3m": lambda: _DPMSolverPP(grid, 3),
                 "dpmpp_3m_taylor": lambda: _DPMSolverPP(grid, 3, taylor_d2=True),
                 "ipndm": lambda: _AdamsBashforth(grid, ipndm_weights, 4),
-                "ipndm_v": lambda: _AdamsBashforth(grid, lagrange_integrals, 4),
+                "ipndm_v": lambda: _AdamsBashforth(grid, ipndm_v_weights, 4),
+                "ab_variable": lambda: _AdamsBashforth(grid, lagrange_integrals, 4),
                 "deis": lambda: _AdamsBashforth(grid, deis_weights, 3), "unipc": lambda: _UniPC(grid)}
     return steppers[solver]()
 
