@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/difflab demo
 
 test: $(VENV)/.installed browser lint
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 # The layers (import-linter contracts in pyproject.toml) and the code style (ruff's chosen rules).
 lint: $(VENV)/.installed
