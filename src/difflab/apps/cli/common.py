@@ -72,7 +72,7 @@ def check_output(path: Path, force: bool, suffixes: tuple[str, ...] | None = Non
     folder, which it writes into. Refused: an empty --out, a name too long for the file system, a
     place under a file or where nothing can be created, and an existing output without --force.
     --force replaces only what difflab wrote: a file of the command's suffix, a difflab model folder
-    (the demo reuses a demo folder and refuses any other non-empty folder, --force or not).
+    (the demo reuses a demo folder and refuses any other non-empty folder).
     """
     _check_location(path, suffixes)
     _check_existing(path, force, suffixes, demo)
