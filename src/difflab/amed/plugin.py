@@ -120,7 +120,7 @@ def _evaluate(denoiser, x: Tensor, sigma: Tensor, sigma_seen: Tensor, analytic: 
     return Point(sigma, x0_hat, (x - x0_hat) / sigma)
 
 
-def _substep(base: PluginBase, state: PluginState, point: Point, sigma_next, n_substeps: int,
+def plugin_substep(base: PluginBase, state: PluginState, point: Point, sigma_next, n_substeps: int,
              c: Tensor | None = None) -> PluginState:
     """(UniC-correct,) record the new point, step to sigma_next; with c, scale this sub-step's increment."""
     x = state.x
@@ -153,9 +153,9 @@ def plugin_interval(denoiser, predictor, base: PluginBase, state: PluginState, t
     params = predictor(feature, t_cur_b, t_next_b)                           # (r, c, a) = g_φ(h, t_cur, t_next)
     r, c, a = (append_dims(v.to(x.dtype), x.ndim) for v in (params.r, params.c, params.a))
     s = append_dims(t_next_b, x.ndim) ** r * sigma ** (1 - r)               # s = t_next^r · t_cur^{1−r}
-    state = _substep(base, state, point, s, n_substeps)                      # t_cur → s
+    state = plugin_substep(base, state, point, s, n_substeps)                      # t_cur → s
     mid = _evaluate(denoiser, state.x, s, a * s, False, **cond)             # D(x_s; a·s), ε̂ divided by s
-    state = _substep(base, state, mid, float(t_next), n_substeps, c)         # s → t_next, increment × c
+    state = plugin_substep(base, state, mid, float(t_next), n_substeps, c)         # s → t_next, increment × c
     return state, params
 
 
@@ -199,7 +199,7 @@ def refined_sigmas(sigmas: Tensor) -> Tensor:
 
 
 __all__ = ["amed_plugin", "amed_sample", "plugin_interval", "PluginState", "PluginBase", "PLUGIN_BASES", "BASE_SOLVERS",
-           "ONE_STEP_BASES", "check_base", "n_substeps_of", "refined_sigmas"]
+           "ONE_STEP_BASES", "check_base", "n_substeps_of", "plugin_substep", "refined_sigmas"]
 
 
 def amed_sample(denoiser, x: Tensor, sigmas: Tensor, predictor, callback: Callback = None, afs: bool | None = None,

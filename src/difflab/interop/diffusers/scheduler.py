@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.amed.plugin import PLUGIN_BASES, PluginState, Point, _substep, check_base, n_substeps_of
+from difflab.amed.plugin import PLUGIN_BASES, PluginState, Point, check_base, n_substeps_of, plugin_substep
 from difflab.amed.predictor import amed_midpoint, amed_nfe, amed_update, predictor_sigmas
 from difflab.core.denoiser import append_dims
 from difflab.core.errors import ConfigError, SigmaRangeError, UnknownNameError
@@ -219,7 +219,7 @@ class _AMEDSolver(_TwoStage):
 
 class _AMEDPlugin(_AMEDSolver):
     """AMED-Plugin on a multistep base: every evaluation is one of the base's sub-steps on the grid refined
-    at s (AMED-Plugin's `_substep`, the second scaled by c), from the given sample."""
+    at s (AMED-Plugin's `plugin_substep`, the second scaled by c), from the given sample."""
 
     def __init__(self, grid: list[float], base: str, r: list[float], c: list[float], a: list[float]):
         super().__init__(grid, r, c, a)
@@ -234,9 +234,9 @@ class _AMEDPlugin(_AMEDSolver):
         state = PluginState(x, substep=2 * i) if self.state is None else dataclasses.replace(self.state, x=x)
         if evaluation.stage == 0:
             s = self.intermediate(i)[0]
-            self.state = _substep(self.base, state, point, s, self.n_substeps)
+            self.state = plugin_substep(self.base, state, point, s, self.n_substeps)
         else:
-            self.state = _substep(self.base, state, point, self.grid[i + 1], self.n_substeps, self.c[i])
+            self.state = plugin_substep(self.base, state, point, self.grid[i + 1], self.n_substeps, self.c[i])
         return self.state.x
 
 
