@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.core.denoiser import append_dims
+from difflab.core.denoiser import append_dims, call_network
 from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
 from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, VPDenoiser, vp_scale
@@ -66,7 +66,7 @@ class PredictionDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         sigma_b = append_dims(sigma, x.ndim).to(x.dtype)
         alpha = vp_scale(sigma_b)
-        out = self.net(alpha * x, sigma.log() / 4, **cond)
+        out = call_network(self.net, alpha * x, sigma.log() / 4, **cond)   # the network in its own dtype
         if self.prediction == "x":
             return out
         if self.prediction == "v":

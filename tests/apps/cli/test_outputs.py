@@ -147,7 +147,10 @@ def test_the_lock_of_an_output_in_a_new_folder_leaves_no_folder_when_refused(wor
 
 @pytest.mark.reliability("concurrency")
 def test_only_the_main_process_takes_the_lock(workdir, monkeypatch):
+    lock = workdir / ".s.npz.lock"
     with locked_output(workdir / "s.npz"):
         monkeypatch.setenv("RANK", "1")                       # another process of `accelerate launch`
-        with locked_output(workdir / "s.npz"):
-            pass
+        with locked_output(workdir / "s.npz"):                # would fail at once if rank 1 took the lock too
+            assert lock.exists()
+        assert lock.exists()                                  # rank 1 left rank 0's lock alone
+    assert not lock.exists()
