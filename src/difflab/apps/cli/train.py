@@ -33,8 +33,8 @@ class Net(str, Enum):
 
 @writes_output
 def train(
-    data: str = typer.Option("digits", help="data set to train on: digits | moons | rings | gmm | PATH (image folder "
-                             "or HF dataset on disk)"),
+    data: str = typer.Option("digits", help="data set to train on: digits | mnist (28x28, after `make data`) | moons "
+                             "| rings | gmm | PATH (image folder or HF dataset on disk)"),
     net: Net = typer.Option(Net.auto, help="network to train: mlp (vectors), unet or cunet (images); auto picks by "
                             "data shape"),
     conditional: bool = typer.Option(False, "--conditional", help="train a class-conditional model (with a null "
