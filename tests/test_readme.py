@@ -26,6 +26,7 @@ from difflab.apps.cli.app import app
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICKSTART = ("## Quickstart, one capability at a time", "### Notes on the solvers")
 PIPELINE = "### difflab's solvers inside a diffusers pipeline"
+STABLE_DIFFUSION = ("## Your Stable Diffusion (or other diffusers) model", "\n## ")
 FULL = os.environ.get("DIFFLAB_README_FULL") == "1"
 
 # (README text, what runs instead): each must occur in the blocks at least once, so a README edit
@@ -167,3 +168,20 @@ def test_scale_downs_change_only_numbers(old, new):
     """Each substitution keeps the text around the number, so the scaled README is the README (the one
     flag a scaled run may add: --save-if-worse, for a fit too small to improve on its base)."""
     assert re.sub(r"\d+", "N", old) == re.sub(r"\d+", "N", new.replace("--save-if-worse ", ""))
+
+
+def test_readme_stable_diffusion_section_runs_on_a_tiny_pipeline(tmp_path, monkeypatch):
+    """The "Your Stable Diffusion" section as written: its python blocks build a tiny random pipeline
+    (save_tiny_pipeline), sample it with a prompt and CFG, decode, and run it in a stock diffusers pipeline."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    text = README.read_text(encoding="utf-8")
+    section, first_line = _section(text, *STABLE_DIFFUSION)
+    blocks = list(re.finditer(r"^```python\n(.*?)^```", section, re.S | re.M))
+    assert len(blocks) >= 2
+    namespace: dict = {"__name__": "readme"}
+    for match in blocks:
+        run_python(match.group(1), first_line + section.count("\n", 0, match.start(1)), namespace)
+    assert torch.isfinite(namespace["latents"]).all()
+    assert namespace["image"].size == (16, 16)

@@ -58,13 +58,16 @@ def call_network(net: Any, x: Tensor, time: Tensor, **cond: Any) -> Tensor:
 
     The solver state may be float32 or float64 while the network holds bf16 / fp16 / float32
     weights: the wrapper converts at this one boundary, so no solver knows the network's precision.
+    A network whose `time_in_float32` is true gets `time` in float32 whatever its weights (diffusers'
+    UNets embed the timestep in float32: a bf16 timestep near 999 would round to a multiple of 4).
     A plain function (no parameters) is called as it is.
     """
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None) \
         if hasattr(net, "parameters") else None
     if dtype is None or dtype == x.dtype:
         return net(x, time, **cond)
-    return net(x.to(dtype), time.to(dtype), **cond).to(x.dtype)
+    time_dtype = torch.float32 if getattr(net, "time_in_float32", False) else dtype
+    return net(x.to(dtype), time.to(time_dtype), **cond).to(x.dtype)
 
 
 def last_feature(denoiser: Any) -> Tensor | None:

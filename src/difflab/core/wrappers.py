@@ -162,12 +162,29 @@ def null_condition(cond: dict[str, Any]) -> dict[str, Any]:
     return {**cond, "class_labels": torch.full_like(cond["class_labels"], -1)}
 
 
+def join_conditions(value_c: Any, value_u: Any, batch: int) -> Any:
+    """One condition of the batched [conditional; unconditional] call: tensors concatenated, strings and
+    per-sample lists of strings (prompts) as one list of 2·batch (a str or a 1-list broadcast to batch),
+    anything else (equal in both halves) passed as it is."""
+    if torch.is_tensor(value_c):
+        return torch.cat([value_c, value_u])
+    if isinstance(value_c, str) and value_c == value_u:
+        return value_c
+    if isinstance(value_c, (str, list)) and isinstance(value_u, (str, list)):
+        def rows(value: str | list) -> list:
+            value = [value] if isinstance(value, str) else value
+            return value * batch if len(value) == 1 else value
+        return rows(value_c) + rows(value_u)
+    return value_c
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance: D_w = D_u + (1 + w)(D_c − D_u); w = 0 is the conditional model.
 
     Both halves are evaluated in one batched call. `w` is a float or [B] tensor, overridable per
     call with the keyword `w`. `uncond(cond) -> cond` gives the null condition (default: class
-    labels set to −1). `last_feature` is the conditional half of the base's feature.
+    labels set to −1; a text-to-image model's `null_condition`: prompt -> negative prompt).
+    `last_feature` is the conditional half of the base's feature.
     """
 
     def __init__(self, denoiser: nn.Module, w: float | Tensor = 0.0,
@@ -181,7 +198,7 @@ class CFGDenoiser(nn.Module):
         w = self.w if w is None else w
         w = append_dims(torch.as_tensor(w, dtype=x.dtype, device=x.device).expand(x.shape[0]), x.ndim)
         cond_u = self.uncond(cond)
-        both = {k: torch.cat([cond[k], cond_u[k]]) if torch.is_tensor(cond[k]) else cond[k] for k in cond}
+        both = {k: join_conditions(cond[k], cond_u[k], x.shape[0]) for k in cond}
         d_c, d_u = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
         return d_u + (1 + w) * (d_c - d_u)
 

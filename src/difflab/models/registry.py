@@ -12,11 +12,12 @@ from typing import Any, Callable
 import torch
 
 from difflab.core.errors import ModelFormatError
-from difflab.core.serialization import CONFIG_NAME, read_config, read_model_folder
+from difflab.core.fingerprint import PINNED, fingerprint
+from difflab.core.serialization import CONFIG_NAME, WEIGHTS_NAME, read_config, read_model_folder
 
 KindLoader = Callable[[dict, dict, Path], Any]            # (config, tensors, folder) -> model
 _KINDS: dict[str, KindLoader] = {}
-_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Any]]] = []
+_FORMATS: list[tuple[str, Callable[[Path], bool], Callable[..., Any]]] = []
 
 
 def register_kind(name: str, loader: KindLoader) -> None:
@@ -24,8 +25,9 @@ def register_kind(name: str, loader: KindLoader) -> None:
     _KINDS[name] = loader
 
 
-def register_format(name: str, detect: Callable[[Path], bool], loader: Callable[[Path], Any]) -> None:
-    """Let `load` read a foreign folder layout: `detect(path)` says whether it is one, `loader(path)` reads it."""
+def register_format(name: str, detect: Callable[[Path], bool], loader: Callable[..., Any]) -> None:
+    """Let `load` read a foreign folder layout: `detect(path)` says whether it is one,
+    `loader(path, device=, torch_dtype=, variant=)` reads it."""
     global _FORMATS
     _FORMATS = [entry for entry in _FORMATS if entry[0] != name] + [(name, detect, loader)]
 
@@ -41,18 +43,33 @@ def kind_loader(name: str) -> KindLoader:
     return _KINDS[name]
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
-    """Load a model folder as a denoiser or add-on (eval mode, frozen) on `device`."""
+def load(path: str | Path, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
+         variant: str | None = None) -> Any:
+    """Load a model folder as a denoiser or add-on (eval mode, frozen) on `device` (default: the CPU).
+
+    torch_dtype: cast the floating weights (e.g. torch.float16 for a large model on a GPU); the
+    fingerprint stays that of the weights as stored. variant: a diffusers weights variant
+    (`diffusion_pytorch_model.<variant>.safetensors`); difflab folders have none. Foreign formats
+    are read by their registered loader, `loader(path, device=, torch_dtype=, variant=)`.
+    """
     path = Path(path)
     for _, detect, loader in _FORMATS:
         if detect(path):
-            return loader(path).to(device)
+            return loader(path, device=device, torch_dtype=torch_dtype, variant=variant)
+    if variant is not None:
+        raise ModelFormatError(f"variant={variant!r} names a diffusers weights file; {path} is a difflab folder "
+                               f"with one {WEIGHTS_NAME}: load it without a variant")
     config, tensors = read_model_folder(path)
     cls = config.get("class")
     if not isinstance(cls, str) or cls not in _KINDS:
         raise ModelFormatError(f"{path / CONFIG_NAME} names class {cls!r}, which difflab does not load; "
                                f"known classes: {registered_kinds()}")
-    return _KINDS[cls](config, tensors, path).to(device)
+    model = _KINDS[cls](config, tensors, path)
+    if torch_dtype is not None:
+        identity = fingerprint(model)       # of the weights as stored, before rounding them
+        model = model.to(torch_dtype)
+        setattr(model, PINNED, identity)
+    return model.to(device)
 
 
 def info(path: str | Path) -> dict:

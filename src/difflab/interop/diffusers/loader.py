@@ -1,21 +1,44 @@
-"""Local diffusers folders as σ-space denoisers: a `UNet2DModel` / `UNet2DConditionModel` with its
-scheduler config, wrapped in `VPDenoiser`. Registered with `difflab.load` as the "diffusers" format.
-Only safetensors weights are read; diffusers itself is imported on first use.
+"""Local diffusers folders as σ-space denoisers, registered with `difflab.load` as the "diffusers" format.
+
+- a UNet (`UNet2DModel` / `UNet2DConditionModel`) with a DDPM-table scheduler config: `VPDenoiser` (ε / v /
+  sample prediction); with a `FlowMatchEulerDiscreteScheduler`: `FlowDenoiser` (velocity, conventions.md (11));
+- a latent text-to-image pipeline (`unet/ vae/ text_encoder/ tokenizer/ scheduler/`, Stable Diffusion 1.x / 2.x):
+  `TextToImageDenoiser` around that denoiser (prompts as conditions, `decode` to images).
+
+Layouts: a pipeline folder with `unet/` and `scheduler/`, or a UNet folder whose `scheduler_config.json` sits
+beside it (or in a `scheduler/` sub-folder). Only safetensors are read (`variant` picks
+`diffusion_pytorch_model.<variant>.safetensors`); diffusers itself is imported on first use.
+
+Identity: the loaded model's fingerprint is pinned at load time to a hash of the stored weights files' bytes,
+the components' configs (without paths and versions) and the σ-space definition (ᾱ table and prediction
+type, or the flow's time scale): equal for copies of the folder and for every `torch_dtype` it is loaded in.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
 from difflab.core.errors import ModelFormatError
-from difflab.core.serialization import CONFIG_NAME, read_config
-from difflab.core.wrappers import VPDenoiser
+from difflab.core.fingerprint import PINNED, stored_fingerprint
+from difflab.core.serialization import CONFIG_NAME
+from difflab.core.wrappers import FlowDenoiser, VPDenoiser
 from difflab.models import register_format
 from difflab.nets.diffusers_unet import DiffusersUNet
 
+UNETS = ("UNet2DModel", "UNet2DConditionModel")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+TEXT_PARTS = ("vae", "text_encoder", "tokenizer")
+LIBRARY_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError)
+# config keys that name where or by what a folder was written, not what it holds
+NOT_IDENTITY = ("_name_or_path", "_diffusers_version", "_use_default_values", "transformers_version", "dtype",
+                "torch_dtype", "architectures")
+
 
 def is_diffusers_folder(path: Path) -> bool:
-    if (path / "unet").is_dir() and (path / "scheduler").is_dir():
+    if ((path / "unet").is_dir() or (path / "transformer").is_dir()) and (path / "scheduler").is_dir():
         return True
     if (path / CONFIG_NAME).is_file():
         try:
@@ -36,45 +59,165 @@ def read_config_file(file: Path) -> dict:
     return config
 
 
-def load_diffusers(path: str | Path) -> VPDenoiser:
-    """A local diffusers UNet2DModel / UNet2DConditionModel + scheduler config as a σ-space denoiser.
+def load_diffusers(path: str | Path, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
+                   variant: str | None = None):
+    """A local diffusers folder as a σ-space denoiser (see the module docstring), eval mode and frozen.
 
-    Layouts: a pipeline folder with `unet/` and `scheduler/`, or a UNet folder whose
-    `scheduler_config.json` sits beside (or in a `scheduler/` sub-folder). Only safetensors weights
-    are read. The scheduler's betas give ᾱ; its prediction_type picks ε / v / x0.
+    torch_dtype: the weights' dtype (default float32; a real Stable Diffusion wants torch.float16 on a GPU);
+    the solver state may stay float32 (`difflab.sample` converts at the network's boundary).
+    variant: read `diffusion_pytorch_model.<variant>.safetensors` (and `model.<variant>.safetensors`).
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
     path = Path(path)
+    torch_dtype = torch_dtype or torch.float32
+    _refuse_unknown_layouts(path)
     unet_dir = path / "unet" if (path / "unet").is_dir() else path
-    scheduler_dir = next((d for d in (path / "scheduler", path, unet_dir / "scheduler")
-                          if (d / "scheduler_config.json").is_file()), None)
-    if scheduler_dir is None:
-        raise ModelFormatError(f"{path} has a diffusers UNet but no scheduler_config.json (looked in {path} "
-                               f"and {path / 'scheduler'}); save the scheduler with `scheduler.save_pretrained`")
-    class_name = read_config(unet_dir).get("_class_name")
-    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-    if class_name not in classes:
-        raise ModelFormatError(f"{unet_dir} holds a diffusers {class_name!r}; supported: {sorted(classes)}")
-    if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
-        raise ModelFormatError(f"{unet_dir} has no diffusion_pytorch_model.safetensors; difflab does not read "
-                               "pickled .bin weights (re-save with `save_pretrained(..., safe_serialization=True)`)")
-    scheduler_class = read_config_file(scheduler_dir / "scheduler_config.json").get("_class_name", "")
-    if "FlowMatch" in str(scheduler_class):
-        raise ModelFormatError(f"{scheduler_dir} holds a {scheduler_class} (a flow-matching, velocity model); "
-                               "difflab's diffusers loader reads DDPM-table (ε / v / x0) models only: wrap the "
-                               "network yourself with difflab.FlowDenoiser")
+    scheduler_dir = _scheduler_dir(path, unet_dir)
+    unet_class = read_config_file(unet_dir / CONFIG_NAME).get("_class_name")
+    if unet_class not in UNETS:
+        raise ModelFormatError(f"{unet_dir} holds a diffusers {unet_class!r}; supported: {list(UNETS)}")
+    text_to_image = _is_text_to_image(path, unet_class)
+    weights = [weights_file(unet_dir, "diffusion_pytorch_model", variant)]
+    if text_to_image:
+        weights += [weights_file(path / "vae", "diffusion_pytorch_model", variant),
+                    weights_file(path / "text_encoder", "model", variant)]
+    scheduler = read_config_file(scheduler_dir / "scheduler_config.json")
     try:
-        unet = classes[class_name].from_pretrained(unet_dir, use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:   # diffusers' ways to say "broken"
+        model = _load_denoiser(unet_dir, scheduler, torch_dtype, variant)
+        if text_to_image:
+            model = _with_text_components(path, model, torch_dtype, variant)
+    except LIBRARY_ERRORS as err:   # diffusers' and transformers' ways to say "broken"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelFormatError(f"{path} is not a loadable diffusers folder: {first_line}") from err
-    denoiser = VPDenoiser(DiffusersUNet(unet), scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    setattr(model, PINNED, _identity(path, unet_dir, weights, model))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
+    """`<stem>[.<variant>].safetensors` in `folder`, or a one-line ModelFormatError naming what is there."""
+    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    if (folder / name).is_file():
+        return folder / name
+    found = sorted(p.name for p in folder.iterdir() if "safetensors" in p.name or p.suffix == ".bin") \
+        if folder.is_dir() else []
+    if variant is None and found and all(p.endswith(".bin") for p in found):
+        raise ModelFormatError(f"{folder} has no {name}, only {found}; difflab does not read pickled .bin weights "
+                               "(re-save with `save_pretrained(..., safe_serialization=True)`)")
+    hint = "" if variant is None else f" (variant {variant!r}; pass the variant these files name, or none)"
+    raise ModelFormatError(f"{folder} has no {name}{hint}; weights files found: {found or 'none'}")
+
+
+def _refuse_unknown_layouts(path: Path) -> None:
+    if (path / "transformer").is_dir():
+        raise ModelFormatError(f"{path} holds a diffusers transformer (SD3 / Flux style); difflab loads UNet "
+                               "pipelines only (unet/ + scheduler/, optionally vae/ text_encoder/ tokenizer/)")
+    extra = sorted(p.name for p in path.glob("text_encoder_*")) + sorted(p.name for p in path.glob("tokenizer_*"))
+    if extra:
+        raise ModelFormatError(f"{path} has more than one text encoder ({extra}: SDXL style); difflab loads "
+                               "single-CLIP pipelines (Stable Diffusion 1.x / 2.x)")
+
+
+def _scheduler_dir(path: Path, unet_dir: Path) -> Path:
+    for folder in (path / "scheduler", path, unet_dir / "scheduler"):
+        if (folder / "scheduler_config.json").is_file():
+            return folder
+    raise ModelFormatError(f"{path} has a diffusers UNet but no scheduler_config.json (looked in {path} and "
+                           f"{path / 'scheduler'}); save the scheduler with `scheduler.save_pretrained`")
+
+
+def _is_text_to_image(path: Path, unet_class: str) -> bool:
+    """A pipeline folder with a text UNet or any text part is a text-to-image pipeline: all parts must be there."""
+    present = [part for part in TEXT_PARTS if (path / part).is_dir()]
+    if not present and not (unet_class == "UNet2DConditionModel" and (path / "unet").is_dir()):
+        return False
+    missing = [part for part in TEXT_PARTS if part not in present]
+    if missing or unet_class != "UNet2DConditionModel":
+        raise ModelFormatError(f"{path} looks like a text-to-image pipeline but has unet {unet_class!r} and no "
+                               f"{missing}; difflab loads Stable Diffusion layouts (UNet2DConditionModel, "
+                               f"{', '.join(TEXT_PARTS)}) or a UNet with its scheduler alone")
+    return True
+
+
+def _load_denoiser(unet_dir: Path, scheduler: dict, torch_dtype: torch.dtype, variant: str | None):
+    """The UNet in σ-space: FlowDenoiser for a flow-matching scheduler, VPDenoiser for a DDPM table."""
+    import diffusers
+
+    unet = getattr(diffusers, read_config_file(unet_dir / CONFIG_NAME)["_class_name"]).from_pretrained(
+        unet_dir, use_safetensors=True, variant=variant, torch_dtype=torch_dtype)
+    net = DiffusersUNet(unet)
+    if scheduler.get("_class_name") in FLOW_SCHEDULERS:
+        denoiser = flow_denoiser(net, scheduler, unet_dir)
+    else:
+        denoiser = vp_denoiser(net, scheduler, unet_dir)
     sample_size = unet.config.sample_size
-    size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-    denoiser.data_shape = (unet.config.in_channels, *size)
-    return denoiser.eval().requires_grad_(False)
+    denoiser.data_shape = (unet.config.in_channels, *((sample_size,) * 2 if isinstance(sample_size, int)
+                                                       else sample_size))
+    return denoiser
+
+
+def vp_denoiser(net: DiffusersUNet, scheduler: dict, where: Path) -> VPDenoiser:
+    """ε / v / sample prediction on the scheduler's ᾱ table (any DDPM-table scheduler: DDPM, DDIM, PNDM, Euler...)."""
+    from diffusers import DDPMScheduler
+
+    prediction_type = scheduler.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTIONS:
+        raise ModelFormatError(f"{where}'s scheduler says prediction_type={prediction_type!r}; difflab reads "
+                               f"{list(PREDICTIONS)} on a DDPM table, or a FlowMatchEulerDiscreteScheduler")
+    table = {k: v for k, v in scheduler.items() if not k.startswith("_")}
+    alphas_cumprod = DDPMScheduler.from_config(table).alphas_cumprod
+    return VPDenoiser(net, alphas_cumprod, prediction_type)
+
+
+def flow_denoiser(net: DiffusersUNet, scheduler: dict, where: Path) -> FlowDenoiser:
+    """diffusers' flow matching (FlowMatchEulerDiscreteScheduler): x_t = (1 − t)·x0 + t·ε, the network
+    predicts v = ε − x0 at timestep t·num_train_timesteps. The scheduler's `shift` only re-spaces its
+    sampling grid (the network is trained on every t), so the denoiser ignores it; the σ range is the
+    shifted table's, with t = 1 (σ = ∞) replaced by the table's next entry."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if scheduler.get("invert_sigmas"):
+        raise ModelFormatError(f"{where}'s flow scheduler has invert_sigmas=True (Mochi style); not supported")
+    table = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in scheduler.items()
+                                                         if not k.startswith("_")}).sigmas.double()
+    t_max = float(table[table < 1].max())
+    t_min = float(table.min())
+    denoiser = FlowDenoiser(net, time_scale=float(scheduler.get("num_train_timesteps", 1000)))
+    denoiser.sigma_min, denoiser.sigma_max = t_min / (1 - t_min), t_max / (1 - t_max)   # σ = t/(1 − t)
+    return denoiser
+
+
+def _with_text_components(path: Path, denoiser, torch_dtype: torch.dtype, variant: str | None):
+    from difflab.interop.diffusers.text_to_image import (
+        TEXT_ENCODERS,
+        TOKENIZERS,
+        TextToImageDenoiser,
+        load_text_components,
+    )
+
+    index = read_config_file(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    names = {part: (index.get(part) or [None, None])[1] for part in TEXT_PARTS}
+    names = {"vae": names["vae"] or "AutoencoderKL", "text_encoder": names["text_encoder"] or "CLIPTextModel",
+             "tokenizer": names["tokenizer"] or "CLIPTokenizer"}
+    if names["vae"] != "AutoencoderKL" or names["text_encoder"] not in TEXT_ENCODERS \
+            or names["tokenizer"] not in TOKENIZERS:
+        raise ModelFormatError(f"{path}/model_index.json names {names}; difflab loads AutoencoderKL, "
+                               f"{list(TEXT_ENCODERS)} and {list(TOKENIZERS)}")
+    vae, text_encoder, tokenizer = load_text_components(path, torch_dtype, variant, names)
+    return TextToImageDenoiser(denoiser, vae, text_encoder, tokenizer)
+
+
+def _identity(path: Path, unet_dir: Path, weights: list[Path], model) -> str:
+    """The pinned fingerprint: weights files' bytes, configs and the σ-space definition (module docstring)."""
+    config_files = [unet_dir / CONFIG_NAME] + [path / part / CONFIG_NAME for part in ("vae", "text_encoder")
+                                               if (path / part / CONFIG_NAME).is_file()]
+    tokenizer_files = [f for name in ("vocab.json", "merges.txt") if (f := path / "tokenizer" / name).is_file()]
+    denoiser = getattr(model, "denoiser", model)
+    if isinstance(denoiser, VPDenoiser):
+        definition = {"vp": denoiser.prediction_type, "log_sigmas": denoiser.log_sigmas.float().tolist()}
+    else:
+        definition = {"flow": denoiser.time_scale}
+    configs = [{k: v for k, v in read_config_file(f).items() if k not in NOT_IDENTITY} for f in config_files]
+    definition |= {"class": type(model).__name__, "configs": configs}
+    return stored_fingerprint(weights + tokenizer_files, definition)
 
 
 register_format("diffusers", is_diffusers_folder, load_diffusers)
