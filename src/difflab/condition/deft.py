@@ -14,7 +14,7 @@ D = D_base + σ·bias·g.
 
 Fitting: denoising score matching on (x0, fresh y) pairs, the base frozen and called forward-only
 under no_grad: min_φ E‖ε − ε̂_base(x_σ; σ) − ε_φ‖² = E‖(D(x_σ; σ) − x0)/σ‖², on the shared
-Accelerate loop (`difflab.train.loop.fit`), ln σ ~ N(P_mean, P_std²).
+Accelerate loop (`difflab.train.loop.fit`), ln σ ~ N(P_mean, P_std²) truncated to the base's σ range.
 
 The h-network is an add-on: its config names its base model (its `fingerprint`) and its operator;
 `DEFTDenoiser` refuses another base or another kind of operator (AddonMismatchError).
@@ -22,6 +22,7 @@ The h-network is an add-on: its config names its base model (its `fingerprint`) 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from difflab.condition.operators import Operator, operator_from_config
+from difflab.condition.sigmas import model_sigma_range, truncated_log_normal
 from difflab.core.denoiser import append_dims, sigma_batch
 from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
 from difflab.core.fingerprint import fingerprint
@@ -250,7 +252,8 @@ class DEFTConfig(TrainConfig):
     """A DEFT fit: the loop's settings with DEFT's defaults (Adam lr 1e−3, short warm-up, EMA 0.99, full
     precision) plus the method's own: batch_size per process; ln σ ~ N(p_mean, p_std²); NN1's keyword
     arguments `nn1` and, for images, its class `nn1_class` ("UNet" or "CUNet"; None: the default);
-    `nn2_bias`: NN2's initial output (None: 0.01·σ_y²)."""
+    `nn2_bias`: NN2's initial output (None: 0.01·σ_y²); `sigma_min` / `sigma_max`: the range the draws of σ
+    are truncated to (None: the base model's own end; a range leaving the model's is refused)."""
 
     train_steps: int = 1000
     lr: float = 1e-3
@@ -264,17 +267,24 @@ class DEFTConfig(TrainConfig):
     nn1: dict | None = None
     nn1_class: str | None = None
     nn2_bias: float | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
 
     def validate(self) -> None:
         super().validate()
         if self.batch_size < 1 or self.p_std <= 0:
             raise ConfigError(f"need batch_size >= 1 and p_std > 0, got {self.batch_size} and {self.p_std}")
+        ends = [end for end in (self.sigma_min, self.sigma_max) if end is not None]
+        if not all(0 < end < math.inf for end in ends) or (len(ends) == 2 and ends[0] >= ends[1]):
+            raise ConfigError(f"sigma_min / sigma_max must be finite, > 0 and increasing (or None: the model's), "
+                              f"got {self.sigma_min} and {self.sigma_max}")
 
 
 def deft_loss(base: nn.Module, operator: Operator, x0_data: Tensor, batch_size: int, p_mean: float = -0.5,
-              p_std: float = 1.5):
+              p_std: float = 1.5, sigma_range: tuple[float, float] = (0.0, math.inf)):
     """loss_fn(hnet, generator, step, micro) for `fit`: E‖(D(x_σ; σ, y) − x0)/σ‖² = E‖ε − ε̂_base − ε_φ‖²
-    on a random batch of x0_data [N, ...] with a fresh operator (masks) and fresh y every step."""
+    on a random batch of x0_data [N, ...] with a fresh operator (masks) and fresh y every step;
+    ln σ ~ N(p_mean, p_std²) truncated to ln sigma_range (a table model refuses any σ outside its own)."""
 
     def loss_fn(hnet: nn.Module, generator: torch.Generator, step: int = 0, micro: int = 0) -> Tensor:
         device = generator.device
@@ -282,7 +292,7 @@ def deft_loss(base: nn.Module, operator: Operator, x0_data: Tensor, batch_size: 
         x0 = x0_data[idx].to(device)
         op = operator.resample(batch_size, generator)
         y = op.measure(x0, generator)
-        sigma = (p_mean + p_std * torch.randn(batch_size, generator=generator, device=device, dtype=x0.dtype)).exp()
+        sigma = truncated_log_normal(batch_size, generator, p_mean, p_std, sigma_range, x0.dtype)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         x0_hat = deft_x0(base, hnet, op, x0 + append_dims(sigma, x0.ndim) * noise, sigma, y)
         return ((x0_hat - x0) / append_dims(sigma, x0.ndim)).square().mean()
@@ -298,13 +308,16 @@ def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, config: DEFTC
     The base is frozen (requires_grad off for the fit, restored after) and only called under no_grad.
     ln σ ~ N(p_mean, p_std²) (config): wider than EDM's (−1.2, 1.2) and shifted up, because the h-term
     decides between modes at noise levels of the data's scale (on the 2-D mixture test, (0.5, 1.5)
-    halved the sliced Wasserstein distance to the exact posterior against (−1.2, 1.2)).
+    halved the sliced Wasserstein distance to the exact posterior against (−1.2, 1.2)); truncated to the
+    base's declared [sigma_min, sigma_max] (a diffusers DDPM table: about [0.01, 157]) or the config's
+    narrower range (SigmaRangeError, before any work, for one that leaves the model's).
     Returns a FitResult: model = the EMA h-network (eval mode, frozen; `config` under "fit" in its
     config.json); out_dir: the loop's checkpoints, resumed only for the same run (same data included).
     """
     config.validate()
     if len(x0_data) < 1:
         raise ConfigError("fit_deft needs some data: x0_data is empty")
+    sigma_range = model_sigma_range(base, config.sigma_min, config.sigma_max)
     start = time.perf_counter()
     shape = tuple(x0_data.shape[1:])
     data_shape = getattr(base, "data_shape", None)
@@ -319,7 +332,7 @@ def fit_deft(base: nn.Module, operator: Operator, x0_data: Tensor, config: DEFTC
     grad_flags = [p.requires_grad for p in base.parameters()] if isinstance(base, nn.Module) else []
     if isinstance(base, nn.Module):
         base.requires_grad_(False)
-    loss_fn = deft_loss(base, operator, x0_data, config.batch_size, config.p_mean, config.p_std)
+    loss_fn = deft_loss(base, operator, x0_data, config.batch_size, config.p_mean, config.p_std, sigma_range)
     run = {"data": {"fingerprint": data_fingerprint(x0_data), "size": len(x0_data)}}
     try:
         result = fit(hnet, loss_fn, config, out_dir=out_dir, callback=callback, resume=resume, progress=progress,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from difflab.condition.deft import DEFTDenoiser, HNetwork
 from difflab.condition.guidance import DPS, PiGDM
 from difflab.condition.operators import HDR, Blur, Inpaint, Operator, PhaseRetrieval, Radon, SuperResolution
+from difflab.condition.sigmas import model_sigma_range
 from difflab.core.errors import ConfigError, UnknownNameError
 from difflab.metrics.images import psnr, ssim  # noqa: F401  (re-exported: reconstruct's API)
 from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
@@ -21,6 +22,7 @@ from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
 TASKS = ("inpaint", "superres", "blur", "hdr", "phase", "ct")
 METHODS = ("deft", "dps", "pigdm", "uncond")
 DPS_ZETA, PIGDM_WEIGHT = 0.3, 1.0   # the documented defaults (guidance.py)
+EDM_RANGE = (0.002, 80.0)           # the grid's default ends (Karras et al. 2022) inside a model's own range
 
 
 def make_operator(task: str, shape: Sequence[int], sigma_y: float = 0.05, mask: str = "box", fraction: float = 0.5,
@@ -68,9 +70,14 @@ def make_denoiser(method: str, base: nn.Module, operator: Operator, hnet: HNetwo
 
 
 def reconstruct(denoiser: nn.Module, y: Tensor, seeds: Sequence[int], shape: Sequence[int], solver: str = "heun",
-                nfe: int = 19, conditional: bool = True, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+                nfe: int = 19, conditional: bool = True, sigma_min: float | None = None,
+                sigma_max: float | None = None) -> Tensor:
     """Posterior samples [len(seeds), *shape]: `solver` at exactly `nfe` evaluations on the Karras grid
-    ending at σ = 0, from per-sample seeded noise (sample i depends only on seeds[i])."""
+    from sigma_max to sigma_min then σ = 0, from per-sample seeded noise (sample i depends only on seeds[i]).
+
+    sigma_min / sigma_max: None takes the denoiser's declared end, clipped to EDM's [0.002, 80] (a diffusers
+    DDPM table: [0.01, 80]); a range leaving the denoiser's is refused (SigmaRangeError) before sampling."""
+    sigma_min, sigma_max = model_sigma_range(denoiser, sigma_min, sigma_max, default=EDM_RANGE)
     sigmas = sigmas_for_nfe(solver, nfe, "karras", sigma_min, sigma_max, to_zero=True)
     device = y.device
     x = seeded_noise(seeds, shape, float(sigmas[0]), device=device)

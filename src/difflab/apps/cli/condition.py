@@ -70,6 +70,10 @@ KERNEL_SIZE = typer.Option(5, min=1, max=255, help="blur: Gaussian kernel size (
 KERNEL_STD = typer.Option(1.0, min=1e-3, max=1e3, help="blur: Gaussian kernel std (pixels)")
 ANGLES = typer.Option(16, min=1, max=4096, help="ct: number of projection angles")
 OVERSAMPLE = typer.Option(2, min=1, max=16, help="phase: FFT oversampling factor")
+SIGMA_MIN = typer.Option(None, min=0.0, help="the lowest noise level σ used (default: the model's, within "
+                         "[0.002, 80] for run); must lie in the model's range")
+SIGMA_MAX = typer.Option(None, min=0.0, help="the highest noise level σ used (default: the model's, within "
+                         "[0.002, 80] for run); must lie in the model's range")
 
 
 def _operator(task: Task, shape, sigma_y, mask, fraction, factor, kernel_size, kernel_std, angles, oversample):
@@ -124,14 +128,18 @@ def fit(
     force: bool = typer.Option(False, help="overwrite an existing h-network folder"),
     resume: bool = RESUME_OPTION,
     checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
+    sigma_min: Optional[float] = SIGMA_MIN,
+    sigma_max: Optional[float] = SIGMA_MAX,
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
+    from difflab.condition.sigmas import model_sigma_range
     from difflab.data import TOY_DATASETS, model_dataset
 
     check_output(out, force)
     dev = resolve_device(device)
     base, shape = _load_base(model, dev)
+    model_sigma_range(base, sigma_min, sigma_max)     # a range leaving the model's: refuse before any work
     nn1_class = _nn1_class(net, shape)
     operator = _operator(task, shape, sigma_y, mask, fraction, factor, kernel_size, kernel_std, angles, oversample)
     data_name = data or getattr(base, "meta", {}).get("dataset")
@@ -145,7 +153,7 @@ def fit(
         raise ConfigError(f"--pairs {pairs} exceeds the {len(dataset)} samples of {data_name!r}")
     overrides, resume_mode = fitting(checkpoint_every, resume, force)
     config = DEFTConfig(**overrides, train_steps=train_steps, batch_size=batch_size, lr=lr, seed=seed, device=dev,
-                        nn1_class=nn1_class)
+                        nn1_class=nn1_class, sigma_min=sigma_min, sigma_max=sigma_max)
     result = fit_deft(base, operator, dataset.x[:pairs].to(dev), config=config,
                       out_dir=out.with_name(out.name + ".checkpoints"), progress=True, resume=resume_mode)
     hnet = result.model
@@ -191,12 +199,15 @@ def run(
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="reconstruction i uses seed SEED+i"),
     device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing output file"),
+    sigma_min: Optional[float] = SIGMA_MIN,
+    sigma_max: Optional[float] = SIGMA_MAX,
 ) -> None:
     """Reconstruct from measurements with DEFT, DPS, ΠGDM (or the unconditional floor)."""
     from difflab.condition.deft import load_hnet
     from difflab.condition.operators import operator_from_config
-    from difflab.condition.reconstruct import make_denoiser, psnr, reconstruct, ssim, summarise
+    from difflab.condition.reconstruct import EDM_RANGE, make_denoiser, psnr, reconstruct, ssim, summarise
     from difflab.condition.reconstruct import simulate as simulate_measurement
+    from difflab.condition.sigmas import model_sigma_range
     from difflab.sampling import sigmas_for_nfe
 
     check_output(out, force, (".npz", ".png"))
@@ -213,6 +224,7 @@ def run(
     dev = resolve_device(device)
     sigmas_for_nfe(solver, nfe, "karras", to_zero=True)       # unknown solver / impossible NFE: fail now
     base, shape = _load_base(model, dev)
+    sigma_min, sigma_max = model_sigma_range(base, sigma_min, sigma_max, default=EDM_RANGE)   # before any work
     h_network = None
     if method == Method.deft:
         h_network = load_hnet(hnet, base=base, device=dev)    # refuses an h-network of another model
@@ -231,9 +243,7 @@ def run(
         operator, y, truth = _read_input(input, operator, shape, dev)
     denoiser = make_denoiser(method.value, base, operator, h_network, zeta, pigdm_weight)
     x = reconstruct(denoiser, y, range(seed, seed + len(y)), shape, solver, nfe,
-                    conditional=method != Method.uncond,
-                    sigma_min=max(getattr(base, "sigma_min", 0.002) or 0.002, 0.002),
-                    sigma_max=min(getattr(base, "sigma_max", 80.0) or 80.0, 80.0)).cpu()
+                    conditional=method != Method.uncond, sigma_min=sigma_min, sigma_max=sigma_max).cpu()
     summary = {"out": str(out), "method": method.value, "operator": operator.name, "n": len(x), "solver": solver,
                "nfe": nfe}
     if truth is not None and len(shape) == 3:
