@@ -159,12 +159,13 @@ def test_diffusers_student_plumbing_equal_at_init_and_trainable():
     teacher at init for every w, and one stage-1 step through `fit` moves the w projection."""
     from difflab.core.wrappers import VPDenoiser
     from difflab.distill import GuidedDistillConfig, distill_guided
+    from difflab.interop.diffusers import make_diffusers_student
     from difflab.nets.diffusers_unet import DiffusersUNet
     from difflab.sampling.grids import ddpm_alphas_cumprod
 
     teacher = VPDenoiser(DiffusersUNet(tiny_condition_unet()), ddpm_alphas_cumprod(), "epsilon").eval()
     teacher.data_shape = (1, 8, 8)
-    student = make_student(teacher, time_cond_proj_dim=16)
+    student = make_diffusers_student(teacher, time_cond_proj_dim=16)
     assert student.w_slot == "timestep_cond" and student.denoiser.model.unet.config.time_cond_proj_dim == 16
     text = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(2))
     x, sigma = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 1.0, 5.0, 50.0])
@@ -184,5 +185,5 @@ def test_diffusers_student_plumbing_equal_at_init_and_trainable():
                                  batch_size=4)
     trained = distill_guided(guided, student.train(), batch_fn, config, progress=False).model
     assert float(trained.denoiser.model.unet.time_embedding.cond_proj.weight.abs().max()) > 0
-    with pytest.raises(ConfigError, match="save_pretrained"):
-        trained.config()
+    with pytest.raises(ConfigError, match="save_diffusers_student"):
+        trained.save("unused")

@@ -4,16 +4,18 @@
 guidance weight w into it (Meng et al. 2023, §3.1: "w enters through a sinusoidal embedding added
 to the time embedding"):
 
-| network                                   | slot            | what the student passes                       |
-|-------------------------------------------|-----------------|-----------------------------------------------|
-| difflab `MLP` / `UNet` (extra_embed=True) | `extra`         | w [B]; the net embeds it sinusoidally         |
-| diffusers `UNet2DConditionModel`          | `timestep_cond` | sinusoidal(w) [B, time_cond_proj_dim]         |
+| network                                   | slot            | what the student passes                          |
+|-------------------------------------------|-----------------|--------------------------------------------------|
+| difflab `MLP` / `UNet` (extra_embed=True) | `extra`         | w [B]; the net embeds it sinusoidally            |
+| diffusers `UNet2DConditionModel`          | `timestep_cond` | `guidance_embedding(w)` [B, time_cond_proj_dim]  |
 
 A difflab net's embedding is Linear-SiLU-Linear, its last Linear zero-initialised, added to the time
-embedding; a diffusers UNet's `time_embedding.cond_proj` (zero-initialised here) adds it to the time
-features.
+embedding; a diffusers UNet's `time_embedding.cond_proj` adds `guidance_embedding(w)`, which is
+exactly what a stock diffusers pipeline computes for a UNet with `time_cond_proj_dim` (LCM students),
+so such a student runs in one (the diffusers side, building and saving it, is
+`difflab.interop.diffusers.student`).
 
-`make_student(teacher)` copies the conditional teacher into that form with the new projection at
+`make_student(teacher)` copies a difflab conditional teacher into that form with the new projection at
 zero, so the fresh student equals the teacher at every w (at w = 0 that is the guided teacher).
 
 `PredictionDenoiser` turns a network trained to predict x, v or both (Salimans & Ho 2022, §4)
@@ -32,10 +34,8 @@ from torch import Tensor, nn
 from difflab.core.denoiser import append_dims, call_network
 from difflab.core.errors import ConfigError, ModelFormatError, ShapeError
 from difflab.core.serialization import SavedModel, read_model_folder
-from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, VPDenoiser, vp_scale
+from difflab.core.wrappers import CFGDenoiser, EDMDenoiser, vp_scale
 from difflab.models import build_network, kind_loader, load_state, register_kind
-from difflab.nets.diffusers_unet import DiffusersUNet
-from difflab.nets.embeddings import sinusoidal_embedding
 
 PREDICTIONS = ("x", "v", "both")
 W_SLOTS = ("extra", "timestep_cond")
@@ -89,9 +89,22 @@ class PredictionDenoiser(nn.Module):
                 "data_shape": None if self.data_shape is None else list(self.data_shape), **self.meta}
 
 
-def w_embedding(w: Tensor, dim: int) -> Tensor:
-    """Sinusoidal features of the guidance weight for a `timestep_cond` slot: [B] -> [B, dim]."""
-    return sinusoidal_embedding(w, dim)
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """The guidance-weight features of a `timestep_cond` slot: w [B] -> [B, dim] float32.
+
+    Exactly diffusers' `get_guidance_scale_embedding(guidance_scale − 1, dim)` (VDM's sinusoidal
+    embedding of 1000·w: sines, then cosines, frequencies 10000^(−k/(dim/2 − 1)), a zero column for odd
+    dim), which a stock pipeline feeds a UNet with `time_cond_proj_dim`; its argument, diffusers'
+    guidance scale − 1, is difflab's w. Computed in float32 step by step as there, so bit-identical
+    (docs/methods/distillation.md (11)).
+    """
+    scaled = w.float() * 1000.0
+    half = dim // 2
+    rate = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -rate).to(scaled.device)
+    angles = scaled[:, None] * frequencies[None, :]
+    features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(features, (0, dim % 2))
 
 
 class GuidedStudent(SavedModel, nn.Module):
@@ -147,16 +160,24 @@ class GuidedStudent(SavedModel, nn.Module):
         w = torch.as_tensor(w, dtype=x.dtype, device=x.device).expand(x.shape[0])
         if self.w_slot == "extra":
             return self.denoiser(x, sigma, extra=w, **cond)
-        return self.denoiser(x, sigma, timestep_cond=w_embedding(w, self.w_embed_dim).to(x.dtype), **cond)
+        return self.denoiser(x, sigma, timestep_cond=guidance_embedding(w, self.w_embed_dim).to(x.dtype), **cond)
 
     # ----- on disk (difflab networks only) -------------------------------------------------
     def config(self) -> dict:
+        """What it is (its fingerprint's and folder's config); a diffusers student's network is described by
+        the UNet's own config, so it has no "denoiser" entry."""
         inner = getattr(self.denoiser, "config", None)
-        if self.w_slot != "extra" or not callable(inner):
-            raise ConfigError("only students of difflab networks (slot 'extra') are saved as difflab folders; "
-                              "save a diffusers student's UNet with save_pretrained")
+        described = {"denoiser": inner()} if callable(inner) else {}
         return {"class": "GuidedStudent", "kind": "student", "w_slot": self.w_slot, "w_embed_dim": self.w_embed_dim,
-                "denoiser": inner(), **self.distilled}
+                **described, **self.distilled}
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a difflab student folder (config.json + model.safetensors); a diffusers student is refused."""
+        if self.w_slot != "extra" or not callable(getattr(self.denoiser, "config", None)):
+            raise ConfigError("only students of difflab networks (slot 'extra') are saved as difflab folders; "
+                              "save a diffusers student as a pipeline folder with "
+                              "difflab.interop.diffusers.save_diffusers_student")
+        return super().save(path, overwrite)
 
     @classmethod
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "GuidedStudent":
@@ -210,14 +231,14 @@ def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def make_student(model: nn.Module, time_cond_proj_dim: int = 32, **distilled: Any) -> GuidedStudent:
+def make_student(model: nn.Module, **distilled: Any) -> GuidedStudent:
     """A fresh w-conditioned student initialised from the conditional teacher (Meng et al. 2023, §3.1).
 
     model: the teacher, the conditional model (or a CFGDenoiser around it, or a GuidedStudent, which is copied);
     its network gets a w slot whose new projection starts at zero, so the student equals the teacher
-    for every w until trained. Supported: EDMDenoiser / PredictionDenoiser with a difflab network,
-    VPDenoiser around a diffusers UNet2DConditionModel (slot `time_cond_proj_dim`; created with
-    `time_cond_proj_dim` features if the teacher has none). `distilled`: GuidedStudent's keywords.
+    for every w until trained. Supported: EDMDenoiser / PredictionDenoiser with a difflab network
+    (a diffusers UNet2DConditionModel teacher: `difflab.interop.diffusers.make_diffusers_student`).
+    `distilled`: GuidedStudent's keywords.
     """
     teacher = model.denoiser if isinstance(model, CFGDenoiser) else model
     if isinstance(teacher, GuidedStudent):
@@ -229,12 +250,9 @@ def make_student(model: nn.Module, time_cond_proj_dim: int = 32, **distilled: An
         denoiser = clone_model(teacher)
         denoiser.net = _with_extra_slot(denoiser.net)
         return GuidedStudent(denoiser.train().requires_grad_(True), "extra", **distilled)
-    if isinstance(teacher, VPDenoiser) and hasattr(getattr(teacher, "model", None), "unet"):
-        denoiser, dim = _diffusers_student(teacher, time_cond_proj_dim)
-        return GuidedStudent(denoiser.train().requires_grad_(True), "timestep_cond", dim, **distilled)
     raise ConfigError(f"cannot build a w-conditioned student from a {type(teacher).__name__}; supported: a difflab "
-                      "EDMDenoiser / PredictionDenoiser (MLP, UNet) or a VPDenoiser around a diffusers "
-                      "UNet2DConditionModel")
+                      "EDMDenoiser / PredictionDenoiser (MLP, UNet); for a diffusers UNet2DConditionModel use "
+                      "difflab.interop.diffusers.make_diffusers_student")
 
 
 def _with_extra_slot(net: nn.Module) -> nn.Module:
@@ -250,27 +268,7 @@ def _with_extra_slot(net: nn.Module) -> nn.Module:
     return student_net
 
 
-def _diffusers_student(teacher: VPDenoiser, time_cond_proj_dim: int) -> tuple[VPDenoiser, int]:
-    """A VPDenoiser around a copy of the teacher's UNet2DConditionModel with a zero `cond_proj`."""
-
-    unet = teacher.model.unet
-    dim = unet.config.get("time_cond_proj_dim") or time_cond_proj_dim
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}   # _use_default_values would reset it
-    student_unet = type(unet).from_config({**config, "time_cond_proj_dim": dim})
-    missing, unexpected = student_unet.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or not all(k.startswith("time_embedding.cond_proj.") for k in missing):
-        raise ConfigError(f"cannot copy the teacher's UNet into a student (missing {missing}, unexpected {unexpected})")
-    if missing:   # a new slot: start at zero so the student equals the teacher
-        nn.init.zeros_(student_unet.time_embedding.cond_proj.weight)
-    student_unet.to(next(unet.parameters()).device)
-    alphas_cumprod = 1 / (1 + (2 * teacher.log_sigmas).exp())          # ᾱ_t = 1/(1 + σ_t²)
-    denoiser = VPDenoiser(DiffusersUNet(student_unet), alphas_cumprod.cpu(), teacher.prediction_type)
-    denoiser.log_sigmas = teacher.log_sigmas.clone()                    # bit-identical σ ↔ t map
-    denoiser.data_shape = teacher.data_shape
-    return denoiser, dim
-
-
-
 register_kind("GuidedStudent", GuidedStudent.from_folder)
 
-__all__ = ["PREDICTIONS", "PredictionDenoiser", "GuidedStudent", "make_student", "load_student", "w_embedding"]
+__all__ = ["PREDICTIONS", "PredictionDenoiser", "GuidedStudent", "make_student", "load_student", "guidance_embedding",
+           "clone_model"]

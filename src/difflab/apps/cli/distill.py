@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -75,11 +75,14 @@ def _training_data(data: Optional[str], model, num_classes: int, seed: int):
 @writes_output
 def guided(
     teacher: Path = typer.Option(..., help="teacher model folder: a class-conditional model (`difflab train "
-                                 "--conditional`)"),
+                                 "--conditional`) or a diffusers text-to-image folder (with --prompt)"),
     w_range: Tuple[float, float] = typer.Option((0.0, 4.0), "--w-range", help="classifier-free guidance weights w ~ "
                                                 "U[W_MIN, W_MAX] (w = 0: the conditional model; diffusers' scale is "
                                                 "1 + w)"),
-    data: Optional[str] = typer.Option(None, help="data set to diffuse (default: the teacher's)"),
+    data: Optional[str] = typer.Option(None, help="data set to diffuse (default: the teacher's; a text-to-image "
+                                       "teacher: its own samples for the prompts)"),
+    prompts: Optional[List[str]] = typer.Option(None, "--prompt", help="a text prompt of a text-to-image teacher "
+                                                "to distil on, one per flag: --prompt \"a cat\" --prompt \"a dog\""),
     train_steps: int = typer.Option(2000, min=1, max=MAX_STEPS, help="optimiser steps"),
     batch_size: int = typer.Option(128, min=1, max=MAX_BATCH, help="training batch per optimiser step and process"),
     lr: float = typer.Option(1e-3, min=1e-8, max=10.0, help="Adam learning rate"),
@@ -90,7 +93,10 @@ def guided(
     resume: bool = RESUME_OPTION,
     checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
-    """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range."""
+    """Stage 1: one student x̂(z, c, w) that matches the guided teacher for every w in --w-range.
+
+    A diffusers text-to-image teacher gives a diffusers pipeline folder that a stock pipeline runs with
+    guidance_scale = 1 + w (`difflab.interop.diffusers.student`)."""
     import torch
 
     from difflab.core.fingerprint import fingerprint
@@ -98,19 +104,28 @@ def guided(
     from difflab.data import model_classes
     from difflab.distill import GuidedDistillConfig, dataset_batches, distill_guided, make_student
     from difflab.distill.guided import check_w_range
+    from difflab.interop.diffusers.student import is_text_to_image_folder
 
     check_output(out, force)
     w_min, w_max = check_w_range(w_range)
     dev = resolve_device(device)
+    overrides, resume_mode = fitting(checkpoint_every, resume, force)
+    config = GuidedDistillConfig(train_steps=train_steps, lr=lr, batch_size=batch_size, w_range=(w_min, w_max),
+                                 seed=seed, device=dev, **({"checkpoint_every": max(train_steps // 4, 1)} | overrides))
+    if is_text_to_image_folder(teacher):
+        if data is not None:
+            raise ConfigError("a text-to-image teacher is distilled on its own samples for the --prompt's; drop --data")
+        _guided_text_to_image(teacher, prompts or [], config, out, force, resume_mode)
+        return
+    if prompts:
+        raise ConfigError(f"--prompt needs a diffusers text-to-image teacher; {teacher} is not one (unet/, "
+                          "scheduler/, text_encoder/, tokenizer/)")
     model, num_classes = _conditional_teacher(teacher, dev)
     name, dataset = _training_data(data, model, num_classes, seed)
     base_id = fingerprint(model)
     torch.manual_seed(seed)   # the w slot's initial weights: two runs with the same --seed give the same student
     student = make_student(model, base_model=base_id, teacher=base_id, dataset=name, w_min=w_min, w_max=w_max,
                            kept_classes=model_classes(model))
-    overrides, resume_mode = fitting(checkpoint_every, resume, force)
-    config = GuidedDistillConfig(train_steps=train_steps, lr=lr, batch_size=batch_size, w_range=(w_min, w_max),
-                                 seed=seed, device=dev, **({"checkpoint_every": max(train_steps // 4, 1)} | overrides))
     start = time.perf_counter()
     result = distill_guided(CFGDenoiser(model), student, dataset_batches(dataset.x, dataset.labels), config,
                             out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode)
@@ -120,6 +135,45 @@ def guided(
                                  "train_steps": train_steps,
                                  "final_loss": result.final_loss, "seconds": round(time.perf_counter() - start, 1),
                                  "base_model": base_id[:12]}))
+
+
+def _guided_text_to_image(folder: Path, prompts: list[str], config, out: Path, force: bool, resume_mode) -> None:
+    """Stage 1 from a diffusers text-to-image teacher on its own samples (w = 0) for the prompts; the student
+    (the UNet with diffusers' guidance embedding) is written as a diffusers pipeline folder."""
+    import torch
+
+    from difflab.core.fingerprint import fingerprint
+    from difflab.core.wrappers import CFGDenoiser
+    from difflab.distill import distill_guided
+    from difflab.interop.diffusers.student import (
+        load_text_teacher,
+        make_diffusers_student,
+        prompt_batches,
+        save_diffusers_student,
+        teacher_latents,
+    )
+
+    if not prompts:
+        raise ConfigError(f"{folder} is a text-to-image model: give the prompts to distil on, one per flag: "
+                          "--prompt \"a cat\" --prompt \"a dog\"")
+    teacher = load_text_teacher(folder, config.device)
+    base_id = fingerprint(teacher.denoiser)
+    embeddings = teacher.encode_prompts(prompts)
+    x0, prompt_ids = teacher_latents(teacher.denoiser, embeddings, per_prompt=config.batch_size, seed=config.seed)
+    w_min, w_max = config.w_range
+    torch.manual_seed(config.seed)
+    student = make_diffusers_student(teacher.denoiser, base_model=base_id, teacher=base_id, dataset="teacher samples",
+                                     w_min=w_min, w_max=w_max)
+    start = time.perf_counter()
+    result = distill_guided(CFGDenoiser(teacher.denoiser, uncond=teacher.uncond), student,
+                            prompt_batches(x0, prompt_ids, embeddings), config,
+                            out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode)
+    if result.is_main_process:
+        save_diffusers_student(result.model, folder, out, overwrite=force)
+        typer.echo(dumps_strict({"out": str(out), "stage": "guided", "w_range": [w_min, w_max],
+                                 "train_steps": config.train_steps, "prompts": len(prompts),
+                                 "final_loss": result.final_loss, "seconds": round(time.perf_counter() - start, 1),
+                                 "base_model": base_id[:12], "format": "diffusers"}))
 
 
 @app.command("progressive")
@@ -158,6 +212,9 @@ def progressive(
     if not isinstance(student, GuidedStudent):
         raise ConfigError(f"{teacher} holds a {type(student).__name__}; stage 2 starts from a w-conditioned student: "
                           "run `difflab distill guided` first")
+    if student.w_slot != "extra":
+        raise ConfigError(f"{teacher} is a diffusers student; stage 2 (progressive halving) is for difflab students "
+                          "only: its cosine σ-grid is not one a stock diffusers scheduler makes")
     if student.steps is not None and student.steps != from_steps:
         raise ConfigError(f"{teacher} was distilled for {student.steps} steps; continue from it with --from-steps "
                           f"{student.steps}")
