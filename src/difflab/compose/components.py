@@ -1,4 +1,4 @@
-"""What SuperDiff composes: M denoisers, or one conditional denoiser under M conditions.
+"""What SuperDiff composes: M denoisers, or one conditional denoiser under M conditions (classes, prompts).
 
 `Components.evaluate(x, σ)` returns every model's ε̂_i(x; σ) as one [M, N, ...] tensor (plus the
 unconditional ε̂_u when classifier-free guidance is on, and J_i·z for a divergence probe z). One
@@ -37,7 +37,7 @@ class Evaluation:
 
 
 class Components:
-    """M models to compose. Use `over_models` or `over_conditions` rather than this constructor.
+    """M models to compose. Use `over_models`, `over_conditions` or `over_prompts` rather than this constructor.
 
     denoisers: M denoisers (the same object M times for one model under several conditions);
     conds: M dicts of condition keyword arguments; w: classifier-free guidance weight
@@ -87,6 +87,31 @@ class Components:
         if len(conds) < 1:
             raise ConfigError("over_conditions needs at least one condition")
         return cls([denoiser] * len(conds), conds, w=w, uncond=uncond, divergence=divergence)
+
+    @classmethod
+    def over_prompts(cls, model: Any, prompts: Sequence[str], w: float | None = None, negative_prompt: str = "",
+                     divergence: str = "auto") -> "Components":
+        """One text-to-image model under M prompts: `over_conditions` on their text embeddings, one batched call.
+
+        model: a denoiser with `encode_prompts(list[str]) -> [P, tokens, dim]` (a Stable Diffusion folder
+        loaded with `difflab.load`); each prompt's condition is `encoder_hidden_states` [1, tokens, dim],
+        broadcast over the batch. w: guidance weight (None: unguided), whose null condition is the
+        `negative_prompt`'s embedding ("" by default, as diffusers).
+        """
+        encode = getattr(model, "encode_prompts", None)
+        if not callable(encode):
+            raise ConfigError(f"{type(model).__name__} takes no text prompts; over_prompts needs a text-to-image "
+                              "model with `encode_prompts` (a Stable Diffusion folder loaded with difflab.load)")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in [*prompts, negative_prompt]):
+            raise ConfigError(f"over_prompts needs a list of prompt strings and a string negative_prompt, got "
+                              f"{prompts!r} and {negative_prompt!r}")
+        if negative_prompt and w is None:
+            raise ConfigError("negative_prompt is the null condition of classifier-free guidance: give w too")
+        embeddings = encode([*prompts, negative_prompt] if w is not None else prompts)   # [M (+1), tokens, dim]
+        conds = [{"encoder_hidden_states": embeddings[i:i + 1]} for i in range(len(prompts))]
+        uncond = {"encoder_hidden_states": embeddings[-1:]} if w is not None else None
+        return cls.over_conditions(model, conds, w=w, uncond=uncond, divergence=divergence)
 
     @property
     def num_models(self) -> int:
