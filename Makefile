@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint test-slow bench clean install browser screenshot reliability data
+.PHONY: demo test lint test-slow bench clean install browser screenshot reliability data bench-models
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ data: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_digits.py
+
+# The MNIST base models (docs/data.md): three U-Nets, about 60 min each on 2 CPU cores, resumable and
+# cached under runs/bench/mnist/; BENCH_ARGS passes options (e.g. BENCH_ARGS=--quick, --train-steps N, --device cuda)
+bench-models: $(VENV)/.installed
+	@test -n "$$DIFFLAB_MNIST_DIR" || $(MAKE) --no-print-directory data
+	$(PY) benchmarks/mnist_models.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

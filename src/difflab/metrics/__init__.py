@@ -1,15 +1,20 @@
-"""Sample-quality metrics: sliced Wasserstein, MMD, Fréchet distance, exact NLL, a digit classifier, PSNR / SSIM."""
+"""Sample-quality metrics: sliced Wasserstein, MMD, Fréchet distance, exact NLL, digit classifiers, PSNR / SSIM."""
 
 from difflab.metrics.digit_classifier import (
     DigitClassifier,
+    class_accuracy,
     digits_frechet,
     digits_frechet_floor,
+    frechet,
+    frechet_floor,
+    get_classifier,
     get_digit_classifier,
 )
 from difflab.metrics.distances import exact_nll, frechet_distance, mmd, sliced_wasserstein
 from difflab.metrics.images import psnr, ssim
 
 __all__ = [
-    "DigitClassifier", "digits_frechet", "digits_frechet_floor", "exact_nll", "frechet_distance",
-    "get_digit_classifier", "mmd", "psnr", "sliced_wasserstein", "ssim",
+    "DigitClassifier", "class_accuracy", "digits_frechet", "digits_frechet_floor", "exact_nll", "frechet",
+    "frechet_distance", "frechet_floor", "get_classifier", "get_digit_classifier", "mmd", "psnr",
+    "sliced_wasserstein", "ssim",
 ]

@@ -1,7 +1,9 @@
 """Per-image reconstruction metrics for images in [−1, 1]: PSNR and SSIM.
 
-Hand-written (a few lines each) rather than from torchmetrics, which difflab does not depend on;
-SSIM uses a uniform window (3×3 suits 8×8 digits) instead of the usual 11×11 Gaussian.
+Hand-written (a few lines each); tests/metrics/test_image_metrics.py checks both against torchmetrics
+(a test dependency only). SSIM averages the index over the valid region (windows inside the image),
+as Wang et al.'s reference code does, with a uniform 3×3 window by default (suits 8×8 digits) or the
+usual 11×11 Gaussian of std 1.5 (`window=11, sigma=1.5`, for 28×28 MNIST and up).
 """
 from __future__ import annotations
 
@@ -16,14 +18,27 @@ def psnr(x: Tensor, truth: Tensor, data_range: float = 2.0) -> Tensor:
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
 
 
-def ssim(x: Tensor, truth: Tensor, data_range: float = 2.0, window: int = 3) -> Tensor:
-    """Structural similarity per sample (Wang et al. 2004) with a uniform window×window window
-    (3 for 8×8 digits), constants K1 = 0.01, K2 = 0.03. x, truth: [B, C, H, W]. [B]."""
+def _window_kernel(window: int, sigma: float | None, channels: int, like: Tensor) -> Tensor:
+    """[C, 1, window, window] depthwise weights summing to 1: uniform (sigma None) or Gaussian of std sigma."""
+    if sigma is None:
+        weights_1d = torch.ones(window, dtype=like.dtype, device=like.device)
+    else:
+        offsets = torch.arange(window, dtype=like.dtype, device=like.device) - (window - 1) / 2
+        weights_1d = torch.exp(-offsets.square() / (2 * sigma**2))
+    weights_1d = weights_1d / weights_1d.sum()
+    return torch.outer(weights_1d, weights_1d).expand(channels, 1, window, window)
+
+
+def ssim(x: Tensor, truth: Tensor, data_range: float = 2.0, window: int = 3, sigma: float | None = None) -> Tensor:
+    """Structural similarity per sample (Wang et al. 2004), constants K1 = 0.01, K2 = 0.03, averaged over
+    the valid region. window: side of the local window (3 for 8×8 digits, 11 for 28×28); sigma: None for a
+    uniform window, else the std of a Gaussian one (1.5 with window 11). x, truth: [B, C, H, W]. [B]."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     x = x.clamp(-1, 1)
+    kernel = _window_kernel(window, sigma, x.shape[1], x)
 
     def local_mean(v: Tensor) -> Tensor:
-        return F.avg_pool2d(v, window, stride=1)
+        return F.conv2d(v, kernel, groups=v.shape[1])
 
     mu_x, mu_t = local_mean(x), local_mean(truth)
     var_x = local_mean(x * x) - mu_x**2
