@@ -5,6 +5,7 @@ stage-1 loss decreases on that teacher."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from difflab.distill.student import guidance_embedding
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from difflab.interop.diffusers.loader import load_diffusers  # noqa: E402
 from difflab.interop.diffusers.student import (  # noqa: E402  (needs diffusers)
     STUDENT_FILE,
     load_text_teacher,
@@ -115,6 +117,12 @@ def test_student_folder_is_a_diffusers_pipeline_and_a_difflab_student(student_fo
     assert difflab.fingerprint(half) == difflab.fingerprint(student)    # identity of the weights as stored
 
 
+def test_the_diffusers_loader_itself_reads_a_student_folder_as_the_student(student_folder):
+    """Dispatch by the folder's difflab_student.json inside the one diffusers format, not by registration order."""
+    student = load_diffusers(student_folder)
+    assert isinstance(student, GuidedStudent) and student.w_slot == "timestep_cond" and student.w_embed_dim == PROJ_DIM
+
+
 def test_difflab_make_student_points_diffusers_teachers_to_interop(teacher):
     with pytest.raises(ConfigError, match="make_diffusers_student"):
         make_student(teacher.denoiser)
@@ -123,7 +131,7 @@ def test_difflab_make_student_points_diffusers_teachers_to_interop(teacher):
 def test_guided_loss_decreases_on_the_tiny_teacher(teacher):
     embeddings = teacher.encode_prompts(PROMPTS)
     x0, ids = teacher_latents(teacher.denoiser, embeddings, per_prompt=8, steps=8)
-    guided = CFGDenoiser(teacher.denoiser, uncond=teacher.uncond)
+    guided = CFGDenoiser(teacher.denoiser, uncond=teacher.null_condition)
     batches = prompt_batches(x0, ids, embeddings)
     torch.manual_seed(0)
     student = make_diffusers_student(teacher.denoiser, PROJ_DIM)
@@ -169,3 +177,30 @@ def test_cli_distills_a_diffusers_teacher_into_a_pipeline_folder(teacher_folder,
                                       str(tmp_path / "y")])
     assert isinstance(result.exception, ConfigError) and "already has a guidance embedding" in str(result.exception)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_force_replaces_its_own_diffusers_student_but_never_a_users_pipeline(teacher_folder, student_folder,
+                                                                                 tmp_path, monkeypatch):
+    from difflab.apps.cli.distill import app
+    from difflab.interop.diffusers import student as student_module
+
+    devices, real_load = [], student_module.load
+
+    def recording_load(path, **options):
+        devices.append(options.get("device"))
+        return real_load(path, **options)
+
+    monkeypatch.setattr(student_module, "load", recording_load)
+    out, users = tmp_path / "student", tmp_path / "users-pipeline"
+    shutil.copytree(student_folder, out)            # a student difflab wrote (w_max 6)
+    shutil.copytree(teacher_folder, users)          # a pipeline difflab did not write
+    args = ["guided", "--teacher", teacher_folder, "--prompt", "a cat", "--w-range", 0, 3, "--train-steps", 1,
+            "--batch-size", 2, "--device", "cpu"]
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--out", out]])
+    assert isinstance(result.exception, ConfigError) and "--force" in str(result.exception)
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--out", out, "--force"]])
+    assert result.exit_code == 0, result.output
+    assert difflab.load(out).distilled["w_max"] == 3.0 and devices == ["cpu"]    # replaced; teacher on --device
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--out", users, "--force"]])
+    assert isinstance(result.exception, ConfigError) and "not a difflab model folder" in str(result.exception)
+    assert sorted(p.name for p in users.iterdir()) == sorted(p.name for p in teacher_folder.iterdir())

@@ -185,15 +185,20 @@ def _check_existing(path: Path, force: bool, suffixes: tuple[str, ...] | None, d
 
 
 def is_model_folder(path: Path) -> bool:
-    """Whether `path` holds a config.json naming a class difflab loads (what `write_model_folder` writes)."""
+    """Whether `path` is a model folder difflab wrote: a config.json naming a class difflab loads (what
+    `write_model_folder` writes), or a diffusers student folder whose difflab_student.json names one."""
     import difflab  # noqa: F401  (every package registers its kinds)
+    from difflab.interop.diffusers.loader import STUDENT_FILE
     from difflab.models import registered_kinds
 
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("class") in registered_kinds()
+    for name in ("config.json", STUDENT_FILE):
+        try:
+            config = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("class") in registered_kinds():
+            return True
+    return False
 
 
 def is_demo_folder(path: Path) -> bool:

@@ -104,7 +104,7 @@ def guided(
     from difflab.data import model_classes
     from difflab.distill import GuidedDistillConfig, dataset_batches, distill_guided, make_student
     from difflab.distill.guided import check_w_range
-    from difflab.interop.diffusers.student import is_text_to_image_folder
+    from difflab.interop.diffusers.loader import is_diffusers_folder
 
     check_output(out, force)
     w_min, w_max = check_w_range(w_range)
@@ -112,14 +112,12 @@ def guided(
     overrides, resume_mode = fitting(checkpoint_every, resume, force)
     config = GuidedDistillConfig(train_steps=train_steps, lr=lr, batch_size=batch_size, w_range=(w_min, w_max),
                                  seed=seed, device=dev, **({"checkpoint_every": max(train_steps // 4, 1)} | overrides))
-    if is_text_to_image_folder(teacher):
-        if data is not None:
-            raise ConfigError("a text-to-image teacher is distilled on its own samples for the --prompt's; drop --data")
-        _guided_text_to_image(teacher, prompts or [], config, out, force, resume_mode)
+    if is_diffusers_folder(teacher):
+        _guided_text_to_image(teacher, prompts or [], data, config, out, force, resume_mode)
         return
     if prompts:
-        raise ConfigError(f"--prompt needs a diffusers text-to-image teacher; {teacher} is not one (unet/, "
-                          "scheduler/, text_encoder/, tokenizer/)")
+        raise ConfigError(f"--prompt needs a diffusers text-to-image teacher; {teacher} is not a diffusers folder "
+                          "(unet/ scheduler/ vae/ text_encoder/ tokenizer/)")
     model, num_classes = _conditional_teacher(teacher, dev)
     name, dataset = _training_data(data, model, num_classes, seed)
     base_id = fingerprint(model)
@@ -137,9 +135,10 @@ def guided(
                                  "base_model": base_id[:12]}))
 
 
-def _guided_text_to_image(folder: Path, prompts: list[str], config, out: Path, force: bool, resume_mode) -> None:
-    """Stage 1 from a diffusers text-to-image teacher on its own samples (w = 0) for the prompts; the student
-    (the UNet with diffusers' guidance embedding) is written as a diffusers pipeline folder."""
+def _guided_text_to_image(folder: Path, prompts: list[str], data: Optional[str], config, out: Path, force: bool,
+                          resume_mode) -> None:
+    """Stage 1 from a diffusers text-to-image teacher (loaded on --device) on its own samples (w = 0) for the
+    prompts; the student (the UNet with diffusers' guidance embedding) is written as a diffusers pipeline folder."""
     import torch
 
     from difflab.core.fingerprint import fingerprint
@@ -153,11 +152,13 @@ def _guided_text_to_image(folder: Path, prompts: list[str], config, out: Path, f
         teacher_latents,
     )
 
+    teacher = load_text_teacher(folder, device=config.device)
+    if data is not None:
+        raise ConfigError("a text-to-image teacher is distilled on its own samples for the --prompt's; drop --data")
     if not prompts:
         raise ConfigError(f"{folder} is a text-to-image model: give the prompts to distil on, one per flag: "
                           "--prompt \"a cat\" --prompt \"a dog\"")
-    teacher = load_text_teacher(folder, config.device)
-    base_id = fingerprint(teacher.denoiser)
+    base_id = fingerprint(teacher)     # of the folder's stored weights, whatever its place and dtype
     embeddings = teacher.encode_prompts(prompts)
     x0, prompt_ids = teacher_latents(teacher.denoiser, embeddings, per_prompt=config.batch_size, seed=config.seed)
     w_min, w_max = config.w_range
@@ -165,7 +166,7 @@ def _guided_text_to_image(folder: Path, prompts: list[str], config, out: Path, f
     student = make_diffusers_student(teacher.denoiser, base_model=base_id, teacher=base_id, dataset="teacher samples",
                                      w_min=w_min, w_max=w_max)
     start = time.perf_counter()
-    result = distill_guided(CFGDenoiser(teacher.denoiser, uncond=teacher.uncond), student,
+    result = distill_guided(CFGDenoiser(teacher.denoiser, uncond=teacher.null_condition), student,
                             prompt_batches(x0, prompt_ids, embeddings), config,
                             out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode)
     if result.is_main_process:

@@ -9,6 +9,9 @@ Layouts: a pipeline folder with `unet/` and `scheduler/`, or a UNet folder whose
 beside it (or in a `scheduler/` sub-folder). Only safetensors are read (`variant` picks
 `diffusion_pytorch_model.<variant>.safetensors`); diffusers itself is imported on first use.
 
+A folder that difflab wrote as a guided-distillation student (`difflab_student.json` beside `unet/`) is that
+student: `load_diffusers` hands it to `student.load_diffusers_student`, whatever the formats' registration order.
+
 Identity: the loaded model's fingerprint is pinned at load time to a hash of the stored weights files' bytes,
 the components' configs (without paths and versions) and the σ-space definition (ᾱ table and prediction
 type, or the flow's time scale): equal for copies of the folder and for every `torch_dtype` it is loaded in.
@@ -16,7 +19,9 @@ type, or the flow's time scale): equal for copies of the folder and for every `t
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -31,6 +36,7 @@ UNETS = ("UNet2DModel", "UNet2DConditionModel")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TEXT_PARTS = ("vae", "text_encoder", "tokenizer")
+STUDENT_FILE = "difflab_student.json"   # what marks a guided-distillation student that difflab wrote
 LIBRARY_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError)
 # config keys that name where or by what a folder was written, not what it holds
 NOT_IDENTITY = ("_name_or_path", "_diffusers_version", "_use_default_values", "transformers_version", "dtype",
@@ -46,6 +52,11 @@ def is_diffusers_folder(path: Path) -> bool:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return False
     return False
+
+
+def is_student_folder(path: Path) -> bool:
+    """Whether `path` is a diffusers student folder that difflab wrote (`save_diffusers_student`)."""
+    return (path / STUDENT_FILE).is_file() and (path / "unet").is_dir()
 
 
 def read_config_file(file: Path) -> dict:
@@ -68,28 +79,37 @@ def load_diffusers(path: str | Path, device: str | torch.device | None = None, t
     variant: read `diffusion_pytorch_model.<variant>.safetensors` (and `model.<variant>.safetensors`).
     """
     path = Path(path)
+    if is_student_folder(path):
+        from difflab.interop.diffusers.student import load_diffusers_student
+
+        return load_diffusers_student(path, device=device, torch_dtype=torch_dtype, variant=variant)
     torch_dtype = torch_dtype or torch.float32
     _refuse_unknown_layouts(path)
-    unet_dir = path / "unet" if (path / "unet").is_dir() else path
-    scheduler_dir = _scheduler_dir(path, unet_dir)
-    unet_class = read_config_file(unet_dir / CONFIG_NAME).get("_class_name")
-    if unet_class not in UNETS:
-        raise ModelFormatError(f"{unet_dir} holds a diffusers {unet_class!r}; supported: {list(UNETS)}")
-    text_to_image = _is_text_to_image(path, unet_class)
+    unet_dir = _unet_dir(path)
+    text_to_image = _is_text_to_image(path, _unet_class(unet_dir))
     weights = [weights_file(unet_dir, "diffusion_pytorch_model", variant)]
     if text_to_image:
         weights += [weights_file(path / "vae", "diffusion_pytorch_model", variant),
                     weights_file(path / "text_encoder", "model", variant)]
-    scheduler = read_config_file(scheduler_dir / "scheduler_config.json")
-    try:
-        model = _load_denoiser(unet_dir, scheduler, torch_dtype, variant)
-        if text_to_image:
+    model = load_unet_denoiser(path, torch_dtype, variant)
+    if text_to_image:
+        with _one_line_errors(path):
             model = _with_text_components(path, model, torch_dtype, variant)
-    except LIBRARY_ERRORS as err:   # diffusers' and transformers' ways to say "broken"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFormatError(f"{path} is not a loadable diffusers folder: {first_line}") from err
     setattr(model, PINNED, _identity(path, unet_dir, weights, model))
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_unet_denoiser(path: str | Path, torch_dtype: torch.dtype | None = None, variant: str | None = None):
+    """The UNet of a diffusers folder (`unet/` of a pipeline, or a UNet folder) alone as its σ-space denoiser,
+    VPDenoiser or FlowDenoiser with `data_shape` (C, H, W), weights in `torch_dtype` (default float32), on the
+    CPU, without the VAE and text encoder and with no pinned fingerprint. Its diffusers UNet: `.model.unet`."""
+    path = Path(path)
+    unet_dir = _unet_dir(path)
+    _unet_class(unet_dir)
+    weights_file(unet_dir, "diffusion_pytorch_model", variant)    # safetensors only, said in one line
+    scheduler = read_config_file(_scheduler_dir(path, unet_dir) / "scheduler_config.json")
+    with _one_line_errors(path):
+        return _load_denoiser(unet_dir, scheduler, torch_dtype or torch.float32, variant)
 
 
 def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
@@ -114,6 +134,46 @@ def _refuse_unknown_layouts(path: Path) -> None:
     if extra:
         raise ModelFormatError(f"{path} has more than one text encoder ({extra}: SDXL style); difflab loads "
                                "single-CLIP pipelines (Stable Diffusion 1.x / 2.x)")
+
+
+def _unet_dir(path: Path) -> Path:
+    return path / "unet" if (path / "unet").is_dir() else path
+
+
+def _unet_class(unet_dir: Path) -> str:
+    unet_class = read_config_file(unet_dir / CONFIG_NAME).get("_class_name")
+    if unet_class not in UNETS:
+        raise ModelFormatError(f"{unet_dir} holds a diffusers {unet_class!r}; supported: {list(UNETS)}")
+    return unet_class
+
+
+@contextmanager
+def _one_line_errors(path: Path) -> Iterator[None]:
+    """diffusers' and transformers' ways to say "broken", as one ModelFormatError line; their loading
+    progress bars silenced meanwhile (a local load takes a second, and the CLI's stderr is its error line)."""
+    with _progress_bars_off():
+        try:
+            yield
+        except LIBRARY_ERRORS as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelFormatError(f"{path} is not a loadable diffusers folder: {first_line}") from err
+
+
+@contextmanager
+def _progress_bars_off() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+    try:   # transformers is needed for text encoders only (the `diffusers` extra)
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        transformers_logging = None
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib and lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
 
 
 def _scheduler_dir(path: Path, unet_dir: Path) -> Path:

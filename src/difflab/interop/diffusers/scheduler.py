@@ -28,6 +28,12 @@ from σ_max to σ_min and ends with the step σ_min → 0 (x ← D), exactly as 
 UniPCMultistepScheduler with Karras sigmas; "sigma_min" ends the grid at σ_min (difflab's grid: NFE + 1
 levels, no evaluation at σ_min, where diffusers would spend its last one on a step σ_min → σ_min).
 
+`integer_timesteps=True` gives the model round(t(σ)) instead of the fractional t(σ), as
+DPMSolverMultistepScheduler / UniPCMultistepScheduler with Karras sigmas do (the solver's σ's stay on
+the grid): with it, and final_sigmas_type="zero", a stock pipeline (txt2img, img2img, inpainting) gives
+diffusers' images to float32 round-off. `add_noise` at a scheduled timestep noises to that evaluation's
+grid σ (not to σ(round(t))), as diffusers does.
+
 With `afs=True` the first evaluation is not at the initial noise: the pipeline must call
 `scale_model_input` (Stable Diffusion pipelines do; DDPMPipeline does not: `step` refuses), and the
 sample must start as pure noise (no img2img: `set_begin_index` > 0 is refused).
@@ -273,7 +279,8 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running a difflab solver (any deterministic name in `SOLVERS`, or
     "amed" with per-step constants (r, c, a) on the base solver `amed_base`: dpm2 = AMED-Solver, or
     AMED-Plugin on euler, ipndm, dpmpp_2m, dpmpp_3m, unipc) on a VP / DDPM model.
-    `num_inference_steps` is the NFE. `amed_scheduler_config(predictor)` gives the amed_* entries
+    `num_inference_steps` is the NFE. `grid_sigmas` (or `from_grid(LearnedGrid)`) replaces the grid family by
+    given σ's, on which the solver must spend exactly that NFE. `amed_scheduler_config(predictor)` gives the amed_* entries
     of a predictor fitted on a black-box model (per-step constants). Attribute contract as diffusers'
     pipelines use it: `order`, `init_noise_sigma`, `timesteps`, `sigmas`, `step_index`, `begin_index`,
     `set_begin_index`, `scale_model_input`, `step`, `add_noise`."""
@@ -290,7 +297,8 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
                  rho: float = 7.0, afs: bool = False, sigma_min: float | None = None,
                  sigma_max: float | None = None, final_sigmas_type: str = "sigma_min",
                  amed_r: list[float] | None = None, amed_c: list[float] | None = None,
-                 amed_a: list[float] | None = None, amed_base: str = "dpm2"):
+                 amed_a: list[float] | None = None, amed_base: str = "dpm2", integer_timesteps: bool = False,
+                 grid_sigmas: list[float] | None = None):
         if final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ConfigError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
         self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps, beta_start, beta_end, beta_schedule,
@@ -332,8 +340,27 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         return inside("sigma_min", self.config.sigma_min, table_min), inside("sigma_max", self.config.sigma_max,
                                                                               table_max)
 
+    @classmethod
+    def from_grid(cls, grid: nn.Module, **config: Any) -> "DifflabScheduler":
+        """A scheduler running a LearnedGrid (difflab.amed.fit_grid): its solver, AFS and σ's (`grid_sigmas`, a
+        list in the config, so the scheduler saves and reloads with it); set_timesteps must ask for its NFE."""
+        levels = grid.check(None).tolist()       # the σ's its solver runs on (base model checked where it is loaded)
+        return cls(**{"solver": grid.solver, "afs": grid.afs, **config, "grid_sigmas": levels})
+
+    def _custom_grid(self) -> Tensor:
+        """`grid_sigmas` (decreasing, inside the table's σ range up to round-off), then 0 for final_sigmas_type zero."""
+        sigmas = torch.tensor([float(v) for v in self.config.grid_sigmas], dtype=torch.float64)
+        low, high = self._vp.sigma_min * (1 - TABLE_END_TOLERANCE), self._vp.sigma_max * (1 + TABLE_END_TOLERANCE)
+        if len(sigmas) < 2 or not bool((sigmas.diff() < 0).all()) or sigmas[-1] < low or sigmas[0] > high:
+            raise SigmaRangeError(f"grid_sigmas must decrease inside the model's table range [{self._vp.sigma_min:.6g}, "
+                                  f"{self._vp.sigma_max:.6g}]; got {[round(float(v), 6) for v in sigmas]}")
+        sigmas = sigmas.clamp(self._vp.sigma_min, self._vp.sigma_max)
+        return torch.cat([sigmas, sigmas.new_zeros(1)]) if self.config.final_sigmas_type == "zero" else sigmas
+
     def _grid(self, nfe: int) -> Tensor:
         cfg = self.config
+        if cfg.grid_sigmas is not None:
+            return self._custom_grid()
         sigma_min, sigma_max = self._sigma_range()
         to_zero = cfg.final_sigmas_type == "zero"
         if cfg.solver == "amed":
@@ -378,7 +405,9 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         eval_sigmas = torch.tensor([e.sigma_model for e in plan], dtype=torch.float64)
         t_dtype = torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
         self.num_inference_steps = num_inference_steps
-        self.timesteps = self.sigma_to_t(eval_sigmas).to(device=device, dtype=t_dtype)
+        timesteps = self.sigma_to_t(eval_sigmas)
+        timesteps = timesteps.round() if self.config.integer_timesteps else timesteps
+        self.timesteps = timesteps.to(device=device, dtype=t_dtype)
         self.sigmas = torch.cat([eval_sigmas, self._grid_sigmas[-1:]]).to(device)   # evaluation σ's, then the final σ
         self._begin_index = None
         self._reset()
@@ -418,12 +447,26 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
     def index_for_timestep(self, timestep: Any) -> int:
         """The index of `timestep` in `timesteps` (of two equal ones, the second: a step's start, as diffusers)."""
         t = torch.as_tensor(timestep, dtype=torch.float64).flatten()[0].item()
-        scheduled = self.timesteps.double().cpu()
-        matches = torch.nonzero((scheduled - t).abs() <= 1e-6 * max(1.0, abs(t))).flatten().tolist()
+        matches = self._matches(t)
         if not matches:
             raise ConfigError(f"timestep {t:.6g} is not in this scheduler's timesteps; step() takes the timesteps "
                               "of the last set_timesteps call, in order")
         return matches[1] if len(matches) > 1 else matches[0]
+
+    def _matches(self, t: float) -> list[int]:
+        """The indices in `timesteps` equal to t (several: a two-stage solver's level, or rounded timesteps)."""
+        scheduled = self.timesteps.double().cpu()
+        return torch.nonzero((scheduled - t).abs() <= 1e-6 * max(1.0, abs(t))).flatten().tolist()
+
+    def _sigma_at(self, t: float) -> float:
+        """σ of timestep t: a scheduled one's grid σ (of equal ones, the current step's if among them, as
+        diffusers' add_noise), else log σ interpolated at t."""
+        matches = self._matches(t)
+        if not matches:
+            return float(self.t_to_sigma(torch.tensor(t)))
+        current = self._step_index if self._step_index is not None else self._begin_index
+        k = current if current in matches else (matches[1] if len(matches) > 1 else matches[0])
+        return self._plan[k].sigma_model
 
     # ----- the steps --------------------------------------------------------------------------
     def _reset(self) -> None:
@@ -474,14 +517,17 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         self._stepper, self._step_index = self._make_stepper(), begin
 
     def _denoised(self, model_output: Tensor, x: Tensor, sigma: float) -> Tensor:
-        """D(x; σ) from the model's output at x (σ-space): VPDenoiser's ε / v / x0 conversion."""
-        if self._vp.log_sigmas.device != x.device:
-            self._vp.to(x.device)
-        self._output.output = model_output.to(x.dtype)
-        with torch.no_grad():
-            denoised = self._vp(x, torch.full((x.shape[0],), sigma, dtype=torch.float64, device=x.device))
-        self._output.output = None
-        return denoised
+        """D(x; σ) from the model's output at x (σ-space): VPDenoiser's ε / v / x0 conversion, written out for
+        one float σ (VPDenoiser's call would also find the timestep, which the output already answers: a third
+        of the step's time at SD's latent size)."""
+        out = model_output.to(x.dtype)
+        prediction_type = self._vp.prediction_type
+        if prediction_type == "epsilon":
+            return x - sigma * out                                           # D = x − σ·ε̂
+        if prediction_type == "v_prediction":
+            alpha = 1 / math.sqrt(1 + sigma**2)
+            return alpha**2 * x - alpha * sigma * out                        # D = α·x_vp − s·v̂, s = σ·α, x_vp = α·x
+        return out
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, return_dict: bool = True,
              generator: torch.Generator | None = None, **kwargs: Any) -> SchedulerOutput | tuple[Tensor]:
@@ -508,8 +554,10 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
     # ----- noising (img2img, inpainting, training) --------------------------------------------
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε (DDPM eq. 4) = (x0 + σ_t ε)/sqrt(1 + σ_t²); fractional t
-        allowed (the scheduled timesteps give their σ's to float64 round-off)."""
-        sigma = self.t_to_sigma(torch.as_tensor(timesteps).flatten())
+        allowed; a scheduled timestep gives its grid σ (`_sigma_at`)."""
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+        sigma = torch.tensor([self._sigma_at(t) for t in ts.tolist()], dtype=torch.float64) if self._plan else \
+            self.t_to_sigma(ts)
         sigma = append_dims(sigma.to(original_samples.device), original_samples.ndim)
         noisy = vp_scale(sigma) * (original_samples.double() + sigma * noise.double())
         return noisy.to(original_samples.dtype)
@@ -542,7 +590,7 @@ def amed_scheduler_config(predictor: nn.Module, black_box: bool = False) -> dict
     return {"solver": "amed", "amed_base": check_base(fitted.get("base_solver") or "dpm2"), "grid": fitted["grid"],
             "rho": fitted.get("rho", 7.0), "sigma_min": fitted["sigma_min"], "sigma_max": fitted["sigma_max"],
             "afs": fitted.get("afs", True), "amed_r": params.r.tolist(), "amed_c": params.c.tolist(),
-            "amed_a": params.a.tolist()}
+            "amed_a": params.a.tolist(), "grid_sigmas": fitted.get("sigmas")}
 
 
 __all__ = ["DifflabScheduler", "Evaluation", "alphas_cumprod_for", "amed_scheduler_config", "make_stepper"]

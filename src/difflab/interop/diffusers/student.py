@@ -1,8 +1,9 @@
 """Guided distillation of a diffusers text-to-image teacher, into a student that a stock pipeline runs.
 
-The teacher is a Stable Diffusion layout (`unet/ scheduler/ text_encoder/ tokenizer/ vae/`): its
-`UNet2DConditionModel` as a σ-space `VPDenoiser` conditioned on `encoder_hidden_states`, the null
-condition being the empty prompt's encoding (what the pipelines use for classifier-free guidance).
+The teacher is a Stable Diffusion layout (`unet/ scheduler/ text_encoder/ tokenizer/ vae/`) loaded by
+`difflab.load` (`load_text_teacher` checks it is one): a `TextToImageDenoiser`, whose inner `denoiser` is the
+UNet's σ-space `VPDenoiser` conditioned on `encoder_hidden_states`, `encode_prompts` gives those, and
+`null_condition` the empty prompt's (the unconditional half of classifier-free guidance).
 
 The student is the same UNet with `time_cond_proj_dim` set (256, as LCM students, by default), every
 teacher weight copied and the new `time_embedding.cond_proj` at zero, so it equals the conditional
@@ -17,11 +18,11 @@ x̂ + σ_next·ε̂, difflab's `ddim_step`, on the table's σ's at N trailing ti
 `guidance_scale = 1 + w` and `num_inference_steps = N` then runs difflab's deterministic student
 sampler on `pipeline_sigmas(folder, N)`, one UNet call per step; `difflab.load` gives the `GuidedStudent`.
 
-    teacher = load_text_teacher(folder)
+    teacher = load_text_teacher(folder, device="cuda")
     student = make_diffusers_student(teacher.denoiser)
     embeddings = teacher.encode_prompts(["a cat", "a dog"])
     x0, ids = teacher_latents(teacher.denoiser, embeddings, per_prompt=64)
-    result = distill_guided(CFGDenoiser(teacher.denoiser, uncond=teacher.uncond), student,
+    result = distill_guided(CFGDenoiser(teacher.denoiser, uncond=teacher.null_condition), student,
                             prompt_batches(x0, ids, embeddings), config)
     save_diffusers_student(result.model, folder, "student")
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,98 +42,38 @@ from difflab.core.io import atomic_folder, write_json
 from difflab.core.wrappers import VPDenoiser
 from difflab.distill.samplers import sample_deterministic
 from difflab.distill.student import GuidedStudent
-from difflab.models import register_format
+from difflab.interop.diffusers.loader import STUDENT_FILE, load_unet_denoiser
+from difflab.interop.diffusers.text_to_image import TextToImageDenoiser
+from difflab.models import load
 from difflab.nets.diffusers_unet import DiffusersUNet
 
-STUDENT_FILE = "difflab_student.json"
 TIME_COND_PROJ_DIM = 256          # LCM's
 TEACHER_SAMPLE_STEPS = 25         # steps of the teacher's own samples, the data of a data-free run
-TEXT_TO_IMAGE_PARTS = ("unet", "scheduler", "text_encoder", "tokenizer")
 
 
 # ----- the teacher --------------------------------------------------------------------------------
-@dataclass
-class TextTeacher:
-    """A text-to-image diffusers folder as the conditional teacher of guided distillation.
-
-    denoiser: σ-space D(x, σ, encoder_hidden_states=[B, tokens, dim]) on latents of `denoiser.data_shape`;
-    encode_prompts(list of N str) -> [N, tokens, dim] (as the pipeline encodes a prompt); null: the empty
-    prompt's encoding [1, tokens, dim], the unconditional half of classifier-free guidance.
-    """
-
-    denoiser: VPDenoiser
-    encode_prompts: Callable[[list[str]], Tensor]
-    null: Tensor
-    folder: Path
-
-    def uncond(self, cond: dict[str, Any]) -> dict[str, Any]:
-        """CFGDenoiser's `uncond`: the empty prompt for every sample."""
-        text = cond["encoder_hidden_states"]
-        return {**cond, "encoder_hidden_states": self.null.to(text).expand_as(text)}
+def load_text_teacher(folder: str | Path, device: str | torch.device | None = None,
+                      torch_dtype: torch.dtype | None = None) -> TextToImageDenoiser:
+    """`difflab.load(folder, device=, torch_dtype=)`, checked to be a guided teacher: a text-to-image pipeline
+    on a DDPM table whose UNet has no guidance embedding yet."""
+    teacher = load(folder, device=device, torch_dtype=torch_dtype)
+    if isinstance(teacher, GuidedStudent):
+        raise ConfigError(f"{folder} is a distilled student (its UNet already has a guidance embedding), not a guided "
+                          "teacher; distil from the model it came from")
+    if not isinstance(teacher, TextToImageDenoiser) or not isinstance(teacher.denoiser, VPDenoiser):
+        inner = type(getattr(teacher, "denoiser", teacher)).__name__
+        raise ConfigError(f"{folder} holds a {type(teacher).__name__} ({inner}); guided distillation from diffusers "
+                          "needs a text-to-image pipeline (unet/ vae/ text_encoder/ tokenizer/ scheduler/) on a "
+                          "DDPM table (ε, v or sample prediction)")
+    _check_no_guidance_embedding(teacher.denoiser.model.unet, str(folder))
+    return teacher
 
 
-def is_text_to_image_folder(path: str | Path) -> bool:
-    return all((Path(path) / part).is_dir() for part in TEXT_TO_IMAGE_PARTS)
-
-
-def load_text_teacher(folder: str | Path, device: str | torch.device = "cpu") -> TextTeacher:
-    """The UNet, ᾱ table, tokenizer and text encoder of a Stable Diffusion layout (safetensors only)."""
-    folder = Path(folder)
-    if not is_text_to_image_folder(folder):
-        raise ModelFormatError(f"{folder} is not a diffusers text-to-image folder (needs "
-                               f"{', '.join(p + '/' for p in TEXT_TO_IMAGE_PARTS)})")
-    unet, scheduler = _read_unet(folder), _read_scheduler(folder)
-    if unet.config.get("time_cond_proj_dim") is not None:
-        raise ConfigError(f"{folder}'s UNet already has a guidance embedding (time_cond_proj_dim="
-                          f"{unet.config.time_cond_proj_dim}): it is a distilled student, not a guided teacher")
-    denoiser = _vp_denoiser(unet, scheduler).to(device).eval().requires_grad_(False)
-    encode = _prompt_encoder(folder, device)
-    return TextTeacher(denoiser, encode, encode([""]), folder)
-
-
-def _read_unet(folder: Path, variant: str | None = None):
-    from diffusers import UNet2DConditionModel
-
-    try:
-        return UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, variant=variant)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
-        raise ModelFormatError(f"{folder / 'unet'} is not a loadable UNet2DConditionModel (safetensors only): "
-                               f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
-                               ) from err
-
-
-def _read_scheduler(folder: Path):
-    from diffusers import DDPMScheduler
-
-    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    if "FlowMatch" in str(config.get("_class_name", "")):
-        raise ModelFormatError(f"{folder} is a flow-matching model; guided distillation reads DDPM-table models only")
-    return DDPMScheduler.from_config(config)
-
-
-def _vp_denoiser(unet: nn.Module, scheduler) -> VPDenoiser:
-    denoiser = VPDenoiser(DiffusersUNet(unet), scheduler.alphas_cumprod, scheduler.config.prediction_type)
-    size = unet.config.sample_size
-    denoiser.data_shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-    return denoiser
-
-
-def _prompt_encoder(folder: Path, device: str | torch.device) -> Callable[[list[str]], Tensor]:
-    """encode(prompts) -> [N, tokens, dim], as StableDiffusionPipeline.encode_prompt (no clip_skip)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
-    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-
-    def encode(prompts: list[str]) -> Tensor:
-        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-        with torch.no_grad():
-            return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-
-    return encode
+def _check_no_guidance_embedding(unet: nn.Module, where: str) -> None:
+    dim = unet.config.get("time_cond_proj_dim")
+    if dim is not None:
+        raise ConfigError(f"{where}'s UNet already has a guidance embedding (time_cond_proj_dim={dim}): it is a "
+                          "distilled student, not a guided teacher; distil from the model without one")
 
 
 # ----- the student --------------------------------------------------------------------------------
@@ -149,9 +89,7 @@ def make_diffusers_student(model: VPDenoiser, time_cond_proj_dim: int = TIME_CON
     if not isinstance(model, VPDenoiser) or unet is None or not hasattr(unet.config, "time_cond_proj_dim"):
         raise ConfigError(f"make_diffusers_student needs a VPDenoiser around a diffusers UNet2DConditionModel, "
                           f"got a {type(model).__name__}")
-    if unet.config.time_cond_proj_dim is not None:
-        raise ConfigError(f"the teacher's UNet already has a guidance embedding (time_cond_proj_dim="
-                          f"{unet.config.time_cond_proj_dim}); distil from the model without one")
+    _check_no_guidance_embedding(unet, "the teacher")
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}   # _use_default_values would reset it
     new_unet = type(unet).from_config({**config, "time_cond_proj_dim": int(time_cond_proj_dim)})
     missing, unexpected = new_unet.load_state_dict(unet.state_dict(), strict=False)
@@ -222,26 +160,22 @@ def save_diffusers_student(student: GuidedStudent, teacher_folder: str | Path, p
     return Path(path)
 
 
-def is_student_folder(path: Path) -> bool:
-    return (path / STUDENT_FILE).is_file() and (path / "unet").is_dir()
-
-
 def load_diffusers_student(path: str | Path, device: str | torch.device | None = None,
                            torch_dtype: torch.dtype | None = None, variant: str | None = None) -> GuidedStudent:
     """A student folder (from `save_diffusers_student`) as its GuidedStudent (eval, frozen) on `device`, its
-    UNet in `torch_dtype` (default: as stored) from the weights `variant`; `difflab.load` dispatches here.
+    UNet in `torch_dtype` (default float32) from the weights `variant`; `difflab.load` dispatches here.
     Call it with `w=` and `encoder_hidden_states=`; its fingerprint is that of the weights as stored."""
     path = Path(path)
     try:
         meta = json.loads((path / STUDENT_FILE).read_text())
     except (OSError, ValueError) as err:
         raise ModelFormatError(f"{path / STUDENT_FILE} is not readable JSON ({err})") from err
-    unet = _read_unet(path, variant)
+    denoiser = load_unet_denoiser(path, variant=variant)   # float32, cast below after pinning the identity
+    unet = denoiser.model.unet
     if unet.config.get("time_cond_proj_dim") != meta.get("w_embed_dim"):
         raise ModelFormatError(f"{path}: the UNet's time_cond_proj_dim ({unet.config.get('time_cond_proj_dim')}) "
                                f"is not the student's w_embed_dim ({meta.get('w_embed_dim')})")
     keys = ("base_model", "teacher", "stage", "steps", "w_min", "w_max", "grid_sigma_max", "dataset", "fit")
-    denoiser = _vp_denoiser(unet, _read_scheduler(path))
     student = GuidedStudent(denoiser, "timestep_cond", meta["w_embed_dim"], **{k: meta[k] for k in keys if k in meta})
     if torch_dtype is not None:
         setattr(student, PINNED, fingerprint(student))   # of the weights as stored, before rounding them
@@ -281,9 +215,6 @@ def prompt_batches(x0: Tensor, prompt_ids: Tensor, embeddings: Tensor) -> Callab
 
     return batch_fn
 
-
-register_format("diffusers-student", is_student_folder, load_diffusers_student)
-
-__all__ = ["TextTeacher", "load_text_teacher", "is_text_to_image_folder", "make_diffusers_student", "student_unet",
-           "student_scheduler", "pipeline_sigmas", "save_diffusers_student", "load_diffusers_student",
-           "is_student_folder", "teacher_latents", "prompt_batches", "STUDENT_FILE", "TIME_COND_PROJ_DIM"]
+__all__ = ["load_text_teacher", "make_diffusers_student", "student_unet", "student_scheduler", "pipeline_sigmas",
+           "save_diffusers_student", "load_diffusers_student", "teacher_latents", "prompt_batches", "STUDENT_FILE",
+           "TIME_COND_PROJ_DIM"]
