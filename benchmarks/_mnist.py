@@ -1,0 +1,25 @@
+"""Shared by the MNIST benchmarks: the bench models that benchmarks/mnist_models.py trains (`make bench-models`)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from difflab.models import load
+
+BENCH_MODELS = ("full", "0-4", "5-9")   # class-conditional (label dropout 0.1); unconditional on half the classes
+
+
+def load_bench_models(runs: Path, names=BENCH_MODELS, device: str = "cpu") -> dict:
+    """{name: denoiser} of the finished bench models in runs/<name>/model; when one is missing, one line
+    that says how to make them, and exit status 2."""
+    missing = [name for name in names if not (Path(runs) / name / "model" / "config.json").is_file()]
+    if missing:
+        print(f"MNIST bench models missing in {runs} ({', '.join(missing)}): run `make bench-models` "
+              "(or `python benchmarks/mnist_models.py --quick` and pass --runs runs/bench/mnist-quick)")
+        sys.exit(2)
+    return {name: load(Path(runs) / name / "model").to(device).eval() for name in names}
+
+
+def results_name(name: str, quick: bool) -> str:
+    """The MNIST results file of benchmark `name`: <name>_mnist.json (quick: <name>_mnist_quick.json)."""
+    return f"{name}_mnist{'_quick' if quick else ''}.json"
