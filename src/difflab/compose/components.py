@@ -125,6 +125,14 @@ class Components:
         lows, highs = [v for v in lows if v is not None], [v for v in highs if v is not None]
         return (max(lows) if lows else None, min(highs) if highs else None)
 
+    @property
+    def sigma_min(self) -> float | None:
+        return self.sigma_range[0]
+
+    @property
+    def sigma_max(self) -> float | None:
+        return self.sigma_range[1]
+
     def check_shape(self, x: Tensor) -> None:
         for i, d in enumerate(self.denoisers):
             shape = getattr(d, "data_shape", None)

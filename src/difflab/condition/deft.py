@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from difflab.condition.operators import Operator, operator_from_config
-from difflab.condition.sigmas import model_sigma_range, truncated_log_normal
+from difflab.condition.sigmas import truncated_log_normal
 from difflab.core.denoiser import append_dims, sigma_batch
 from difflab.core.errors import AddonMismatchError, ConfigError, ModelFormatError, ShapeError
 from difflab.core.fingerprint import fingerprint
@@ -41,6 +41,7 @@ from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.models import check_base_model, register_kind
 from difflab.nets import CUNet, UNet
 from difflab.nets.embeddings import sinusoidal_embedding
+from difflab.sampling.grids import model_sigma_range
 from difflab.train.contract import FitResult, StepCallback
 from difflab.train.loop import TrainConfig, data_fingerprint, fit
 

@@ -14,15 +14,14 @@ from torch import Tensor, nn
 from difflab.condition.deft import DEFTDenoiser, HNetwork
 from difflab.condition.guidance import DPS, PiGDM
 from difflab.condition.operators import HDR, Blur, Inpaint, Operator, PhaseRetrieval, Radon, SuperResolution
-from difflab.condition.sigmas import model_sigma_range
 from difflab.core.errors import ConfigError, UnknownNameError
 from difflab.metrics.images import psnr, ssim  # noqa: F401  (re-exported: reconstruct's API)
 from difflab.sampling import sample, seeded_noise, sigmas_for_nfe
+from difflab.sampling.grids import EDM_RANGE, model_sigma_range
 
 TASKS = ("inpaint", "superres", "blur", "hdr", "phase", "ct")
 METHODS = ("deft", "dps", "pigdm", "uncond")
 DPS_ZETA, PIGDM_WEIGHT = 0.3, 1.0   # the documented defaults (guidance.py)
-EDM_RANGE = (0.002, 80.0)           # the grid's default ends (Karras et al. 2022) inside a model's own range
 
 
 def make_operator(task: str, shape: Sequence[int], sigma_y: float = 0.05, mask: str = "box", fraction: float = 0.5,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -144,6 +145,39 @@ def get_sigmas(kind: str, n: int, sigma_min: float = 0.002, sigma_max: float = 8
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ConfigError(f"rho must be a finite number > 0 (7 is Karras et al.'s choice), got {rho!r}")
     return GRIDS[kind](int(n), float(sigma_min), float(sigma_max), float(rho))
+
+
+RANGE_TOLERANCE = 1e-5   # relative: the float32 round-off of a table's end points (as check_grid allows)
+EDM_RANGE = (0.002, 80.0)   # the default grid ends (Karras et al. 2022), clipped to a model's own range
+
+
+def _declared(model: Any) -> tuple[float, float]:
+    """The model's declared [sigma_min, sigma_max]; [0, ∞) where it declares none."""
+    low, high = getattr(model, "sigma_min", None), getattr(model, "sigma_max", None)
+    return (0.0 if low is None else float(low)), (math.inf if high is None else float(high))
+
+
+def model_sigma_range(model: Any, sigma_min: float | None = None, sigma_max: float | None = None,
+                      default: tuple[float, float] = (0.0, math.inf)) -> tuple[float, float]:
+    """The σ range [low, high] to use with `model`: each end as asked, or (None) the model's declared end
+    clipped to `default`'s. Raises SigmaRangeError, naming both ranges, when an asked end is not finite and
+    positive, or the range is empty or leaves the model's (call it before any work: a table model would
+    refuse such a σ mid-run)."""
+    model_low, model_high = _declared(model)
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if value is not None and not 0 < float(value) < math.inf:
+            raise SigmaRangeError(f"{name} must be a finite number > 0, got {value}; "
+                                  f"the model's range is [{model_low:.4g}, {model_high:.4g}]")
+    low = max(model_low, default[0]) if sigma_min is None else float(sigma_min)
+    high = min(model_high, default[1]) if sigma_max is None else float(sigma_max)
+    asked = f"the sigma range [{low:.4g}, {high:.4g}]"
+    model_text = f"the model's range [{model_low:.4g}, {model_high:.4g}]"
+    if not 0 <= low < high:
+        raise SigmaRangeError(f"{asked} is empty; choose sigma_min < sigma_max inside {model_text}")
+    if low < model_low * (1 - RANGE_TOLERANCE) or high > model_high * (1 + RANGE_TOLERANCE):
+        raise SigmaRangeError(f"{asked} is outside {model_text}; pass sigma_min / sigma_max inside it "
+                              "(or leave them unset to use the model's)")
+    return max(low, model_low), min(high, model_high)
 
 
 def check_grid(sigmas: Tensor, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:

@@ -260,10 +260,10 @@ def _sample(components, decode, mode, sde, nfe, temperature, bias, noise_correct
 
     from difflab.compose import superdiff
     from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
+    from difflab.sampling.grids import EDM_RANGE, model_sigma_range
 
     data_shape = tuple(components.denoisers[0].data_shape)
-    sigma_min, sigma_max = components.sigma_range
-    sigmas = get_sigmas("karras", nfe + 1, max(sigma_min or 0.002, 0.002), min(sigma_max or 80.0, 80.0))
+    sigmas = get_sigmas("karras", nfe + 1, *model_sigma_range(components, default=EDM_RANGE))
     xs, images, log_qs, kappas, calls = [], [], [], [], 0
     # the ODE's divergence and AND's noise correction use JVPs (reverse mode where torch.func cannot trace)
     grad_mode = torch.no_grad() if sde and not noise_correction else torch.enable_grad()

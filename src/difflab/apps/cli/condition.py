@@ -133,8 +133,8 @@ def fit(
 ) -> None:
     """Fit a DEFT h-network for a frozen model and a task; saves it as an add-on naming both."""
     from difflab.condition.deft import DEFTConfig, fit_deft, parameter_fraction
-    from difflab.condition.sigmas import model_sigma_range
     from difflab.data import TOY_DATASETS, model_dataset
+    from difflab.sampling.grids import model_sigma_range
 
     check_output(out, force)
     dev = resolve_device(device)
@@ -205,10 +205,10 @@ def run(
     """Reconstruct from measurements with DEFT, DPS, ΠGDM (or the unconditional floor)."""
     from difflab.condition.deft import load_hnet
     from difflab.condition.operators import operator_from_config
-    from difflab.condition.reconstruct import EDM_RANGE, make_denoiser, psnr, reconstruct, ssim, summarise
+    from difflab.condition.reconstruct import make_denoiser, psnr, reconstruct, ssim, summarise
     from difflab.condition.reconstruct import simulate as simulate_measurement
-    from difflab.condition.sigmas import model_sigma_range
     from difflab.sampling import sigmas_for_nfe
+    from difflab.sampling.grids import EDM_RANGE, model_sigma_range
 
     check_output(out, force, (".npz", ".png"))
     if (input is None) == (simulate is None):

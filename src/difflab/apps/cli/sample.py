@@ -219,9 +219,9 @@ def _solver_runner(denoiser, solver: str, nfe: int, grid: str, afs: bool, to_zer
     """A batch sampler for a registered solver on the grid that spends exactly `nfe`."""
     from difflab.sampling import PerSampleGenerator, seeded_noise, sigmas_for_nfe
     from difflab.sampling import sample as run_sample
+    from difflab.sampling.grids import EDM_RANGE, model_sigma_range
 
-    sigma_min = max(getattr(denoiser, "sigma_min", 0.002) or 0.002, 0.002)
-    sigma_max = min(getattr(denoiser, "sigma_max", 80.0), 80.0)
+    sigma_min, sigma_max = model_sigma_range(denoiser, default=EDM_RANGE)
     sigmas = sigmas_for_nfe(solver, nfe, grid, sigma_min, sigma_max, afs=afs, to_zero=to_zero)
 
     def run(seeds, shape, device, cond):
