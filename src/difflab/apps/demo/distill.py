@@ -37,23 +37,25 @@ def class_labels_for(n: int, device: str | torch.device = "cpu") -> Tensor:
 
 
 def guided_samples(model: Callable[..., Tensor], n: int, steps: int, w: float, seed: int = 0,
-                   device: str | torch.device = "cpu", stochastic: bool = False, sigma_max: float = 80.0) -> Tensor:
-    """n class-balanced samples [n, 1, 8, 8] of a model taking (w, class_labels), `steps` DDIM steps on the
-    cosine grid; sample i from seed + i (so teacher and student start from the same noise)."""
+                   device: str | torch.device = "cpu", stochastic: bool = False, sigma_max: float = 80.0,
+                   shape: tuple[int, ...] = (1, 8, 8)) -> Tensor:
+    """n class-balanced samples [n, *shape] (digits: [n, 1, 8, 8]) of a model taking (w, class_labels), `steps`
+    DDIM steps on the cosine grid; sample i from seed + i (so teacher and student start from the same noise)."""
     seeds = list(range(seed, seed + n))
     sigmas = student_sigmas(steps, sigma_max)
-    x = seeded_noise(seeds, (1, 8, 8), float(sigmas[0]), device=device)
+    x = seeded_noise(seeds, tuple(shape), float(sigmas[0]), device=device)
     cond = {"w": torch.full((n,), float(w), device=device), "class_labels": class_labels_for(n, device)}
     with torch.no_grad():
         return run_sampler(model, x, sigmas, stochastic, per_sample_generator(seeds), **cond).cpu()
 
 
-def evaluate(samples: Tensor) -> dict:
-    """Class accuracy (the digit classifier agrees with the requested class i mod 10) and Fréchet distance."""
-    from difflab.metrics import digits_frechet, get_digit_classifier
+def evaluate(samples: Tensor, dataset: str = "digits") -> dict:
+    """Class accuracy (the classifier of `dataset` agrees with the requested class i mod 10) and Fréchet
+    distance (its features, against the test split). samples: [N, 1, S, S]."""
+    from difflab.metrics import class_accuracy, frechet
 
-    accuracy = get_digit_classifier().accuracy(samples, class_labels_for(len(samples)))
-    return {"accuracy": round(accuracy, 3), "frechet": round(digits_frechet(samples), 2)}
+    accuracy = class_accuracy(dataset, samples, class_labels_for(len(samples)))
+    return {"accuracy": round(accuracy, 3), "frechet": round(frechet(dataset, samples), 2)}
 
 
 def classes_by_steps_figure(panels: dict[str, dict[int, Tensor]], path: Path, title: str = "") -> Path:
@@ -71,10 +73,12 @@ def classes_by_steps_figure(panels: dict[str, dict[int, Tensor]], path: Path, ti
     for ax, (name, by_steps) in zip(axes[0], panels.items()):
         steps = sorted(by_steps)
         cells = torch.stack([by_steps[s][c] for c in range(NUM_CLASSES) for s in steps])   # row-major: class, steps
+        side = cells.shape[-1]   # one image and its 1-pixel gap per grid cell
         ax.imshow(image_grid(cells, ncol=len(steps)), cmap="gray", interpolation="nearest")
         ax.set_title(name, fontsize=9)
-        ax.set_xticks([4 + 9 * j for j in range(len(steps))], [str(s) for s in steps], fontsize=7)
-        ax.set_yticks([4 + 9 * c for c in range(NUM_CLASSES)], [str(c) for c in range(NUM_CLASSES)], fontsize=7)
+        ax.set_xticks([side // 2 + (side + 1) * j for j in range(len(steps))], [str(s) for s in steps], fontsize=7)
+        ax.set_yticks([side // 2 + (side + 1) * c for c in range(NUM_CLASSES)], [str(c) for c in range(NUM_CLASSES)],
+                      fontsize=7)
         ax.set_xlabel("steps", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
