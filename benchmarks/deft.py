@@ -1,27 +1,52 @@
 """Benchmark: DEFT vs DPS vs ΠGDM vs the unconditional floor on held-out digits (docs/methods/deft.md).
 
-Base: the demo's digits U-Net (trained once and cached under --cache; the 100-step model with
---quick, as benchmarks/solvers.py). For each task, with measurement noise σ_y = 0.05,
+--dataset digits (default): the demo's digits U-Net (trained once and cached under --cache; the 100-step
+model with --quick, as benchmarks/solvers.py), 8×8 images, three tasks:
 
     inpaint   the right half of each digit hidden (box mask)
     superres  ×2 average pooling (8×8 → 4×4)
     blur      Gaussian kernel 5×5, std 1 px
 
-a DEFT h-network is fitted on the training split (base frozen), then every method reconstructs the
-held-out digits from the same measurements and the same per-sample noise, with the same solver and
-the same number of model evaluations (Heun; DPS and ΠGDM add a VJP through the base per evaluation,
-DEFT one small h-network call). Reported: PSNR and SSIM against the truth (mean ± s.e.), the digit
-classifier's accuracy on the reconstructions, the sampling time per image, the total time for 1,000
-reconstructions (DEFT: its fitting time included; the others: sampling only, extrapolated from the
-measured per-image time), and the h-network's parameters as a fraction of the base's.
+--dataset mnist: real 28×28 MNIST digits and the class-conditional bench model `full` of
+benchmarks/mnist_models.py (from --runs; missing: `make bench-models`, exit 2) used unconditionally
+(no class label: its null class −1), five tasks:
 
-Prints one markdown table per task, writes benchmarks/results/deft.json (deft_quick.json with
---quick) and a figure measurement | DEFT | DPS | ΠGDM | truth (3 digits per task).
+    inpaint_box     the right half hidden          superres2   ×2 average pooling (28 → 14)
+    inpaint_random  half the pixels hidden, a      superres4   ×4 average pooling (28 → 7)
+                    fresh random mask per image    blur        Gaussian kernel 9×9, std 2 px
 
-    OMP_NUM_THREADS=2 python benchmarks/deft.py [--quick] [--out-dir DIR] [--cache DIR]
+For each task, with measurement noise σ_y = 0.05, a DEFT h-network is fitted on the training split
+(base frozen), then every method reconstructs held-out digits from the same measurements and the same
+per-sample noise, with the same solver and the same number of model evaluations (Heun; DPS and ΠGDM
+add a VJP through the base per evaluation, DEFT one small h-network call). Reported: PSNR and SSIM
+against the truth (mean ± s.e.), the classifier's accuracy on the reconstructions (MNIST: also their
+Fréchet distance in classifier features against the test split, beside the real-data floor at the same
+n), the sampling time per image, the h-network's parameters as a fraction of the base's, and the total
+time for 1,000 reconstructions (DEFT: its fitting time included; the others: sampling only, from the
+measured per-image time). With MNIST, each method also runs a small NFE sweep on the first images
+(DPS's reaches further) and the 1,000-image total is taken at the NFE of its best PSNR.
+A "goals" block (the paper's: DEFT sampling ≥ 3× faster than DPS at equal NFE, its total including the
+fit below DPS's, a better PSNR than both baselines, an h-network ≤ 10% of the base) gives each goal's
+figure (the worst task) and met / missed.
 
---quick (~2 minutes on 2 cores): the 100-step base, 60 fitting steps of 32 pairs, 16 digits, 9 NFE.
-Full: the 500-step base, 2,000 fitting steps of 64 pairs, all 297 held-out digits, 19 NFE.
+Prints one markdown table per task, writes benchmarks/results/deft[_quick].json (MNIST:
+deft_mnist[_quick].json, "dataset": "mnist") and a figure measurement | DEFT | DPS | ΠGDM | truth.
+
+    OMP_NUM_THREADS=2 python benchmarks/deft.py [--quick] [--dataset digits|mnist] [--runs DIR]
+                                                [--device cpu|cuda] [--out-dir DIR] [--cache DIR]
+
+digits --quick (~2 minutes on 2 cores): the 100-step base, 60 fitting steps of 32 pairs, 16 digits, 9 NFE.
+digits full: the 500-step base, 2,000 fitting steps of 64 pairs, all 297 held-out digits, 19 NFE.
+mnist --quick (a smoke run, 2–5 minutes on 2 shared cores, with --runs runs/bench/mnist-quick):
+8 digits, 20 fitting steps of 16 pairs, 5 NFE, sweep NFE 3–9.
+mnist full (the headline; expected CPU time about 2–4 hours on 2 cores, scaled from the quick run's per-step
+and per-image times: per task a fit of 10–25 min, the equal-NFE runs ~7 min and the sweeps ~8 min; much less
+on a GPU with --device cuda):
+
+    OMP_NUM_THREADS=2 python benchmarks/deft.py --dataset mnist --runs runs/bench/mnist
+
+100 test digits, 1,000 fitting steps of 32 pairs per task, Heun 19 NFE for the equal-NFE comparison,
+NFE sweep {5, 9, 19, 39} (DPS {9, 19, 39, 79}) on the first 32 digits.
 """
 from __future__ import annotations
 
@@ -49,105 +74,276 @@ from difflab.condition.reconstruct import (
     ssim,
     summarise,
 )
-from difflab.data import load_digits
-from difflab.metrics import get_digit_classifier
+from difflab.data import load_digits, load_mnist
+from difflab.metrics import frechet, frechet_floor, get_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _mnist import load_bench_models, results_name  # noqa: E402  (the MNIST bench models)
 from solvers import digits_model  # noqa: E402  (the demo's digits U-Net, cached; shared by the benchmarks)
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = {"inpaint": {"mask": "box", "fraction": 0.5}, "superres": {"factor": 2},
-         "blur": {"kernel_size": 5, "kernel_std": 1.0}}
+# benchmark task name -> (operator, its options)
+TASKS = {"digits": {"inpaint": ("inpaint", {"mask": "box", "fraction": 0.5}),
+                    "superres": ("superres", {"factor": 2}),
+                    "blur": ("blur", {"kernel_size": 5, "kernel_std": 1.0})},
+         "mnist": {"inpaint_box": ("inpaint", {"mask": "box", "fraction": 0.5}),
+                   "inpaint_random": ("inpaint", {"mask": "random", "fraction": 0.5}),
+                   "superres2": ("superres", {"factor": 2}),
+                   "superres4": ("superres", {"factor": 4}),
+                   "blur": ("blur", {"kernel_size": 9, "kernel_std": 2.0})}}
 METHODS = ("deft", "dps", "pigdm", "uncond")
 LABELS = {"deft": "DEFT", "dps": "DPS", "pigdm": "ΠGDM", "uncond": "unconditional"}
 SIGMA_Y = 0.05
+# (n test images, fit steps, fit batch, NFE of the equal-NFE comparison, sweep images, NFE sweep per method)
+SETTINGS = {("digits", True): (16, 60, 32, 9, 0, {}),
+            ("digits", False): (297, 2000, 64, 19, 0, {}),
+            ("mnist", True): (8, 20, 16, 5, 8, {"deft": (3, 5), "pigdm": (3, 5), "dps": (3, 5, 9)}),
+            ("mnist", False): (100, 1000, 32, 19, 32, {"deft": (5, 9, 19, 39), "pigdm": (5, 9, 19, 39),
+                                                      "dps": (9, 19, 39, 79)})}
+GOAL_SPEEDUP, GOAL_HNET_SHARE = 3.0, 0.10
 
 
-def run_task(base, task: str, options: dict, n: int, fit_steps: int, fit_batch: int, nfe: int, zeta: float,
-             seed: int, log) -> tuple[dict, dict]:
-    operator = make_operator(task, (1, 8, 8), sigma_y=SIGMA_Y, **options)
-    log(f"  fitting DEFT for {task} ({fit_steps} steps × {fit_batch} pairs)")
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every code path (smaller everything)")
+    parser.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench" / "mnist",
+                        help="MNIST: the bench models' folder (runs/bench/mnist-quick for smoke runs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench",
+                        help="digits: where the digits model is cached (reused if present)")
+    parser.add_argument("--zeta", type=float, default=DPS_ZETA, help="DPS step size")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    (args.n, args.fit_steps, args.fit_batch, args.nfe, args.n_sweep,
+     args.sweep) = SETTINGS[(args.dataset, args.quick)]
+    return args
+
+
+def load_base(args: argparse.Namespace, log) -> tuple[torch.nn.Module, float, dict]:
+    """(frozen base denoiser, its training seconds, what it is) for the data set."""
+    if args.dataset == "mnist":
+        base = load_bench_models(args.runs, ("full",), args.device)["full"].requires_grad_(False)
+        record_path = args.runs / "full" / "run.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        log(f"MNIST bench model `full` from {args.runs}, used unconditionally (null class)")
+        return base, float(record.get("train_seconds", 0.0)), {"base": "mnist full (null class)",
+                                                               "runs": str(args.runs)}
+    base_steps = 100 if args.quick else DIGITS_STEPS
+    log(f"digits model ({base_steps} steps, cached in {args.cache})")
+    base, seconds = digits_model(args.cache / ("digits" if base_steps == DIGITS_STEPS else f"digits-{base_steps}"),
+                                 base_steps, args.seed)
+    return base.to(args.device), seconds, {"base_steps": base_steps}
+
+
+def split(dataset: str, name: str):
+    return load_mnist(name) if dataset == "mnist" else load_digits(name)
+
+
+# ----- one task ----------------------------------------------------------------------------------------
+def fit_hnet(base, operator, args: argparse.Namespace, log) -> tuple[torch.nn.Module, float, float]:
+    """(h-network, wall seconds, this process's CPU seconds) of one fit. CPU seconds far below wall × threads
+    mean other processes shared the cores: the 8×8 inpainting fit's 10× wall time in the 2,000-step run
+    was that (profiled: the same CPU time per step as super-resolution's within 5%)."""
+    log(f"  fitting DEFT ({args.fit_steps} steps × {args.fit_batch} pairs)")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    config = DEFTConfig(train_steps=args.fit_steps, batch_size=args.fit_batch, seed=args.seed, device=args.device,
+                        checkpoint_every=args.fit_steps)
+    hnet = fit_deft(base, operator, split(args.dataset, "train").x.to(args.device), config).model
+    return hnet, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def run_method(method: str, base, operator, hnet, y, shape, nfe: int, args: argparse.Namespace, n: int):
+    """(reconstructions [n, *shape] on the CPU, seconds per image) of one method at one NFE."""
+    denoiser = make_denoiser(method, base, operator, hnet, zeta=args.zeta, weight=PIGDM_WEIGHT)
     start = time.perf_counter()
-    config = DEFTConfig(train_steps=fit_steps, batch_size=fit_batch, seed=seed, device="cpu",
-                        checkpoint_every=fit_steps)
-    hnet = fit_deft(base, operator, load_digits("train").x, config).model
-    fit_seconds = time.perf_counter() - start
-    test = load_digits("test")
-    truth, labels = test.x[:n], test.labels[:n]
-    batch_operator, y = simulate(operator, truth, seed)
-    classifier = get_digit_classifier()
-    rows, images = {}, {"measurement": batch_operator.image_input(y)}
+    x = reconstruct(denoiser, y[:n], range(args.seed, args.seed + n), shape, "heun", nfe,
+                    conditional=method != "uncond")
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return x.cpu(), (time.perf_counter() - start) / n
+
+
+def sweep(base, operator, hnet, y, truth, shape, args: argparse.Namespace, equal_nfe: dict, log) -> dict:
+    """{method: {"psnr": {nfe: mean}, "seconds_per_image": {nfe: s}, "best_nfe": nfe}} on the first n_sweep
+    images; the equal-NFE run's first images stand in for that NFE (samples depend only on their seeds)."""
+    n, rows = args.n_sweep, {}
+    for method, nfes in args.sweep.items():
+        psnrs, seconds = {}, {}
+        for nfe in nfes:
+            if nfe == args.nfe:
+                psnrs[nfe], seconds[nfe] = float(equal_nfe[method]["psnr_values"][:n].mean()), \
+                    equal_nfe[method]["seconds_per_image"]
+                continue
+            x, seconds[nfe] = run_method(method, base, operator, hnet, y, shape, nfe, args, n)
+            psnrs[nfe] = float(psnr(x, truth[:n]).mean())
+            log(f"    sweep {method} NFE {nfe}: PSNR {psnrs[nfe]:.2f}, {seconds[nfe] * 1e3:.1f} ms/image")
+        best = max(psnrs, key=psnrs.get)
+        rows[method] = {"psnr": {k: round(v, 3) for k, v in psnrs.items()},
+                        "seconds_per_image": {k: round(v, 5) for k, v in seconds.items()}, "best_nfe": best}
+    return rows
+
+
+def run_task(base, task: str, args: argparse.Namespace, log) -> tuple[dict, dict]:
+    operator_name, options = TASKS[args.dataset][task]
+    test = split(args.dataset, "test")
+    shape = tuple(test.x.shape[1:])
+    operator = make_operator(operator_name, shape, sigma_y=SIGMA_Y, **options)
+    hnet, fit_seconds, fit_cpu_seconds = fit_hnet(base, operator, args, log)
+    truth, labels = test.x[:args.n], test.labels[:args.n]
+    batch_operator, y = simulate(operator, truth.to(args.device), args.seed)
+    classifier = get_classifier(args.dataset)
+    rows, images = {}, {"measurement": batch_operator.image_input(y).cpu()}
     for method in METHODS:
-        denoiser = make_denoiser(method, base, batch_operator, hnet, zeta=zeta, weight=PIGDM_WEIGHT)
-        start = time.perf_counter()
-        x = reconstruct(denoiser, y, range(seed, seed + n), (1, 8, 8), "heun", nfe, conditional=method != "uncond")
-        seconds = (time.perf_counter() - start) / n
-        total_1000 = 1000 * seconds + (fit_seconds if method == "deft" else 0.0)
-        rows[method] = {"psnr": summarise(psnr(x, truth)), "ssim": summarise(ssim(x, truth)),
+        x, seconds = run_method(method, base, batch_operator, hnet, y, shape, args.nfe, args, args.n)
+        psnr_values = psnr(x, truth)
+        rows[method] = {"psnr": summarise(psnr_values), "ssim": summarise(ssim(x, truth)),
                         "classifier_accuracy": round(classifier.accuracy(x, labels), 4),
-                        "seconds_per_image": round(seconds, 5), "seconds_for_1000": round(total_1000, 1)}
+                        "seconds_per_image": round(seconds, 5),
+                        "seconds_for_1000": round(1000 * seconds + (fit_seconds if method == "deft" else 0.0), 1),
+                        "psnr_values": psnr_values}
+        if args.dataset == "mnist":
+            rows[method]["frechet"] = round(frechet("mnist", x), 3)
         images[LABELS[method]] = x
         log(f"    {method}: PSNR {rows[method]['psnr']['mean']:.2f}, {seconds * 1e3:.1f} ms/image")
     images["truth"] = truth
-    result = {"operator": operator.config() | {"mask": None}, "fit_steps": fit_steps, "fit_batch": fit_batch,
-              "fit_seconds": round(fit_seconds, 1), "hnet_parameters": sum(p.numel() for p in hnet.parameters()),
-              "hnet_fraction_of_base": round(parameter_fraction(hnet, base), 4), "methods": rows,
-              "speedup_deft_vs_dps": round(rows["dps"]["seconds_per_image"] / rows["deft"]["seconds_per_image"], 2),
-              "speedup_deft_vs_pigdm": round(rows["pigdm"]["seconds_per_image"] / rows["deft"]["seconds_per_image"], 2)}
+    result = {"operator": operator.config() | {"mask": None}, "fit_steps": args.fit_steps,
+              "fit_batch": args.fit_batch, "fit_seconds": round(fit_seconds, 1),
+              "fit_cpu_seconds": round(fit_cpu_seconds, 1),
+              "hnet_parameters": sum(p.numel() for p in hnet.parameters()),
+              "hnet_fraction_of_base": round(parameter_fraction(hnet, base), 4)}
+    if args.sweep:
+        # sweeps run on the first n_sweep measurements with their own masks: slice the batch operator's
+        result["sweep"] = sweep(base, batch_operator_slice(batch_operator, args.n_sweep), hnet, y[:args.n_sweep],
+                                truth, shape, args, rows, log)
+        result["best_nfe_totals"] = best_nfe_totals(result["sweep"], fit_seconds)
+        result["frechet_floor"] = round(frechet_floor("mnist", args.n), 3)
+    for row in rows.values():
+        row.pop("psnr_values")
+    result |= {"methods": rows,
+               "speedup_deft_vs_dps": round(rows["dps"]["seconds_per_image"] / rows["deft"]["seconds_per_image"], 2),
+               "speedup_deft_vs_pigdm": round(rows["pigdm"]["seconds_per_image"] / rows["deft"]["seconds_per_image"],
+                                              2)}
     return result, images
 
 
+def batch_operator_slice(operator, n: int):
+    """The operator of the first n samples (a per-sample mask sliced; a shared one kept)."""
+    mask = operator.mask
+    if mask is None or mask.ndim == len(getattr(operator, "shape", ())) or len(mask) == n:
+        return operator
+    return type(operator)(mask[:n], operator.sigma_y, operator.kind, operator.fraction, operator.shape)
+
+
+def best_nfe_totals(sweep_rows: dict, fit_seconds: float) -> dict:
+    """{method: {nfe, psnr, seconds_for_1000}}: each method at the NFE of its best PSNR, DEFT's fit included."""
+    totals = {}
+    for method, row in sweep_rows.items():
+        nfe = row["best_nfe"]
+        seconds = 1000 * row["seconds_per_image"][nfe] + (fit_seconds if method == "deft" else 0.0)
+        totals[method] = {"nfe": nfe, "psnr": row["psnr"][nfe], "seconds_for_1000": round(seconds, 1)}
+    return totals
+
+
+# ----- goals and tables --------------------------------------------------------------------------------
+def goals(results: dict) -> dict:
+    """The paper's four goals: each one's figure on the worst task, per-task figures, met or missed. PSNR and
+    the 1,000-image totals at each method's best NFE where a sweep ran, else at the equal NFE."""
+    def at_best(result: dict, method: str, key: str):
+        if "best_nfe_totals" in result:
+            return result["best_nfe_totals"][method][key]
+        row = result["methods"][method]
+        return row["psnr"]["mean"] if key == "psnr" else row[key]
+
+    per_task = {
+        "speedup": {t: r["speedup_deft_vs_dps"] for t, r in results.items()},
+        "total_ratio": {t: round(at_best(r, "deft", "seconds_for_1000") / at_best(r, "dps", "seconds_for_1000"), 3)
+                        for t, r in results.items()},
+        "psnr_margin": {t: round(at_best(r, "deft", "psnr") - max(at_best(r, "dps", "psnr"),
+                                                                  at_best(r, "pigdm", "psnr")), 3)
+                        for t, r in results.items()},
+        "share": {t: r["hnet_fraction_of_base"] for t, r in results.items()}}
+    figures = {"speedup": min(per_task["speedup"].values()), "total_ratio": max(per_task["total_ratio"].values()),
+               "psnr_margin": min(per_task["psnr_margin"].values()), "share": max(per_task["share"].values())}
+    spec = {"speedup": ("deft_sampling_speedup_vs_dps_at_equal_nfe", f"≥ {GOAL_SPEEDUP}",
+                        figures["speedup"] >= GOAL_SPEEDUP),
+            "total_ratio": ("deft_total_incl_fit_over_dps_total_for_1000", "< 1", figures["total_ratio"] < 1),
+            "psnr_margin": ("deft_psnr_minus_best_baseline_db", "> 0", figures["psnr_margin"] > 0),
+            "share": ("hnet_parameters_share_of_base", f"≤ {GOAL_HNET_SHARE}", figures["share"] <= GOAL_HNET_SHARE)}
+    return {name: {"goal": target, "figure": figures[key], "per_task": per_task[key],
+                   "status": "met" if met else "missed"} for key, (name, target, met) in spec.items()}
+
+
 def table(task: str, result: dict) -> str:
+    has_fd = "frechet" in result["methods"]["deft"]
     lines = [f"### {task} (DEFT fit: {result['fit_steps']} steps, {result['fit_seconds']} s; h-network "
              f"{100 * result['hnet_fraction_of_base']:.1f}% of the base)", "",
-             "| method | PSNR ↑ | SSIM ↑ | classifier acc. ↑ | ms / image | s for 1,000 (incl. fit) |",
-             "|---|---|---|---|---|---|"]
+             "| method | PSNR ↑ | SSIM ↑ | classifier acc. ↑ |" + (" FD ↓ |" if has_fd else "") +
+             " ms / image | s for 1,000 (incl. fit) |",
+             "|---|---|---|---|---|---|" + ("---|" if has_fd else "")]
     for method, row in result["methods"].items():
+        fd = f" {row['frechet']:.2f} |" if has_fd else ""
         lines.append(f"| {LABELS[method]} | {row['psnr']['mean']:.2f} ± {row['psnr']['sem']:.2f} | "
-                     f"{row['ssim']['mean']:.3f} ± {row['ssim']['sem']:.3f} | {row['classifier_accuracy']:.3f} | "
-                     f"{1e3 * row['seconds_per_image']:.1f} | {row['seconds_for_1000']:.0f} |")
-    lines.append(f"\nsampling speed-up of DEFT: ×{result['speedup_deft_vs_dps']} vs DPS, "
-                 f"×{result['speedup_deft_vs_pigdm']} vs ΠGDM")
+                     f"{row['ssim']['mean']:.3f} ± {row['ssim']['sem']:.3f} | {row['classifier_accuracy']:.3f} |"
+                     f"{fd} {1e3 * row['seconds_per_image']:.1f} | {row['seconds_for_1000']:.0f} |")
+    lines.append(f"\nsampling speed-up of DEFT at equal NFE: ×{result['speedup_deft_vs_dps']} vs DPS, "
+                 f"×{result['speedup_deft_vs_pigdm']} vs ΠGDM" +
+                 (f"; FD floor of real digits at this n: {result['frechet_floor']:.2f}" if has_fd else ""))
+    if "sweep" in result:
+        lines += ["", "| method | PSNR by NFE | best NFE | ms / image there | s for 1,000 there (incl. fit) |",
+                  "|---|---|---|---|---|"]
+        for method, row in result["sweep"].items():
+            best = result["best_nfe_totals"][method]
+            by_nfe = ", ".join(f"{nfe}: {value:.2f}" for nfe, value in row["psnr"].items())
+            lines.append(f"| {LABELS[method]} | {by_nfe} | {best['nfe']} | "
+                         f"{1e3 * row['seconds_per_image'][best['nfe']]:.1f} | {best['seconds_for_1000']:.0f} |")
+    return "\n".join(lines)
+
+
+def goals_table(goal_rows: dict) -> str:
+    lines = ["### goals (figure: the worst task)", "", "| goal | target | figure | status |", "|---|---|---|---|"]
+    lines += [f"| {name} | {row['goal']} | {row['figure']} | {row['status']} |" for name, row in goal_rows.items()]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a ~2-minute run (smaller everything)")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench",
-                        help="where the digits model is cached (reused if present)")
-    parser.add_argument("--zeta", type=float, default=DPS_ZETA, help="DPS step size")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parse_args()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     wall_start, load_start = time.perf_counter(), os.getloadavg()
-    base_steps = 100 if args.quick else DIGITS_STEPS
-    n, fit_steps, fit_batch, nfe = (16, 60, 32, 9) if args.quick else (297, 2000, 64, 19)
-    log(f"digits model ({base_steps} steps, cached in {args.cache})")
-    base, base_seconds = digits_model(args.cache / ("digits" if base_steps == DIGITS_STEPS else f"digits-{base_steps}"),
-                                      base_steps, args.seed)
+    base, base_seconds, base_info = load_base(args, log)
+    get_classifier(args.dataset)   # trained once and cached, before any timing
     results, figure_columns = {}, {}
-    for task, options in TASKS.items():
+    for task in TASKS[args.dataset]:
         log(f"task {task}")
-        results[task], images = run_task(base, task, options, n, fit_steps, fit_batch, nfe, args.zeta, args.seed, log)
+        results[task], images = run_task(base, task, args, log)
         for label in ("measurement", "DEFT", "DPS", "ΠGDM", "truth"):
             figure_columns.setdefault(label, []).append(images[label][:3])
         print(table(task, results[task]) + "\n", flush=True)
-    suffix = "_quick" if args.quick else ""
+    goal_rows = goals(results)
+    print(goals_table(goal_rows), flush=True)
+    write_report(args, base, base_seconds, base_info, results, goal_rows, figure_columns, wall_start, load_start, log)
+
+
+def write_report(args, base, base_seconds, base_info, results, goal_rows, figure_columns, wall_start, load_start,
+                 log) -> None:
+    stem = Path(results_name("deft", args.quick)).stem if args.dataset == "mnist" else \
+        f"deft{'_quick' if args.quick else ''}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    figure = args.out_dir / f"deft{suffix}.png"
+    figure = args.out_dir / f"{stem}.png"
     save_comparison({k: torch.cat(v) for k, v in figure_columns.items()}, figure,
-                    f"rows: {', '.join(TASKS)} (3 digits each); Heun, {nfe} NFE for every method")
-    report = {"quick": args.quick, "seed": args.seed, "solver": "heun", "nfe": nfe, "n_images": n,
-              "sigma_y": SIGMA_Y, "dps_zeta": args.zeta, "pigdm_weight": PIGDM_WEIGHT,
-              "base_steps": base_steps, "base_train_seconds": round(base_seconds, 1),
-              "base_parameters": sum(p.numel() for p in base.parameters()), "tasks": results,
+                    f"rows: {', '.join(TASKS[args.dataset])} (3 digits each); Heun, {args.nfe} NFE for every method")
+    report = {"dataset": args.dataset, "quick": args.quick, "seed": args.seed, "solver": "heun", "nfe": args.nfe,
+              "n_images": args.n, "sigma_y": SIGMA_Y, "dps_zeta": args.zeta, "pigdm_weight": PIGDM_WEIGHT,
+              **base_info, "base_train_seconds": round(base_seconds, 1),
+              "base_parameters": sum(p.numel() for p in base.parameters()), "tasks": results, "goals": goal_rows,
               "figure": figure.name, "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                                 "threads": torch.get_num_threads(), "loadavg_start": load_start,
-                                                 "loadavg_end": os.getloadavg()},
+                                                 "device": args.device, "threads": torch.get_num_threads(),
+                                                 "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
               "wall_seconds": round(time.perf_counter() - wall_start, 1)}
-    out = args.out_dir / f"deft{suffix}.json"
+    if args.sweep:
+        report |= {"sweep_images": args.n_sweep, "sweep_nfe": args.sweep}
+    out = args.out_dir / f"{stem}.json"
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out)
