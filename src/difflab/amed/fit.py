@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from difflab.amed.grids import GridConfig, LearnedGrid, fit_grid
 from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, amed_plugin, check_base, plugin_interval
 from difflab.amed.predictor import AMEDPredictor, ConstantPredictor, amed_points, amed_step
 from difflab.core.errors import ConfigError
@@ -140,12 +141,15 @@ def teacher_trajectory(denoiser, x_start: Tensor, teacher_sigmas: Tensor, every:
 def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondSampler | None = None,
              shape: tuple[int, ...] | None = None, out_dir: str | Path | None = None,
              callback: StepCallback | None = None, progress: bool = False,
-             resume: bool = True) -> FitResult[AMEDPredictor]:
+             resume: bool = True, grid: LearnedGrid | None = None) -> FitResult[AMEDPredictor]:
     """Fit g_φ for AMED-Solver (config.base_solver "dpm2") or AMED-Plugin on another base solver, for
     `denoiser` at config.nfe evaluations (see `AMEDConfig` for every setting).
 
     shape: the per-sample data shape (default denoiser.data_shape); cond_sampler(generator, batch_size)
     -> cond kwargs (e.g. class labels, drawn on generator.device) for a conditional model.
+    grid: a LearnedGrid (`fit_grid`, for this denoiser) of amed_points(nfe, afs) levels to fit on instead of the
+    config.grid family (AMED-Plugin on learned σ's; `grid_for_amed` fits one): the teacher refines each of its
+    intervals into M + 1 Karras steps, and the predictor records the σ's and the grid's fingerprint.
     The fit runs on the denoiser's device (config.device "auto"); an explicit other device is an
     error. The denoiser's parameters are frozen during the fit (requires_grad is restored after).
     Returns a FitResult: model = the fitted predictor (eval mode, frozen; the resolved config under
@@ -161,8 +165,13 @@ def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondS
         raise ConfigError("pass shape= (the per-sample data shape); the denoiser does not declare data_shape")
     n_points = amed_points(config.nfe, config.afs)
     n_steps = n_points - 1
-    sigmas = get_sigmas(config.grid, n_points, sigma_min, sigma_max, config.rho)
-    teacher_sigmas = get_sigmas(config.grid, (config.M + 1) * n_steps + 1, sigma_min, sigma_max, config.rho)
+    if grid is not None:
+        sigmas, config = _learned_grid(grid, denoiser, n_points, config)
+        sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
+        teacher_sigmas = refine_grid(sigmas, config.M + 1, config.rho)
+    else:
+        sigmas = get_sigmas(config.grid, n_points, sigma_min, sigma_max, config.rho)
+        teacher_sigmas = get_sigmas(config.grid, (config.M + 1) * n_steps + 1, sigma_min, sigma_max, config.rho)
     model_device = _device_of(denoiser)
     device_name = config.device
     if device_name == "auto" and model_device is not None and model_device.type in ("cpu", "cuda"):
@@ -179,7 +188,9 @@ def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondS
         predictor = AMEDPredictor(delta_c=config.delta_c, delta_a=config.delta_a, base_model=fingerprint(denoiser),
                                   nfe=config.nfe, grid=config.grid, rho=config.rho, sigma_min=sigma_min,
                                   sigma_max=sigma_max, afs=config.afs, base_solver=check_base(config.base_solver),
-                                  teacher=config.teacher_solver, M=config.M)
+                                  teacher=config.teacher_solver, M=config.M,
+                                  sigmas=None if grid is None else sigmas.tolist(),
+                                  grid_model=None if grid is None else fingerprint(grid))
 
     teacher_seconds = [0.0]
     cache: dict[tuple[int, int], tuple[list[Tensor], dict]] = {}
@@ -237,6 +248,41 @@ def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondS
         fitted.save(Path(out_dir) / "predictor", overwrite=True)
     timings = {"total": time.perf_counter() - start, "teacher": teacher_seconds[0]}
     return dataclasses.replace(result, model=fitted, timings=timings, raw_model=fitted, metrics=metrics)
+
+
+def refine_grid(sigmas: Tensor, substeps: int, rho: float = 7.0) -> Tensor:
+    """Each interval of sigmas [N] split into `substeps` steps even in σ^{1/ρ}: [(N − 1)·substeps + 1] float64 whose
+    every substeps-th level is sigmas' (on a Karras grid of the same ρ, the finer Karras grid)."""
+    inv = torch.as_tensor(sigmas, dtype=torch.float64) ** (1 / rho)
+    ramp = torch.arange(substeps, dtype=torch.float64) / substeps
+    inner = (inv[:-1, None] + ramp * (inv[1:, None] - inv[:-1, None])).flatten() ** rho
+    fine = torch.cat([inner, inv[-1:] ** rho])
+    fine[::substeps] = torch.as_tensor(sigmas, dtype=torch.float64)     # the grid's own levels exactly
+    return fine
+
+
+def _learned_grid(grid: LearnedGrid, denoiser, n_points: int, config: AMEDConfig) -> tuple[Tensor, AMEDConfig]:
+    """The grid's σ's (refused for another base model or another number of levels) and the config recording it."""
+    grid.check(denoiser)
+    sigmas = grid.sigmas.to(torch.float64)             # the levels themselves; AMED inserts its own points
+    if len(sigmas) != n_points:
+        raise ConfigError(f"AMED at NFE {config.nfe} (afs={config.afs}) runs on {n_points} levels, the learned grid "
+                          f"has {len(sigmas)} (fitted for {grid.solver} at NFE {grid.nfe}); fit one with "
+                          "difflab.amed.grid_for_amed, or ask for the NFE that grid gives")
+    return sigmas, dataclasses.replace(config, grid="learned")
+
+
+def grid_for_amed(denoiser, config: AMEDConfig, method: str = "ld3", grid_config: GridConfig = GridConfig(),
+                  **cond: Any) -> FitResult[LearnedGrid]:
+    """"Grid, then AMED": fit a grid (`fit_grid`, method gits / ld3 / ays) with the amed_points(nfe, afs) levels
+    AMED needs, for the solver an unfitted predictor is (zero head: r = ½, c = a = 1), at config.nfe and AFS as
+    config.afs: AMED-Solver is DPM-Solver-2 on the levels; AMED-Plugin is its base solver on the levels with their
+    log-midpoints inserted (GridConfig.refine). Pass the result's model to `fit_amed(..., grid=...)`."""
+    base = check_base(config.base_solver)
+    grid_config = dataclasses.replace(grid_config, afs=config.afs, refine=base != "dpm2")
+    grid_config.sigma_min = config.sigma_min if grid_config.sigma_min is None else grid_config.sigma_min
+    grid_config.sigma_max = config.sigma_max if grid_config.sigma_max is None else grid_config.sigma_max
+    return fit_grid(denoiser, base, config.nfe, method, grid_config, **cond)
 
 
 class NotImprovedWarning(UserWarning):
@@ -382,4 +428,4 @@ def _default(value: float | None, from_model: float | None, fallback: float) -> 
 
 
 __all__ = ["AMEDConfig", "BestKept", "NotImprovedWarning", "fit_amed", "teacher_trajectory", "batch_generator",
-           "heldout_generator", "warm_start"]
+           "grid_for_amed", "heldout_generator", "refine_grid", "warm_start"]

@@ -1,6 +1,7 @@
-"""Learned time grids: GITS (Chen et al., ICML 2024) and LD3 (Tong et al., ICLR 2025).
+"""Learned time grids: GITS (Chen et al., ICML 2024), LD3 (Tong et al., ICLR 2025) and Align Your Steps
+(Sabour et al., ICML 2024; its KLUB and refinement live in `difflab.amed.ays`).
 
-Both keep the solver and its NFE and move only the σ's it visits (docs/methods/grids.md):
+All keep the solver and its NFE and move only the σ's it visits (docs/methods/grids.md):
 
 - GITS, "On the trajectory regularity of ODE-based diffusion sampling": a few teacher trajectories
   on a fine grid of N levels, the cost c_ij of jumping from fine level i to j with one step of the
@@ -11,6 +12,10 @@ Both keep the solver and its NFE and move only the σ's it visits (docs/methods/
   (softmax + cumulative sum in log σ, eq. (L1)), learned by backpropagating through the K-step
   solver so that its output matches the teacher's from the same noise, with the student's start
   free in a ball of radius r·σ_max around the teacher's (soft teacher forcing, eq. (L2)).
+- AYS, "Align your steps": the Karras grid refined coordinate by coordinate to minimise the KL upper bound
+  between the true reverse SDE and its discretisation (eqs. (A3)–(A5)), estimated with the denoiser on paths of
+  the forward process from the teacher's endpoints. The bound does not depend on the solver; the held-out check
+  does.
 
 A fitted grid is a `LearnedGrid`: an add-on model (σ's, solver, NFE, method, the base model's
 fingerprint) usable as `difflab.sample(model, x, grid.sigmas, solver=grid.solver)` after
@@ -29,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difflab.amed.ays import fit_ays
+from difflab.amed.plugin import refined_sigmas
 from difflab.core.denoiser import eps
 from difflab.core.errors import ConfigError, ModelFormatError
 from difflab.core.fingerprint import fingerprint
@@ -41,8 +48,8 @@ from difflab.sampling.solvers import dpmpp_step, euler_step, heun_step
 from difflab.sampling.steps import first_eps
 from difflab.train.contract import FitResult, JSONConfig, Step, StepCallback
 
-METHODS = ("gits", "ld3")
-LD3_SOLVERS = ("euler", "heun", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m")   # differentiable in σ here
+METHODS = ("gits", "ld3", "ays")
+LD3_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m")   # differentiable in σ here
 
 
 @dataclass
@@ -51,6 +58,11 @@ class GridConfig(JSONConfig):
     Karras grid compared against and GITS's fine grid; afs: analytical first step in the solver.
     Teacher: Heun on a Karras grid of (fine_levels − 1)·teacher_substeps steps. GITS: fine_levels levels.
     LD3: train_steps Adam steps at lr over n_fit noise draws, ball radius `radius` (r), a Step every log_every.
+    AYS: the KLUB from the teacher's n_fit endpoints, each repeated klub_repeats times, klub_nodes Gauss–Legendre
+    nodes per interval, klub_rounds rounds of klub_candidates candidates per level; early_stopping: keep the round
+    whose grid gives the solver the least endpoint error on the n_fit draws (round 0: Karras).
+    refine: the solver runs on the levels with each interval's log-midpoint inserted (an unfitted AMED-Plugin on
+    that solver, `difflab.amed.grid_for_amed`); the K + 1 levels are what is learned and saved.
     n_fit / n_eval: noise draws to fit on / held out for the reported errors (seed and seed + 1)."""
 
     sigma_min: float | None = None
@@ -65,6 +77,12 @@ class GridConfig(JSONConfig):
     lr: float = 0.05
     radius: float = 0.1
     log_every: int = 25
+    klub_nodes: int = 8
+    klub_repeats: int = 4
+    klub_rounds: int = 4
+    klub_candidates: int = 8
+    refine: bool = False
+    early_stopping: bool = True
     seed: int = 0
 
 
@@ -74,28 +92,30 @@ class LearnedGrid(SavedModel, nn.Module):
     "base_error" of Karras ρ = 7, "learned_error" of this grid)."""
 
     def __init__(self, sigmas: Tensor, solver: str, nfe: int, method: str, base_model: str | None = None,
-                 afs: bool = False, metrics: dict[str, float] | None = None):
+                 afs: bool = False, metrics: dict[str, float] | None = None, refine: bool = False):
         super().__init__()
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float64).detach().clone())
         self.solver, self.nfe, self.method, self.base_model = solver, int(nfe), method, base_model
-        self.afs, self.metrics = bool(afs), dict(metrics or {})
+        self.afs, self.metrics, self.refine = bool(afs), dict(metrics or {}), bool(refine)
 
     def config(self) -> dict:
         return {"class": "LearnedGrid", "kind": "addon", "solver": self.solver, "nfe": self.nfe,
-                "method": self.method, "base_model": self.base_model, "afs": self.afs, "metrics": self.metrics}
+                "method": self.method, "base_model": self.base_model, "afs": self.afs, "metrics": self.metrics,
+                "refine": self.refine}
 
     @classmethod
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "LearnedGrid":
         try:
-            keys = ("solver", "nfe", "method", "base_model", "afs", "metrics")
+            keys = ("solver", "nfe", "method", "base_model", "afs", "metrics", "refine")
             return cls(tensors["sigmas"], **{k: config[k] for k in keys if k in config}).eval()
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFormatError(f"{path} is not a valid LearnedGrid ({err})") from err
 
     def check(self, denoiser: Any) -> Tensor:
-        """The σ's; AddonMismatchError unless `denoiser` (or a folder, a fingerprint) is the base it was fitted for."""
+        """The σ's the solver runs on (with `refine`, each interval's log-midpoint inserted: what AMED-Plugin with
+        r = ½ runs); AddonMismatchError unless `denoiser` (or a folder, a fingerprint) is the base it was fitted for."""
         check_base_model("learned grid", self.base_model, denoiser, "fit one for this model (difflab.amed.fit_grid)")
-        return self.sigmas
+        return solver_levels(self.sigmas, self.refine)
 
 
 def load_grid(path: str | Path, base_model: Any = None) -> LearnedGrid:
@@ -112,12 +132,18 @@ register_kind("LearnedGrid", LearnedGrid.from_folder)
 
 
 # ----- shared pieces: the budget, the teacher, the endpoint error ---------------------------------------
-def grid_points(solver: str, nfe: int, afs: bool = False) -> int:
-    """K + 1: the number of levels on which `solver` spends exactly `nfe` evaluations (no final σ = 0)."""
+def solver_levels(sigmas: Tensor, refine: bool) -> Tensor:
+    """The σ's a solver runs on: sigmas [K + 1], or with `refine` the [2K + 1] with every log-midpoint inserted."""
+    return refined_sigmas(sigmas) if refine else sigmas
+
+
+def grid_points(solver: str, nfe: int, afs: bool = False, refine: bool = False) -> int:
+    """K + 1: the number of levels on which `solver` spends exactly `nfe` evaluations (no final σ = 0; with
+    `refine`, on those levels and their log-midpoints)."""
     if solver not in SOLVERS or SOLVERS[solver].stochastic:
         raise ConfigError(f"fit_grid needs a deterministic registered solver, got {solver!r}; choose one of "
                           f"{sorted(name for name, spec in SOLVERS.items() if not spec.stochastic)}")
-    return points_for_nfe(nfe, lambda n: SOLVERS[solver].nfe(n, False, afs), solver)
+    return points_for_nfe(nfe, lambda n: SOLVERS[solver].nfe(2 * n - 1 if refine else n, False, afs), solver)
 
 
 @torch.no_grad()
@@ -168,21 +194,22 @@ def shortest_path_with_jumps(cost: Tensor, jumps: int) -> list[int]:
 
 
 @torch.no_grad()
-def gits_costs(denoiser, solver: str, levels: Tensor, states: list[Tensor], afs: bool, **cond: Any) -> Tensor:
+def gits_costs(denoiser, solver: str, levels: Tensor, states: list[Tensor], afs: bool, refine: bool = False,
+               **cond: Any) -> Tensor:
     """c_ij = mean_b ‖one solver step from the teacher's x_i (σ_i → σ_j) − teacher's x_j‖₂ (GITS, eq. (G1)): [N, N]."""
     n = len(levels)
     cost = torch.full((n, n), math.inf, dtype=torch.float64)
     step = SOLVERS[solver].fn
     for i in range(n - 1):
         for j in range(i + 1, n):
-            x_j = step(denoiser, states[i], levels[[i, j]], afs=afs and i == 0, **cond)
+            x_j = step(denoiser, states[i], solver_levels(levels[[i, j]], refine), afs=afs and i == 0, **cond)
             cost[i, j] = (x_j - states[j]).flatten(1).norm(dim=1).mean()
     return cost
 
 
 def _fit_gits(denoiser, solver: str, n_points: int, levels: Tensor, states: list[Tensor], config: GridConfig,
               **cond: Any) -> Tensor:
-    cost = gits_costs(denoiser, solver, levels, states, config.afs, **cond)
+    cost = gits_costs(denoiser, solver, levels, states, config.afs, config.refine, **cond)
     return levels[shortest_path_with_jumps(cost, n_points - 1)]
 
 
@@ -210,11 +237,15 @@ def student_solve(denoiser, x: Tensor, sigmas: Tensor, solver: str, afs: bool = 
     history: list = []
     for i in range(n_steps):
         sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
-        d = first_eps(denoiser, x, sigma, afs and i == 0, **cond)   # a 0-d σ keeps its gradient through `eps`
+        analytic = afs and i == 0                                    # AFS: σ_0 = σ_max is fixed, no gradient
+        d = first_eps(denoiser, x, sigma.detach() if analytic else sigma, analytic, **cond)   # 0-d σ: grad via `eps`
         if solver in ("euler", "heun"):
             x_next = euler_step(x, sigma, sigma_next, d)
             x = heun_step(x, sigma, sigma_next, d, eps(denoiser, x_next, sigma_next, **cond)) \
                 if solver == "heun" else x_next
+        elif solver == "dpm2":                                        # the slope at the log-midpoint s
+            s = (sigma * sigma_next).sqrt()
+            x = euler_step(x, sigma, sigma_next, eps(denoiser, euler_step(x, sigma, s, d), s, **cond))
         elif solver in ("ipndm", "ipndm_v"):
             history = [d] + history[:3]
             weights = ipndm_weights if solver == "ipndm" else ipndm_v_weights
@@ -236,7 +267,8 @@ def _fit_ld3(denoiser, solver: str, n_points: int, x_start: Tensor, target: Tens
     history, started, running = [], time.perf_counter(), []
     for step in range(1, config.train_steps + 1):
         sigmas = logits_to_sigmas(logits, sigma_min, sigma_max).to(x_start.dtype)
-        out = student_solve(denoiser, x_start + offset, sigmas, solver, config.afs, **cond)
+        out = student_solve(denoiser, x_start + offset, solver_levels(sigmas, config.refine), solver, config.afs,
+                            **cond)
         loss = (out - target).square().flatten(1).sum(1).mean()
         optimiser.zero_grad()
         loss.backward()
@@ -256,17 +288,18 @@ def _fit_ld3(denoiser, solver: str, n_points: int, x_start: Tensor, target: Tens
 # ----- the entry point ------------------------------------------------------------------------------
 def fit_grid(denoiser, solver: str, nfe: int, method: str = "gits", config: GridConfig = GridConfig(), *,
              callback: StepCallback | None = None, **cond: Any) -> FitResult[LearnedGrid]:
-    """Fit a grid of K + 1 levels on which `solver` spends exactly `nfe` evaluations (method "gits" or "ld3").
+    """Fit a grid of K + 1 levels on which `solver` spends exactly `nfe` evaluations (method "gits", "ld3", "ays").
 
     Returns FitResult: model the LearnedGrid (with .metrics: held-out endpoint errors of Karras ρ = 7 and of the
-    learned grid, vs the teacher from n_eval fresh noise draws), history [(step, loss)] (LD3; [] for GITS),
+    learned grid, vs the teacher from n_eval fresh noise draws), history [(step, loss)] (LD3; AYS: [(round,
+    KLUB)]; [] for GITS),
     timings ("teacher", "fit", "eval", "total"). Warns (UserWarning) when the learned grid is not better."""
     if method not in METHODS:
         raise ConfigError(f"unknown grid method {method!r}; choose one of {list(METHODS)}")
     if method == "ld3" and solver not in LD3_SOLVERS:
         raise ConfigError(f"LD3 backpropagates through the solver; supported: {list(LD3_SOLVERS)}, got {solver!r}")
     started = time.perf_counter()
-    n_points = grid_points(solver, nfe, config.afs)
+    n_points = grid_points(solver, nfe, config.afs, config.refine)
     sigma_min, sigma_max = _sigma_range(denoiser, config)
     levels = get_sigmas("karras", config.fine_levels, sigma_min, sigma_max, config.rho)
     x_fit = _noise(denoiser, config.n_fit, config.seed, sigma_max)
@@ -276,12 +309,20 @@ def fit_grid(denoiser, solver: str, nfe: int, method: str = "gits", config: Grid
     history: list = []
     if method == "gits":
         sigmas = _fit_gits(denoiser, solver, n_points, levels.to(x_fit.dtype), states, config, **cond)
+    elif method == "ays":
+        karras = get_sigmas("karras", n_points, sigma_min, sigma_max, config.rho)
+        x_low = states[-1].repeat(config.klub_repeats, *[1] * (states[-1].ndim - 1))
+        fit_error = lambda grid: endpoint_error(denoiser, solver, solver_levels(grid, config.refine), x_fit,  # noqa: E731
+                                                states[-1], config.afs, **cond)
+        sigmas, history = fit_ays(denoiser, karras, x_low, sigma_min, config.klub_nodes, config.klub_rounds,
+                                  config.klub_candidates, config.seed, fit_error if config.early_stopping else None,
+                                  **_repeat_cond(cond, config.klub_repeats))
     else:
         sigmas, history = _fit_ld3(denoiser, solver, n_points, x_fit, states[-1], sigma_min, sigma_max, config,
                                    callback, **cond)
     timings["fit"] = time.perf_counter() - started - timings["teacher"]
     metrics = _held_out_errors(denoiser, solver, sigmas, n_points, x_eval, levels, config, **cond)
-    grid = LearnedGrid(sigmas, solver, nfe, method, fingerprint(denoiser), config.afs, metrics)
+    grid = LearnedGrid(sigmas, solver, nfe, method, fingerprint(denoiser), config.afs, metrics, config.refine)
     timings["eval"] = time.perf_counter() - started - timings["teacher"] - timings["fit"]
     timings["total"] = time.perf_counter() - started
     if not metrics["learned_error"] < metrics["base_error"]:
@@ -296,8 +337,9 @@ def _held_out_errors(denoiser, solver: str, sigmas: Tensor, n_points: int, x_eva
     target = teacher_states(denoiser, x_eval, levels[[0, -1]], (config.fine_levels - 1) * config.teacher_substeps,
                             config.rho, **cond)[-1]
     karras = get_sigmas("karras", n_points, float(levels[-1]), float(levels[0]), config.rho)
-    return {"base_error": endpoint_error(denoiser, solver, karras, x_eval, target, config.afs, **cond),
-            "learned_error": endpoint_error(denoiser, solver, sigmas, x_eval, target, config.afs, **cond)}
+    levels_of = lambda grid: solver_levels(grid, config.refine)  # noqa: E731
+    return {"base_error": endpoint_error(denoiser, solver, levels_of(karras), x_eval, target, config.afs, **cond),
+            "learned_error": endpoint_error(denoiser, solver, levels_of(sigmas), x_eval, target, config.afs, **cond)}
 
 
 def _sigma_range(denoiser, config: GridConfig) -> tuple[float, float]:
@@ -325,3 +367,8 @@ def _noise(denoiser, n: int, seed: int, sigma_max: float) -> Tensor:
     z = torch.randn((n, *shape), generator=generator, dtype=dtype)
     return (sigma_max * z).to(floats[0].device if floats else "cpu")
 
+
+
+def _repeat_cond(cond: dict, times: int) -> dict:
+    """Tensor conditioning repeated along the batch (the KLUB's repeated endpoints)."""
+    return {k: v.repeat(times, *[1] * (v.ndim - 1)) if isinstance(v, Tensor) and v.ndim else v for k, v in cond.items()}

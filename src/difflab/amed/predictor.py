@@ -83,14 +83,16 @@ class AMEDPredictor(SavedModel, nn.Module):
     delta_c, delta_a: c ∈ [1 − δ_c, 1 + δ_c], a ∈ [1 − δ_a, 1 + δ_a].
     The remaining keywords describe what the predictor was fitted for (saved in its config and
     checked by `amed_solver` / `load_predictor`): base_model (a fingerprint), nfe, grid, rho,
-    sigma_min, sigma_max, afs, base_solver, teacher, M.
+    sigma_min, sigma_max, afs, base_solver, teacher, M; on a learned grid (grid "learned") also its σ's
+    (`sigmas`, a list) and the LearnedGrid's fingerprint (`grid_model`).
     """
 
     def __init__(self, feature_size: int = 8, hidden: int = 128, time_channels: int = 8,
                  delta_c: float = 0.01, delta_a: float = 0.0, *, base_model: str | None = None,
                  nfe: int | None = None, grid: str | None = None, rho: float = 7.0,
                  sigma_min: float | None = None, sigma_max: float | None = None, afs: bool = True,
-                 base_solver: str = "amed", teacher: str | None = None, M: int | None = None):
+                 base_solver: str = "amed", teacher: str | None = None, M: int | None = None,
+                 sigmas: list[float] | None = None, grid_model: str | None = None):
         super().__init__()
         if time_channels < 2 or time_channels % 2:
             raise ConfigError(f"time_channels must be even and >= 2, got {time_channels}")
@@ -100,7 +102,8 @@ class AMEDPredictor(SavedModel, nn.Module):
         self.delta_c, self.delta_a = float(delta_c), float(delta_a)
         self.fitted_for = {"base_model": base_model, "nfe": nfe, "grid": grid, "rho": rho,
                            "sigma_min": sigma_min, "sigma_max": sigma_max, "afs": afs,
-                           "base_solver": base_solver, "teacher": teacher, "M": M}
+                           "base_solver": base_solver, "teacher": teacher, "M": M,
+                           "sigmas": None if sigmas is None else [float(s) for s in sigmas], "grid_model": grid_model}
         self.feature_in = nn.Linear(feature_size * feature_size, hidden)
         self.feature_out = nn.Linear(hidden, 4)
         self.time_proj = nn.Linear(time_channels, time_channels)     # shared by t_cur and t_next
@@ -149,7 +152,7 @@ class AMEDPredictor(SavedModel, nn.Module):
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "AMEDPredictor":
         """Rebuild from a folder's (config, tensors); the loader `difflab.load` dispatches here."""
         keys = ("feature_size", "hidden", "time_channels", "delta_c", "delta_a", "base_model", "nfe", "grid",
-                "rho", "sigma_min", "sigma_max", "afs", "base_solver", "teacher", "M")
+                "rho", "sigma_min", "sigma_max", "afs", "base_solver", "teacher", "M", "sigmas", "grid_model")
         try:
             predictor = cls(**{k: config[k] for k in keys if k in config})
             predictor.load_state_dict(tensors)
@@ -204,8 +207,15 @@ def check_predictor(predictor: nn.Module, denoiser: Any = None, sigmas: Tensor |
         raise AddonMismatchError(f"this AMED predictor was fitted for NFE {fitted['nfe']}, asked to run with NFE "
                                  f"{nfe}; use its grid ({amed_points(fitted['nfe'], fitted.get('afs', True))} "
                                  "points) or fit a predictor for this NFE")
-    if sigmas is not None and fitted.get("grid") is not None and None not in (fitted.get("sigma_min"),
-                                                                              fitted.get("sigma_max")):
+    if sigmas is not None and fitted.get("sigmas") is not None:          # fitted on a learned grid: exactly its σ's
+        expected = torch.tensor(fitted["sigmas"], dtype=torch.float64)
+        given = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        if given.shape != expected.shape or not torch.allclose(given, expected, rtol=1e-5, atol=0):
+            raise AddonMismatchError(
+                f"this AMED predictor was fitted on a learned grid {[round(float(s), 4) for s in expected]}, got "
+                f"sigmas {[round(float(s), 4) for s in given]}; use predictor_sigmas(predictor)")
+    elif sigmas is not None and fitted.get("grid") is not None and None not in (fitted.get("sigma_min"),
+                                                                                fitted.get("sigma_max")):
         expected = get_sigmas(fitted["grid"], len(sigmas), fitted["sigma_min"], fitted["sigma_max"],
                               fitted.get("rho", 7.0))
         if not torch.allclose(torch.as_tensor(sigmas, dtype=torch.float64).cpu(), expected, rtol=1e-5, atol=0):
@@ -221,8 +231,10 @@ def amed_points(nfe: int, afs: bool = True) -> int:
 
 
 def predictor_sigmas(predictor: nn.Module) -> Tensor:
-    """The grid a fitted predictor was fitted on: [N] float64."""
+    """The grid a fitted predictor was fitted on (a learned grid's recorded σ's, or its family's): [N] float64."""
     f = predictor.fitted_for
+    if f.get("sigmas") is not None:
+        return torch.tensor(f["sigmas"], dtype=torch.float64)
     if None in (f.get("nfe"), f.get("grid"), f.get("sigma_min"), f.get("sigma_max")):
         raise ConfigError("this predictor records no grid (nfe, grid, sigma_min, sigma_max); build the grid yourself")
     return get_sigmas(f["grid"], amed_points(f["nfe"], f.get("afs", True)), f["sigma_min"], f["sigma_max"],

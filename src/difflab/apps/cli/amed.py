@@ -36,6 +36,8 @@ def amed_fit(
     base_solver: str = typer.Option("dpm2", help="base solver the predictor drives: dpm2 (AMED-Solver), or "
                                     "AMED-Plugin on euler, ipndm, dpmpp_2m, dpmpp_3m, unipc"),
     grid: str = typer.Option("karras", help="σ grid family (the teacher solver uses the same family)"),
+    grid_file: Optional[Path] = typer.Option(None, help="a learned grid folder (difflab.amed.grid_for_amed / fit_grid) "
+                                             "with the levels this NFE needs: fit on its σ's instead of --grid"),
     teacher_solver: str = typer.Option("heun", help="teacher solver for the reference trajectories"),
     m: int = typer.Option(1, "--M", min=0, max=1000, help="extra teacher points per student interval (the teacher "
                           "must be more accurate than the student: M=1 is the paper's recipe, 3-7 is safer)"),
@@ -53,25 +55,28 @@ def amed_fit(
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
     from difflab import load
     from difflab.amed.fit import AMEDConfig, NotImprovedWarning, fit_amed
+    from difflab.amed.grids import load_grid
     from difflab.amed.plugin import check_base
 
     check_output(out, force)
     check_base(base_solver)
     dev = resolve_device(device)
     denoiser = load(model, device=dev)
+    learned = None if grid_file is None else load_grid(grid_file, base_model=denoiser)   # refused for another model
     overrides, resume_mode = fitting(checkpoint_every, resume, force)
     config = AMEDConfig(**overrides, nfe=nfe, grid=grid, teacher_solver=teacher_solver, M=m, trajectories=trajectories,
                         base_solver=base_solver, batch_size=batch_size, seed=seed, device=dev)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotImprovedWarning)     # said below, in one line
         result = fit_amed(denoiser, config, out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode,
-                          progress=True)
+                          progress=True, grid=learned)
     base, fitted = result.metrics["heldout_error_base"], result.metrics["heldout_error_fitted"]
     if fitted >= base and not save_if_worse:
         fail(f"the fitted predictor is no better than its base solver {config.base_solver} on held-out noise "
              f"(endpoint error vs the teacher {base:.4g}); not saved: try a larger --M or more --trajectories, "
              "or pass --save-if-worse to save it anyway")
     result.model.save(out, overwrite=force)
-    typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid, "parameters":
+    typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid if learned is None else str(grid_file),
+                           "parameters":
                            sum(p.numel() for p in result.model.parameters()),
                            "heldout_error_base": base, "heldout_error_fitted": fitted}))

@@ -279,9 +279,9 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running a difflab solver (any deterministic name in `SOLVERS`, or
     "amed" with per-step constants (r, c, a) on the base solver `amed_base`: dpm2 = AMED-Solver, or
     AMED-Plugin on euler, ipndm, dpmpp_2m, dpmpp_3m, unipc) on a VP / DDPM model.
-    `num_inference_steps` is the NFE. `grid_sigmas` (or `from_grid(LearnedGrid)`) replaces the grid family by
-    given σ's, on which the solver must spend exactly that NFE. `amed_scheduler_config(predictor)` gives the amed_* entries
-    of a predictor fitted on a black-box model (per-step constants). Attribute contract as diffusers'
+    `num_inference_steps` is the NFE. `grid_sigmas` (or `from_grid(LearnedGrid)`) replaces the grid family
+    by given σ's, on which the solver must spend exactly that NFE. `amed_scheduler_config(predictor)` gives
+    the amed_* entries of a predictor fitted on a black-box model (per-step constants). Attribute contract as diffusers'
     pipelines use it: `order`, `init_noise_sigma`, `timesteps`, `sigmas`, `step_index`, `begin_index`,
     `set_begin_index`, `scale_model_input`, `step`, `add_noise`."""
 
@@ -352,8 +352,9 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         sigmas = torch.tensor([float(v) for v in self.config.grid_sigmas], dtype=torch.float64)
         low, high = self._vp.sigma_min * (1 - TABLE_END_TOLERANCE), self._vp.sigma_max * (1 + TABLE_END_TOLERANCE)
         if len(sigmas) < 2 or not bool((sigmas.diff() < 0).all()) or sigmas[-1] < low or sigmas[0] > high:
-            raise SigmaRangeError(f"grid_sigmas must decrease inside the model's table range [{self._vp.sigma_min:.6g}, "
-                                  f"{self._vp.sigma_max:.6g}]; got {[round(float(v), 6) for v in sigmas]}")
+            raise SigmaRangeError(f"grid_sigmas must decrease inside the model's table range "
+                                  f"[{self._vp.sigma_min:.6g}, {self._vp.sigma_max:.6g}]; got "
+                                  f"{[round(float(v), 6) for v in sigmas]}")
         sigmas = sigmas.clamp(self._vp.sigma_min, self._vp.sigma_max)
         return torch.cat([sigmas, sigmas.new_zeros(1)]) if self.config.final_sigmas_type == "zero" else sigmas
 
