@@ -37,7 +37,7 @@ from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, amed_
 from difflab.amed.predictor import AMEDPredictor, ConstantPredictor, amed_points, amed_step
 from difflab.core.errors import ConfigError
 from difflab.core.fingerprint import fingerprint
-from difflab.sampling.grids import get_sigmas
+from difflab.sampling.grids import EDM_RANGE, get_sigmas, model_sigma_range
 from difflab.sampling.registry import SOLVERS
 from difflab.train.contract import FitResult, StepCallback
 from difflab.train.loop import TrainConfig, fit, make_accelerator
@@ -52,8 +52,9 @@ class AMEDConfig(TrainConfig):
     EMA, full precision: the predictor is tiny) plus the method's own.
 
     nfe: evaluations to fit for (AFS: 3, 5, 7, 9 ↔ N = 3, 4, 5, 6 grid points); grid, rho: the grid
-    family; sigma_min/max: default the denoiser's range (0.002 / 80 when it has none or an infinite
-    one); teacher_solver: a registered deterministic solver run on (M+1)(N−1)+1 points; trajectories,
+    family; sigma_min/max: default the denoiser's range clipped to EDM's [0.002, 80]
+    (`model_sigma_range`; a range outside the model's is refused); teacher_solver: a registered
+    deterministic solver run on (M+1)(N−1)+1 points; trajectories,
     batch_size: teacher trajectories in all and per batch; base_solver: "dpm2" (AMED-Solver) or the
     AMED-Plugin base (euler, ipndm, dpmpp_2m, dpmpp_3m, unipc); delta_c, delta_a: the ranges of c and
     a; dtype: of the trajectories ("float32" or "float64"). train_steps 0 (the default): derived,
@@ -158,8 +159,7 @@ def fit_amed(denoiser, config: AMEDConfig = AMEDConfig(), *, cond_sampler: CondS
     """
     config.validate()
     start = time.perf_counter()
-    sigma_min = _default(config.sigma_min, getattr(denoiser, "sigma_min", None), 0.002)
-    sigma_max = _default(config.sigma_max, getattr(denoiser, "sigma_max", None), 80.0)
+    sigma_min, sigma_max = model_sigma_range(denoiser, config.sigma_min, config.sigma_max, default=EDM_RANGE)
     shape = tuple(shape or getattr(denoiser, "data_shape", None) or ())
     if not shape:
         raise ConfigError("pass shape= (the per-sample data shape); the denoiser does not declare data_shape")
@@ -417,14 +417,6 @@ def _device_of(denoiser) -> torch.device | None:
     tensor = next(iter(denoiser.parameters()), None)
     tensor = tensor if tensor is not None else next(iter(denoiser.buffers()), None)
     return None if tensor is None else tensor.device
-
-
-def _default(value: float | None, from_model: float | None, fallback: float) -> float:
-    if value is not None:
-        return float(value)
-    if from_model is None or not 0 < from_model < math.inf:
-        return fallback
-    return float(from_model)
 
 
 __all__ = ["AMEDConfig", "BestKept", "NotImprovedWarning", "fit_amed", "teacher_trajectory", "batch_generator",

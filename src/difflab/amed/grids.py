@@ -41,7 +41,7 @@ from difflab.core.errors import ConfigError, ModelFormatError
 from difflab.core.fingerprint import fingerprint
 from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.models import check_base_model, register_kind
-from difflab.sampling.grids import get_sigmas, points_for_nfe
+from difflab.sampling.grids import EDM_RANGE, get_sigmas, model_sigma_range, points_for_nfe
 from difflab.sampling.multistep import adams_bashforth_step, ipndm_v_weights, ipndm_weights
 from difflab.sampling.registry import SOLVERS
 from difflab.sampling.solvers import dpmpp_step, euler_step, heun_step
@@ -54,7 +54,7 @@ LD3_SOLVERS = ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3
 
 @dataclass
 class GridConfig(JSONConfig):
-    """How to fit a grid. sigma_min / sigma_max: the range (None: the model's, else 0.002 / 80); rho: the
+    """How to fit a grid. sigma_min / sigma_max: the range (None: the model's, clipped to [0.002, 80]); rho: the
     Karras grid compared against and GITS's fine grid; afs: analytical first step in the solver.
     Teacher: Heun on a Karras grid of (fine_levels − 1)·teacher_substeps steps. GITS: fine_levels levels.
     LD3: train_steps Adam steps at lr over n_fit noise draws, ball radius `radius` (r), a Step every log_every.
@@ -300,7 +300,7 @@ def fit_grid(denoiser, solver: str, nfe: int, method: str = "gits", config: Grid
         raise ConfigError(f"LD3 backpropagates through the solver; supported: {list(LD3_SOLVERS)}, got {solver!r}")
     started = time.perf_counter()
     n_points = grid_points(solver, nfe, config.afs, config.refine)
-    sigma_min, sigma_max = _sigma_range(denoiser, config)
+    sigma_min, sigma_max = model_sigma_range(denoiser, config.sigma_min, config.sigma_max, default=EDM_RANGE)
     levels = get_sigmas("karras", config.fine_levels, sigma_min, sigma_max, config.rho)
     x_fit = _noise(denoiser, config.n_fit, config.seed, sigma_max)
     x_eval = _noise(denoiser, config.n_eval, config.seed + 1, sigma_max)      # held out
@@ -340,18 +340,6 @@ def _held_out_errors(denoiser, solver: str, sigmas: Tensor, n_points: int, x_eva
     levels_of = lambda grid: solver_levels(grid, config.refine)  # noqa: E731
     return {"base_error": endpoint_error(denoiser, solver, levels_of(karras), x_eval, target, config.afs, **cond),
             "learned_error": endpoint_error(denoiser, solver, levels_of(sigmas), x_eval, target, config.afs, **cond)}
-
-
-def _sigma_range(denoiser, config: GridConfig) -> tuple[float, float]:
-    def pick(given: float | None, model: float | None, fallback: float) -> float:
-        if given is not None:
-            return float(given)
-        return float(model) if model is not None and 0 < model < math.inf else fallback
-    sigma_min = pick(config.sigma_min, getattr(denoiser, "sigma_min", None), 0.002)
-    sigma_max = pick(config.sigma_max, getattr(denoiser, "sigma_max", None), 80.0)
-    if not 0 < sigma_min < sigma_max:
-        raise ConfigError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    return sigma_min, sigma_max
 
 
 def _noise(denoiser, n: int, seed: int, sigma_max: float) -> Tensor:
