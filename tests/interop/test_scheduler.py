@@ -396,3 +396,21 @@ def test_difflab_exports_the_scheduler_lazily():
             "from difflab.interop.diffusers.scheduler import DifflabScheduler as S; "
             "assert difflab.DifflabScheduler is S")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_add_noise_at_an_amed_intermediate_timestep_noises_to_the_states_sigma_not_the_models():
+    """Inpainting blends the known region with add_noise(x0, ε, timesteps[k + 1]) between steps: at AMED's
+    intermediate evaluation the model sees a·s but the sample is at s, so the blend must be at s."""
+    a = [0.9, 0.8, 0.95]
+    scheduler = DifflabScheduler(solver="amed", afs=False, amed_r=[0.5] * 3, amed_c=[1.0] * 3, amed_a=a)
+    scheduler.set_timesteps(6)
+    intermediate = [k for k, evaluation in enumerate(scheduler._plan) if evaluation.stage == 1]
+    assert intermediate                                       # AMED-Solver: one intermediate evaluation per step
+    k = intermediate[1]
+    state_sigma, model_sigma = scheduler._plan[k].sigma, scheduler._plan[k].sigma_model
+    assert model_sigma == pytest.approx(a[1] * state_sigma)   # the case in point: they differ by a
+    x0, noise = torch.zeros(1, 4), torch.ones(1, 4)
+    noisy = scheduler.add_noise(x0, noise, scheduler.timesteps[k:k + 1])
+    # x_vp = (x0 + σ ε)/sqrt(1 + σ²) with the state's σ
+    expected = state_sigma / math.sqrt(1 + state_sigma**2)
+    torch.testing.assert_close(noisy, torch.full((1, 4), expected), rtol=1e-6, atol=0)

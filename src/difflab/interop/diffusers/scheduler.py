@@ -460,14 +460,15 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         return torch.nonzero((scheduled - t).abs() <= 1e-6 * max(1.0, abs(t))).flatten().tolist()
 
     def _sigma_at(self, t: float) -> float:
-        """σ of timestep t: a scheduled one's grid σ (of equal ones, the current step's if among them, as
-        diffusers' add_noise), else log σ interpolated at t."""
+        """σ of timestep t: a scheduled one's state σ (of equal ones, the current step's if among them, as
+        diffusers' add_noise), else log σ interpolated at t. The state's σ, not the model's: at AMED's a·s
+        the pipeline's sample (which add_noise makes, as inpainting does between steps) is still at s."""
         matches = self._matches(t)
         if not matches:
             return float(self.t_to_sigma(torch.tensor(t)))
         current = self._step_index if self._step_index is not None else self._begin_index
         k = current if current in matches else (matches[1] if len(matches) > 1 else matches[0])
-        return self._plan[k].sigma_model
+        return self._plan[k].sigma
 
     # ----- the steps --------------------------------------------------------------------------
     def _reset(self) -> None:
