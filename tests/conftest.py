@@ -140,3 +140,21 @@ def quick_demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, quick=True, seed=0, device="cpu")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """`tiny_pipeline(kind, seed=0, prediction_type="epsilon") -> folder`: a tiny random diffusers pipeline
+    (difflab.interop.diffusers.tiny), built once per session and arguments. Shared: copy it before changing it."""
+    pytest.importorskip("diffusers")
+    from difflab.interop.diffusers.tiny import save_tiny_pipeline
+
+    built: dict[tuple, object] = {}
+
+    def folder(kind: str = "text_to_image", seed: int = 0, prediction_type: str = "epsilon"):
+        key = (kind, seed, prediction_type)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"{kind}-{seed}-{prediction_type}")
+            built[key] = save_tiny_pipeline(root / "pipeline", kind=kind, seed=seed, prediction_type=prediction_type)
+        return built[key]
+    return folder

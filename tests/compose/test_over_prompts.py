@@ -65,15 +65,11 @@ def _loads_text_to_image() -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_folders(tmp_path_factory):
-    from difflab.interop.diffusers.tiny import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("over-prompts")
-    folders = {"pixel_a": save_tiny_pipeline(root / "pixel_a", kind="pixel", seed=0),
-               "pixel_b": save_tiny_pipeline(root / "pixel_b", kind="pixel", seed=1)}
+def tiny_folders(tiny_pipeline):
+    folders = {"pixel_a": tiny_pipeline("pixel", seed=0), "pixel_b": tiny_pipeline("pixel", seed=1)}
     if _loads_text_to_image():
-        folders["sd_a"] = save_tiny_pipeline(root / "sd_a", kind="text_to_image", seed=0)
-        folders["sd_b"] = save_tiny_pipeline(root / "sd_b", kind="text_to_image", seed=1)
+        folders["sd_a"] = tiny_pipeline("text_to_image", seed=0)
+        folders["sd_b"] = tiny_pipeline("text_to_image", seed=1)
     return folders
 
 

@@ -53,11 +53,9 @@ def clean_images(n: int = 32) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def pixel(tmp_path_factory):
+def pixel(tiny_pipeline):
     """(folder, model, sigma log) of the tiny pixel DDPM pipeline, built once."""
-    from difflab.interop.diffusers.tiny import save_tiny_pipeline
-
-    folder = save_tiny_pipeline(tmp_path_factory.mktemp("diffusers") / "px", kind="pixel")
+    folder = tiny_pipeline("pixel")
     model = difflab.load(folder)
     assert tuple(model.data_shape) == SHAPE and 0.009 < model.sigma_min < 0.011
     return folder, model, SigmaLog(model)

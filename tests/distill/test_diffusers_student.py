@@ -32,15 +32,14 @@ from difflab.interop.diffusers.student import (  # noqa: E402  (needs diffusers)
     student_unet,
     teacher_latents,
 )
-from difflab.interop.diffusers.tiny import save_tiny_pipeline  # noqa: E402
 
 PROMPTS = ["a cat", "a dog"]
 PROJ_DIM = 8
 
 
 @pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("sd") / "sd", kind="text_to_image")
+def teacher_folder(tiny_pipeline):
+    return tiny_pipeline("text_to_image")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,10 @@ from difflab.interop.diffusers.tiny import save_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Each tiny pipeline built once: pixel DDPM models of each prediction type, a flow model, a text-to-image one."""
-    root = tmp_path_factory.mktemp("pipelines")
-    made = {p: save_tiny_pipeline(root / p, kind="pixel", prediction_type=p) for p in ("epsilon", "v_prediction",
-                                                                                         "sample")}
-    made["flow"] = save_tiny_pipeline(root / "flow", kind="flow")
-    made["sd"] = save_tiny_pipeline(root / "sd", kind="text_to_image")
-    return made
+def folders(tiny_pipeline):
+    """The shared tiny pipelines: pixel DDPM models of each prediction type, a flow model, a text-to-image one."""
+    made = {p: tiny_pipeline("pixel", prediction_type=p) for p in ("epsilon", "v_prediction", "sample")}
+    return {**made, "flow": tiny_pipeline("flow"), "sd": tiny_pipeline("text_to_image")}
 
 
 def fresh_copy(folder, tmp_path, name: str = "copy"):

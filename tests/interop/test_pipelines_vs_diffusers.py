@@ -19,7 +19,6 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from difflab.core.errors import ConfigError  # noqa: E402
 from difflab.interop.diffusers.scheduler import DifflabScheduler  # noqa: E402
-from difflab.interop.diffusers.tiny import save_tiny_pipeline  # noqa: E402
 
 KINDS = ("txt2img", "img2img", "inpaint")
 SOLVERS = ("dpmpp_2m", "unipc")
@@ -27,8 +26,8 @@ STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipe", kind="text_to_image")
+def folder(tiny_pipeline):
+    return tiny_pipeline("text_to_image")
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,14 @@ from difflab.sampling.registry import SOLVERS
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from difflab.interop.diffusers.text_to_image import TextToImageDenoiser  # noqa: E402
-from difflab.interop.diffusers.tiny import save_tiny_pipeline  # noqa: E402
 
 # a float32 network evaluated on the same inputs in another batch composition: float32 round-off
 ROUND_OFF = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("sd") / "sd", kind="text_to_image")
+def sd_folder(tiny_pipeline):
+    return tiny_pipeline("text_to_image")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,11 @@ FAST = ["--nfe", "3", "--n", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    from difflab.interop.diffusers.tiny import save_tiny_pipeline
-
+def folders(tmp_path_factory, tiny_pipeline):
     root = tmp_path_factory.mktemp("compose-prompts")
     GaussianMixture([[-1.0, 0.0], [1.0, 0.0]], stds=[0.5, 0.5]).save(root / "mixture")
-    return {"sd": save_tiny_pipeline(root / "sd", kind="text_to_image", seed=0),
-            "sd2": save_tiny_pipeline(root / "sd2", kind="text_to_image", seed=1),
-            "pixel": save_tiny_pipeline(root / "pixel", kind="pixel"), "mixture": root / "mixture"}
+    return {"sd": tiny_pipeline("text_to_image", seed=0), "sd2": tiny_pipeline("text_to_image", seed=1),
+            "pixel": tiny_pipeline("pixel"), "mixture": root / "mixture"}
 
 
 def _summary(stdout: str) -> dict:
