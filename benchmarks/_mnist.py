@@ -23,3 +23,8 @@ def load_bench_models(runs: Path, names=BENCH_MODELS, device: str = "cpu") -> di
 def results_name(name: str, quick: bool) -> str:
     """The MNIST results file of benchmark `name`: <name>_mnist.json (quick: <name>_mnist_quick.json)."""
     return f"{name}_mnist{'_quick' if quick else ''}.json"
+
+
+def missing_bench_models(runs: Path, names=BENCH_MODELS) -> list[str]:
+    """The names among `names` whose finished model is not in runs/<name>/model (yet)."""
+    return [name for name in names if not (Path(runs) / name / "model" / "config.json").is_file()]

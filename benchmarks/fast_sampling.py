@@ -1,28 +1,33 @@
 """Benchmark: fast sampling beyond AMED: training-free solvers, learned grids (GITS, LD3, AYS), AMED, grid + AMED.
 
 One record per (dataset, method, NFE): {"dataset", "method", "nfe", "error", "fd", "fit_seconds"}. `error` is the
-mean L2 distance at σ_min = 0.002 to the ODE solution from the same noise (mixtures: Heun on a fine Karras grid,
-float64, the exact denoiser; networks: Heun, 1,000 steps (100 with --quick)); `fd` the digits Fréchet distance
-(networks, full run only; None otherwise). Every method starts from σ_max = 80 and spends exactly `nfe` evaluations.
+mean L2 distance at σ_min = 0.002 to the ODE solution from the same noise (mixtures: Heun on a Karras grid of 1,000
+steps (500 with --quick), float64, the exact denoiser; networks: Heun, 1,000 steps (100 with --quick)); `fd` the
+Fréchet distance to the test split in the data set's classifier features (`difflab.metrics.frechet`) over the same
+samples as `error` (networks, full run only; None otherwise; the real-data floor at that n is logged). Every
+method starts from σ_max = 80 and spends exactly `nfe` evaluations.
 
 Methods: each training-free solver with and without AFS (`ipndm+afs`, ...) on Karras ρ = 7; each learned grid for
 iPNDM (`gits`, `ld3`, `ays`); AMED-Plugin on iPNDM (`amed_plugin`) and AMED-Solver (`amed_solver`) on Karras, and
 `ld3+amed` (the plugin on an LD3 grid fitted for it, `difflab.amed.grid_for_amed`). AMED spends odd NFEs with AFS
 and even ones without. Datasets: 2-, 16-, 64-D Gaussian mixtures, the digits U-Net of benchmarks/solvers.py (cached
-under runs/bench), and "mnist" when `difflab.data.mnist` exists (skipped with a message otherwise).
+under runs/bench), and "mnist": the class-conditional `full` bench model in --runs (benchmarks/mnist_models.py),
+called without a label (its null-class, unconditional denoiser); skipped with one line when it is not there.
 
 Prints a table per dataset and the ratio best learned / best training-free per NFE; writes
 benchmarks/results/fast_sampling[_quick].json and fast_sampling[_quick].png (error vs NFE per method, log scale).
+A run on some data sets (--datasets) or NFEs (--nfes) replaces those records of an existing results file and keeps
+the others, so data sets can run in separate processes (one core each).
 
-    OMP_NUM_THREADS=2 python benchmarks/fast_sampling.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/fast_sampling.py [--quick] [--datasets gmm2d,digits] [--runs DIR]
 
---quick (about 3 minutes on 2 cores): NFE 3, 5, 8 on the mixtures D = 2 and 64, NFE 5 on digits (AYS and
-AMED-Plugin only); fewer solvers and small fits.
+Full run: 33 minutes on 2 shared cores with the mixtures and digits in two processes (the fits are cut to that:
+see FULL). --quick (about 3 minutes): NFE 3, 5, 8 on the mixtures D = 2 and 64, NFE 5 on digits (AYS and
+AMED-Plugin only); fewer solvers and small fits; MNIST (with --runs runs/bench/mnist-quick) is a smoke test.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -40,41 +45,63 @@ from difflab.data import default_gmm
 from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _mnist import load_bench_models, missing_bench_models  # noqa: E402
 from solvers import digits_model, mixture_64d  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 ROOT = Path(__file__).resolve().parent.parent
+MNIST_MODEL = "full"                       # class-conditional, used unconditionally (the null class)
+NETWORKS = ("digits", "mnist")             # scored by Fréchet distance too (full run)
 GRID_SOLVER = "ipndm"                      # the learned grids' solver and AMED-Plugin's base
 FULL = {"nfes": (3, 4, 5, 6, 8, 10), "datasets": ("gmm2d", "gmm16d", "gmm64d", "digits", "mnist"),
         "solvers": ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc", "deis"),
-        "grids": ("gits", "ld3", "ays"), "n": 512, "trajectories": 2048, "ld3_steps": 300, "fine_levels": 100,
-        "klub": {}}
+        "grids": ("gits", "ld3", "ays"), "n": 512, "fd": True,
+        # cut to fit ~40 minutes on 2 shared cores (AYS at the KLUB defaults alone took 89 s per fit on the 64-D
+        # mixture): 1024 AMED trajectories, LD3 200 steps, a 60-level teacher, a smaller KLUB search
+        "trajectories": 1024, "ld3_steps": 200, "fine_levels": 60,
+        "klub": {"klub_nodes": 4, "klub_repeats": 2, "klub_rounds": 3, "klub_candidates": 6},
+        # the digits U-Net costs ~0.45 s per 512 samples: 256 samples (FD needs more than its 128 features),
+        # a 32-level teacher of 2 Heun substeps, the quick KLUB search, 256 AMED trajectories
+        "digits": {"n": 256, "fine_levels": 32, "teacher_substeps": 2, "ld3_steps": 60, "trajectories": 256,
+                   "n_eval": 32, "klub": {"klub_nodes": 4, "klub_repeats": 1, "klub_rounds": 2, "klub_candidates": 4}},
+        # MNIST's U-Net: ~40 samples/s on 2 shared cores (not yet run at these settings)
+        "mnist": {"n": 256, "fine_levels": 24, "teacher_substeps": 2, "ld3_steps": 40, "trajectories": 128,
+                  "n_fit": 16, "n_eval": 16, "klub": {"klub_nodes": 4, "klub_repeats": 1, "klub_rounds": 2,
+                                                      "klub_candidates": 4}}}
 QUICK = {"nfes": (3, 5, 8), "datasets": ("gmm2d", "gmm64d", "digits", "mnist"),
          "solvers": ("euler", "ipndm", "dpmpp_2m", "unipc"), "grids": ("ld3", "ays"), "n": 128,
-         "trajectories": 256, "ld3_steps": 40, "fine_levels": 24,
+         "trajectories": 256, "ld3_steps": 40, "fine_levels": 24, "fd": False,
          "klub": {"klub_nodes": 4, "klub_repeats": 1, "klub_rounds": 2, "klub_candidates": 4},
          # the U-Net costs ~100x a mixture call: one NFE, the cheapest fits
-         "digits": {"nfes": (5,), "grids": ("ays",), "amed": ("amed_plugin",), "n": 64}}
+         "digits": {"nfes": (5,), "grids": ("ays",), "amed": ("amed_plugin",), "n": 64},
+         # MNIST's U-Net: ~40 samples/s on the shared cores; a smoke test of the path
+         "mnist": {"nfes": (5,), "grids": ("ays",), "amed": ("amed_plugin",), "n": 8, "ref_steps": 20,
+                   "fine_levels": 8, "trajectories": 16, "n_fit": 8, "n_eval": 8}}
 
 
-def datasets(names: tuple[str, ...], quick: bool, log) -> dict:
-    """name -> (denoiser, shape, dtype, reference Heun steps)."""
+def datasets(names: tuple[str, ...], quick: bool, runs: Path, log) -> dict:
+    """name -> (denoiser, shape, dtype, reference Heun steps); a missing MNIST model is skipped with one line."""
     cases = {}
     for name in names:
         if name.startswith("gmm"):
             dim = int(name[3:-1])
             model = default_gmm() if dim == 2 else mixture_64d(dim=dim)
-            cases[name] = (model, (dim,), torch.float64, 500 if quick else 2000)
+            cases[name] = (model, (dim,), torch.float64, 500 if quick else 1000)
         elif name == "digits":
             steps = 100 if quick else DIGITS_STEPS
             folder = "digits" if steps == DIGITS_STEPS else f"digits-{steps}"
             model, _ = digits_model(ROOT / "runs" / "bench" / folder, steps)
             cases[name] = (model, (1, 8, 8), torch.float32, 100 if quick else 1000)
         elif name == "mnist":
-            if importlib.util.find_spec("difflab.data.mnist") is None:
-                log("mnist: skipped (difflab.data.mnist is not there yet)")
+            if missing_bench_models(runs, (MNIST_MODEL,)):
+                log(f"mnist: skipped: no model in {runs}/{MNIST_MODEL}/model; run `make bench-models` "
+                    "(or `python benchmarks/mnist_models.py --quick` and pass --runs runs/bench/mnist-quick)")
                 continue
-            log("mnist: the loader exists but no MNIST model recipe is wired into this benchmark yet; skipped")
+            # the class-conditional model called without a label: its null-class (unconditional) denoiser
+            model = load_bench_models(runs, (MNIST_MODEL,))[MNIST_MODEL].requires_grad_(False)
+            cases[name] = (model, tuple(model.data_shape), torch.float32, 100 if quick else 1000)
+        else:
+            raise SystemExit(f"unknown dataset {name!r}; choose from {', '.join(FULL['datasets'])}")
     return cases
 
 
@@ -82,7 +109,8 @@ def mean_l2(x: Tensor, ref: Tensor) -> float:
     return float((x.double() - ref.double()).flatten(1).norm(dim=1).mean())
 
 
-def training_free(model, x: Tensor, ref: Tensor, solvers, nfe: int) -> list[dict]:
+def training_free(model, x: Tensor, solvers, nfe: int) -> list[tuple[str, Tensor, float]]:
+    """(method, samples [B, ...], fit seconds 0) for each solver with and without AFS that spends exactly nfe."""
     rows = []
     for solver in solvers:
         for afs in (False, True):
@@ -92,24 +120,27 @@ def training_free(model, x: Tensor, ref: Tensor, solvers, nfe: int) -> list[dict
                 continue                                         # this solver cannot spend exactly nfe
             with torch.no_grad():
                 out = sample(model, x, sigmas.to(x.dtype), solver=solver, afs=afs)
-            rows.append({"method": solver + ("+afs" if afs else ""), "error": mean_l2(out, ref), "fit_seconds": 0.0})
+            rows.append((solver + ("+afs" if afs else ""), out, 0.0))
     return rows
 
 
-def learned(model, shape, dtype, x: Tensor, ref: Tensor, nfe: int, spec: dict) -> list[dict]:
+def learned(model, shape, dtype, x: Tensor, nfe: int, spec: dict) -> list[tuple[str, Tensor, float]]:
+    """(method, samples [B, ...], fit seconds) for each learned grid and AMED variant in spec."""
     rows = []
-    grid_config = GridConfig(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, fine_levels=spec["fine_levels"], n_fit=32,
-                             n_eval=64, train_steps=spec["ld3_steps"], log_every=spec["ld3_steps"], **spec["klub"])
+    n_fit, n_eval = spec.get("n_fit", 32), spec.get("n_eval", 64)
+    grid_config = GridConfig(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, fine_levels=spec["fine_levels"], n_fit=n_fit,
+                             n_eval=n_eval, teacher_substeps=spec.get("teacher_substeps", 4),
+                             train_steps=spec["ld3_steps"], log_every=spec["ld3_steps"], **spec["klub"])
     for method in spec["grids"]:
         tic = time.perf_counter()
         grid = fit_grid(model, GRID_SOLVER, nfe, method, grid_config).model
         with torch.no_grad():
             out = sample(model, x, grid.check(model).to(x.dtype), solver=GRID_SOLVER)
-        rows.append({"method": method, "error": mean_l2(out, ref), "fit_seconds": time.perf_counter() - tic})
+        rows.append((method, out, time.perf_counter() - tic))
     afs = nfe % 2 == 1                                           # AMED: odd NFEs with AFS, even ones without
     amed = AMEDConfig(nfe=nfe, afs=afs, M=7 if dtype == torch.float64 else 3, trajectories=spec["trajectories"],
-                      batch_size=64, heldout=64, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                      dtype="float64" if dtype == torch.float64 else "float32")
+                      batch_size=min(64, spec["trajectories"]), heldout=n_eval, sigma_min=SIGMA_MIN,
+                      sigma_max=SIGMA_MAX, dtype="float64" if dtype == torch.float64 else "float32")
     for row, base, grid_method in (("amed_plugin", GRID_SOLVER, None), ("amed_solver", "dpm2", None),
                                    ("ld3+amed", GRID_SOLVER, "ld3")):
         if row not in spec.get("amed", (row,)):
@@ -120,23 +151,52 @@ def learned(model, shape, dtype, x: Tensor, ref: Tensor, nfe: int, spec: dict) -
         predictor = fit_amed(model, config, shape=shape, grid=grid).model
         with torch.no_grad():
             out = amed_sample(model, x, predictor_sigmas(predictor).to(x.dtype), predictor)
-        rows.append({"method": row, "error": mean_l2(out, ref), "fit_seconds": time.perf_counter() - tic})
+        rows.append((row, out, time.perf_counter() - tic))
     return rows
+
+
+def fd_scorer(name: str, spec: dict, log):
+    """samples [B, 1, S, S] -> Fréchet distance to the test split (networks in the full run), else None."""
+    if name not in NETWORKS or not spec["fd"]:
+        return lambda samples: None
+    from difflab.metrics import frechet, frechet_floor, get_classifier
+
+    classifier = get_classifier(name)
+    log(f"  {name}: Fréchet distance over the {spec['n']} samples of the error; real-data floor at that n "
+        f"{frechet_floor(name, spec['n'], classifier):.2f}")
+    return lambda samples: frechet(name, samples.float(), classifier=classifier)
 
 
 def run_dataset(name: str, case, spec: dict, log) -> list[dict]:
     model, shape, dtype, ref_steps = case
-    spec = {**spec, **spec.get(name, {})}                        # per-dataset overrides (--quick digits)
+    spec = {**spec, **spec.get(name, {})}                        # per-dataset overrides (networks)
+    ref_steps = spec.get("ref_steps", ref_steps)
     x = seeded_noise(range(spec["n"]), shape, SIGMA_MAX).to(dtype)
+    tic = time.perf_counter()
     with torch.no_grad():
         ref = sample(model, x, get_sigmas("karras", ref_steps + 1, SIGMA_MIN, SIGMA_MAX).to(dtype), solver="heun")
+    log(f"  {name}: reference (Heun, {ref_steps} steps, {spec['n']} samples) {time.perf_counter() - tic:.1f} s")
+    fd = fd_scorer(name, spec, log)
     records = []
     for nfe in spec["nfes"]:
         tic = time.perf_counter()
-        rows = training_free(model, x, ref, spec["solvers"], nfe) + learned(model, shape, dtype, x, ref, nfe, spec)
-        records += [{"dataset": name, "nfe": nfe, "fd": None, **row} for row in rows]
+        rows = training_free(model, x, spec["solvers"], nfe) + learned(model, shape, dtype, x, nfe, spec)
+        records += [{"dataset": name, "method": method, "nfe": nfe, "error": mean_l2(out, ref), "fd": fd(out),
+                     "fit_seconds": seconds} for method, out, seconds in rows]
         log(f"  {name} NFE {nfe}: {len(rows)} methods, {time.perf_counter() - tic:.1f} s")
     return records
+
+
+def merged(path: Path, records: list[dict], run: dict) -> tuple[list[dict], list[dict]]:
+    """The records of an earlier results file at `path` for the (dataset, NFE) pairs not run now, then these; and
+    the runs that produced them (a run per invocation: its data sets, seconds and settings)."""
+    if not path.is_file():
+        return records, [run]
+    earlier = json.loads(path.read_text())
+    done = {(r["dataset"], r["nfe"]) for r in records}
+    kept = [r for r in earlier.get("records", []) if (r["dataset"], r["nfe"]) not in done]
+    runs = [old for old in earlier.get("runs", []) if {r["dataset"] for r in kept} & set(old["datasets"])]
+    return kept + records, runs + [run]
 
 
 def ratios(records: list[dict]) -> dict:
@@ -148,8 +208,10 @@ def ratios(records: list[dict]) -> dict:
             rows = [r for r in records if r["dataset"] == dataset and r["nfe"] == nfe]
             free = min((r for r in rows if r["fit_seconds"] == 0.0), key=lambda r: r["error"])
             best = min((r for r in rows if r["fit_seconds"] > 0.0), key=lambda r: r["error"])
-            out[f"{dataset}/{nfe}"] = {"ratio": best["error"] / free["error"], "best_learned": best["method"],
-                                       "best_training_free": free["method"], "goal": 0.33 if nfe <= 5 else 0.8}
+            ratio, goal = best["error"] / free["error"], 0.33 if nfe <= 5 else 0.8
+            out[f"{dataset}/{nfe}"] = {"ratio": ratio, "goal": goal, "met": ratio <= goal,
+                                       "best_learned": best["method"], "learned_error": best["error"],
+                                       "best_training_free": free["method"], "training_free_error": free["error"]}
     return out
 
 
@@ -189,19 +251,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench" / "mnist",
+                        help="the MNIST bench models (benchmarks/mnist_models.py); quick ones: runs/bench/mnist-quick")
+    parser.add_argument("--datasets", help="comma-separated subset of " + ",".join(FULL["datasets"]))
+    parser.add_argument("--nfes", help="comma-separated NFEs (default: the mode's)")
     args = parser.parse_args()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     spec, start = QUICK if args.quick else FULL, time.perf_counter()
+    if args.datasets:
+        spec = {**spec, "datasets": tuple(args.datasets.split(","))}
+    if args.nfes:
+        nfes = tuple(int(n) for n in args.nfes.split(","))
+        spec = {**spec, "nfes": nfes, **{k: {**v, "nfes": nfes} for k, v in spec.items() if k in NETWORKS}}
     warnings.simplefilter("ignore", NotImprovedWarning)         # the fits keep their base; the table shows it
     warnings.filterwarnings("ignore", message=".*not better than Karras.*")
     records = []
     # small tensors (mixtures, 8x8 digits): a second thread only adds synchronisation, 10x slower on a shared machine
     torch.set_num_threads(1)
-    for name, case in datasets(spec["datasets"], args.quick, log).items():
+    for name, case in datasets(spec["datasets"], args.quick, args.runs, log).items():
         log(f"[{name}]")
         records += run_dataset(name, case, spec, log)
-    if not args.quick and any(r["dataset"] == "digits" for r in records):
-        log("Fréchet distances are not computed by this script yet (benchmarks/solvers.py has them at NFE 5)")
+    suffix = "_quick" if args.quick else ""
+    path = args.out_dir / f"fast_sampling{suffix}.json"
+    run = {"datasets": sorted({r["dataset"] for r in records}), "seconds": round(time.perf_counter() - start, 1),
+           "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}}
+    records, runs = merged(path, records, run)
     summary = ratios(records)
     for dataset in dict.fromkeys(r["dataset"] for r in records):
         print(table(records, dataset), end="\n\n")
@@ -209,14 +283,11 @@ def main() -> None:
     for key, value in summary.items():
         print(f"| {key} | {value['best_learned']} | {value['best_training_free']} | {value['ratio']:.2f} | "
               f"≤ {value['goal']} |")
-    suffix = "_quick" if args.quick else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"records": records, "ratios": summary, "seconds": round(time.perf_counter() - start, 1),
-              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()},
-              "grid_solver": GRID_SOLVER}
-    (args.out_dir / f"fast_sampling{suffix}.json").write_text(json.dumps(report, indent=1))
-    figure(records, args.out_dir / f"fast_sampling{suffix}.png")
-    log(f"done in {report['seconds']} s")
+    report = {"records": records, "ratios": summary, "runs": runs, "grid_solver": GRID_SOLVER}
+    path.write_text(json.dumps(report, indent=1))
+    figure(records, path.with_suffix(".png"))
+    log(f"done in {run['seconds']} s; {path}")
 
 
 if __name__ == "__main__":
