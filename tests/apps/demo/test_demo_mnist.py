@@ -11,15 +11,16 @@ import torch
 
 import difflab.data
 from difflab import EDMDenoiser
-from difflab.apps.demo import condition, cunet, datasets, distill, sampling
+from difflab.apps.demo import condition, cunet, datasets, distill, run, sampling
 from difflab.apps.demo.run import SECTIONS, run_demo
 from difflab.core.errors import ConfigError
 from difflab.data import Dataset
 from difflab.nets import UNet
 
-TINY_UNET = {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "groups": 4,
+TINY_UNET = {"base_channels": 4, "channel_mults": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "groups": 2,
              "image_size": 28}
-TINY_CUNET = {"base_channels": 8, "channel_mults": [1, 2], "attn_resolutions": [], "embed_dim": 32, "image_size": 28}
+TINY_CUNET = {"base_channels": 4, "channel_mults": [1, 2], "attn_resolutions": [], "groups": 2, "embed_dim": 32,
+              "image_size": 28}
 
 
 def synthetic_mnist(split: str) -> Dataset:
@@ -40,10 +41,12 @@ def tiny_mnist_demo(monkeypatch, tmp_path):
     """The demo's MNIST path with the stand-in data, its own classifier cache and every size shrunk."""
     monkeypatch.setitem(difflab.data.IMAGE_DATASETS, "mnist", synthetic_mnist)
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))   # never touch the real MNIST classifier
-    tiny = dataclasses.replace(datasets.MNIST, unet=TINY_UNET, cunet=TINY_CUNET, train_steps=(3, 3), batch_size=16,
-                               n_samples=(20, 20))
+    tiny = dataclasses.replace(datasets.MNIST, unet=TINY_UNET, cunet=TINY_CUNET, train_steps=(3, 4), batch_size=16,
+                               n_samples=(20, 24))
     monkeypatch.setitem(datasets.IMAGE_DATA, "mnist", tiny)
-    monkeypatch.setitem(sampling.SIZES, True, {"n": 8, "amed_nfes": (5,), "trajectories": 8})
+    # the 2-D base section does not depend on --data (test_demo.py runs it): a stub keeps this test short
+    monkeypatch.setattr(run, "gmm_section", lambda out, quick, seed, device: {"figures": []})
+    monkeypatch.setitem(sampling.SIZES, True, {"n": 8, "amed_nfes": (5,), "trajectories": 8, "heldout": 8})
     monkeypatch.setitem(sampling.REF_POINTS, True, 11)
     monkeypatch.setitem(condition.SIZES, True, (4, 3, 8, 5))
     monkeypatch.setitem(distill.RECIPES, True, {"unet": {**TINY_UNET, "channel_mults": [1]}, "teacher_steps": 3,
@@ -60,7 +63,7 @@ def test_mnist_demo_runs_every_section_on_28x28_images_and_says_so(tiny_mnist_de
     sections = report["sections"]
     assert list(sections) == ["gmm", "mnist", *[key for key, *_ in SECTIONS]]
     base = sections["mnist"]
-    assert base["train_steps"] == 3 and base["n_samples"] == 20
+    assert base["train_steps"] == 3 and base["n_samples"] == 20     # the quick sizes
     assert math.isfinite(base["frechet"]) and base["frechet_floor"] > 0
     config = json.loads((tiny_mnist_demo / "models" / "mnist-3" / "config.json").read_text())
     assert config["data_shape"] == [1, 28, 28] and config["dataset"] == "mnist"

@@ -1,5 +1,5 @@
-"""The demo's inverse-problems section: digit inpainting (and ×2 super-resolution) with DEFT
-(fitted on the spot), DPS, ΠGDM and the unconditional floor at equal solver steps."""
+"""The demo's inverse-problems section: digit inpainting (and ×2 super-resolution) on the demo's image
+data set with DEFT (fitted on the spot), DPS, ΠGDM and the unconditional floor at equal solver steps."""
 from __future__ import annotations
 
 import time
@@ -7,13 +7,15 @@ from pathlib import Path
 
 from torch import Tensor
 
+from difflab.apps.demo.datasets import DIGITS, ImageData, image_base
 from difflab.condition.deft import DEFTConfig, HNetwork, fit_deft, load_hnet, parameter_fraction
 from difflab.condition.reconstruct import make_denoiser, make_operator, psnr, reconstruct, simulate, ssim, summarise
 from difflab.core.errors import AddonMismatchError, ModelFormatError
-from difflab.data import load_digits
 
 COLUMNS = ("measurement", "DEFT", "DPS", "ΠGDM", "unconditional", "truth")
 METHOD_LABELS = {"deft": "DEFT", "dps": "DPS", "pigdm": "ΠGDM", "uncond": "unconditional"}
+# (images reconstructed, DEFT fitting steps, fitting batch, NFE): quick / full
+SIZES = {True: (12, 80, 32, 9), False: (64, 400, 64, 19)}
 
 
 def cached_hnet(folder: Path, base, operator, x0_data: Tensor, steps: int, batch_size: int, seed: int,
@@ -57,12 +59,13 @@ def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "") -> 
 
 
 def run_task(base, task: str, operator_options: dict, n: int, fit_steps: int, batch_size: int, solver: str,
-             nfe: int, seed: int, device: str, cache: Path) -> tuple[dict, dict[str, Tensor]]:
-    """Fit (or reuse) DEFT for one task, reconstruct n held-out digits with every method; metrics and images."""
-    operator = make_operator(task, (1, 8, 8), **operator_options)
-    hnet, fit_seconds = cached_hnet(cache / f"deft-{task}-{fit_steps}", base, operator, load_digits("train").x,
-                                    fit_steps, batch_size, seed, device)
-    truth = load_digits("test").x[:n].to(device)
+             nfe: int, seed: int, device: str, cache: Path, data: ImageData = DIGITS) -> tuple[dict, dict[str, Tensor]]:
+    """Fit (or reuse) DEFT for one task, reconstruct n held-out images of `data` with every method; metrics and
+    images. The h-network is cached in cache/NAME-deft-TASK-STEPS (NAME: the data set's)."""
+    operator = make_operator(task, data.shape, **operator_options)
+    hnet, fit_seconds = cached_hnet(cache / f"{data.name}-deft-{task}-{fit_steps}", base, operator,
+                                    data.load("train").x, fit_steps, batch_size, seed, device)
+    truth = data.load("test").x[:n].to(device)
     batch_operator, y = simulate(operator, truth, seed)
     images = {"measurement": batch_operator.image_input(y) if batch_operator.image_like else y}
     metrics: dict = {"fit_steps": fit_steps, "fit_seconds": round(fit_seconds, 2),
@@ -70,7 +73,7 @@ def run_task(base, task: str, operator_options: dict, n: int, fit_steps: int, ba
     for method in ("deft", "dps", "pigdm", "uncond"):
         denoiser = make_denoiser(method, base, batch_operator, hnet)
         start = time.perf_counter()
-        x = reconstruct(denoiser, y, range(seed, seed + n), (1, 8, 8), solver, nfe, conditional=method != "uncond")
+        x = reconstruct(denoiser, y, range(seed, seed + n), data.shape, solver, nfe, conditional=method != "uncond")
         seconds = time.perf_counter() - start
         images[METHOD_LABELS[method]] = x
         metrics["methods"][method] = {"psnr": summarise(psnr(x, truth)), "ssim": summarise(ssim(x, truth)),
@@ -82,22 +85,24 @@ def run_task(base, task: str, operator_options: dict, n: int, fit_steps: int, ba
 def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:
     """Digit inpainting (right half hidden) and, unless quick, ×2 super-resolution, σ_y = 0.05.
 
-    base: {"digits": an EDMDenoiser on [1, 8, 8], "digits_dir": its folder}. Writes one figure per
-    task into `out`; returns PSNR / SSIM / timing per method (JSON-serialisable), figure names under
-    "figures". Quick: inpainting only, DEFT fitted for 80 steps, 12 digits, Heun at 9 NFE (< 40 s on
-    one core); full: 1,000 fitting steps, 64 digits, Heun at 19 NFE.
+    base: {"data": an ImageData (default the digits), NAME: an EDMDenoiser on its images, "NAME_dir": its
+    folder}, e.g. {"digits": a denoiser on [1, 8, 8], "digits_dir": ...}. Writes one figure per task into
+    `out`; returns PSNR / SSIM / timing per method (JSON-serialisable), figure names under "figures".
+    Quick: inpainting only, DEFT fitted for 80 steps, 12 images, Heun at 9 NFE (digits: < 40 s on one
+    core); full: 400 fitting steps, 64 images, Heun at 19 NFE (SIZES).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    denoiser = base["digits"].to(device).eval().requires_grad_(False)
+    data, denoiser = image_base(base)
+    denoiser = denoiser.to(device).eval().requires_grad_(False)
     tasks = {"inpaint": {"mask": "box", "fraction": 0.5}} if quick else \
         {"inpaint": {"mask": "box", "fraction": 0.5}, "superres": {"factor": 2}}
-    n, fit_steps, batch_size, nfe = (12, 80, 32, 9) if quick else (64, 400, 64, 19)
+    n, fit_steps, batch_size, nfe = SIZES[bool(quick)]
     solver = "heun"
     result: dict = {"solver": solver, "nfe": nfe, "n_images": n, "sigma_y": 0.05, "tasks": {}, "figures": []}
     for task, options in tasks.items():
         metrics, images = run_task(denoiser, task, {"sigma_y": 0.05, **options}, n, fit_steps, batch_size, solver,
-                                   nfe, seed, device, out / "models")
+                                   nfe, seed, device, out / "models", data)
         figure = f"condition_{task}.png"
         save_comparison({k: v[:6] for k, v in images.items()}, out / figure,
                         f"{task}: {solver}, {nfe} NFE for every method")

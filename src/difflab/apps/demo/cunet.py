@@ -1,4 +1,4 @@
-"""The cU-Net against the U-Net on the digits: costs, forward time, one-step denoising PSNR.
+"""The cU-Net against the U-Net on the demo's image data set: costs, forward time, one-step denoising PSNR.
 
 Shared by `difflab demo` (`demo_section`) and benchmarks/nets.py (the full comparison).
 """
@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from difflab.apps.demo.datasets import image_base
 from difflab.core.denoiser import sigma_batch
 from difflab.metrics.images import psnr
 from difflab.nets.cunet import CUNet
@@ -19,6 +20,10 @@ from difflab.nets.flops import count_flops, count_parameters, example_inputs
 from difflab.sampling.noise import seeded_noise
 
 PSNR_SIGMAS = (0.1, 0.2, 0.5)
+PSNR_IMAGES = 300   # held-out images scored (the digits' test split has 297: all of them)
+# quick / full: forward-timing batch and repeats, cU-Net training steps (its batch: 64 quick, else the base's)
+SIZES = {True: {"forward_batch": 64, "repeats": 2, "train_steps": 30},
+         False: {"forward_batch": 256, "repeats": 5, "train_steps": 300}}
 
 
 @torch.no_grad()
@@ -64,33 +69,35 @@ def cost_table(nets: dict[str, nn.Module], reference: str, image_size: int | Non
 
 
 def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:
-    """cU-Net vs U-Net on the digits: parameters, FLOPs, forward-time ratio and, when `base` holds
-    the demo's trained digits U-Net (base["digits"], an EDMDenoiser), one-step denoising PSNR of a
-    briefly trained cU-Net next to it. JSON-serialisable."""
-    from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_UNET, cached_model
-    from difflab.data import load_digits
+    """cU-Net vs U-Net on the demo's image data set (datasets.image_base: the digits by default; the
+    data set's base U-Net config against its cU-Net config): parameters, FLOPs, forward-time ratio and,
+    when `base` holds the demo's trained base U-Net (base[NAME], an EDMDenoiser, e.g. base["digits"]),
+    one-step denoising PSNR of a briefly trained cU-Net next to it. JSON-serialisable."""
+    from difflab.apps.demo.run import cached_model
     from difflab.nets import UNet
     from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
+    data, base_unet = image_base(base)
+    sizes = SIZES[bool(quick)]
     torch.manual_seed(seed)
-    nets = {"unet": UNet(**DIGITS_UNET).to(device).eval(), "cunet": CUNet().to(device).eval()}
+    nets = {"unet": UNet(**data.unet).to(device).eval(), "cunet": CUNet(**data.cunet).to(device).eval()}
     section: dict = {"cunet_config": nets["cunet"].config, "costs": cost_table(nets, "unet")}
-    forward_batch = 64 if quick else 256
-    seconds = forward_seconds(nets, forward_batch, repeats=2 if quick else 5)
+    forward_batch = sizes["forward_batch"]
+    seconds = forward_seconds(nets, forward_batch, repeats=sizes["repeats"])
     section["forward_seconds"] = {"batch_size": forward_batch, **{k: round(v, 4) for k, v in seconds.items()},
                                   "cunet_over_unet": round(seconds["cunet"] / seconds["unet"], 3)}
-    if "digits" in base:
-        steps, batch_size = (30, 64) if quick else (300, DIGITS_BATCH)
-        train_x = load_digits("train").x
+    if base_unet is not None:
+        steps, batch_size = sizes["train_steps"], 64 if quick else data.batch_size
+        train_x = data.load("train").x
 
         def train():
             config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps,
-                                    batch_size=batch_size, dataset="digits")
-            return train_denoiser(CUNet(), train_x, config=config, progress=not quick).model
+                                    batch_size=batch_size, dataset=data.name)
+            return train_denoiser(CUNet(**data.cunet), train_x, config=config, progress=not quick).model
 
-        cunet, train_seconds = cached_model(Path(out) / "models" / f"digits-cunet-{steps}x{batch_size}", train)
-        test_x = load_digits("test").x.to(device)
-        psnr_db = {"unet (demo digits model)": one_step_psnr(base["digits"].to(device), test_x, seed=seed),
+        cunet, train_seconds = cached_model(Path(out) / "models" / f"{data.name}-cunet-{steps}x{batch_size}", train)
+        test_x = data.load("test").x[:PSNR_IMAGES].to(device)
+        psnr_db = {f"unet (demo {data.name} model)": one_step_psnr(base_unet.to(device), test_x, seed=seed),
                    f"cunet ({steps} steps, batch {batch_size})": one_step_psnr(cunet.to(device), test_x, seed=seed)}
         section["psnr_db"] = {name: {k: round(v, 2) for k, v in row.items()} for name, row in psnr_db.items()}
         section["cunet_train_steps"], section["cunet_train_seconds"] = steps, round(train_seconds, 1)

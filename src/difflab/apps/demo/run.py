@@ -1,11 +1,13 @@
 """`difflab demo`: the main job, end to end on the embedded defaults, into one HTML report.
 
 Base models first: a denoiser trained on a 2-D Gaussian mixture (checked against the exact mixture)
-and on scikit-learn's digits (checked with a Fréchet distance against the real-data floor); trained
-models are cached in OUT/models and reused. Then one section per capability (SECTIONS: fast
-sampling and AMED, SuperDiff, DEFT / DPS / ΠGDM, guided distillation, cU-Net), each a
+and one on an image data set (`data`: scikit-learn's embedded digits by default, or MNIST 28×28; see
+datasets.py), checked with a Fréchet distance against the real-data floor; trained models are cached
+in OUT/models and reused. Then one section per capability (SECTIONS: fast sampling and AMED,
+SuperDiff, DEFT / DPS / ΠGDM, guided distillation, cU-Net), each a
 `demo_section(out, quick, seed, device, base)` in its own package returning JSON-able numbers and
-the PNGs it wrote. Output: OUT/report.json (every number) and OUT/report.html (self-contained).
+the PNGs it wrote; base["data"] names the image data set they run on.
+Output: OUT/report.json (every number) and OUT/report.html (self-contained).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from difflab.apps.demo.datasets import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, ImageData, image_data
+from difflab.core.errors import ConfigError
 from difflab.core.io import atomic_path, write_json
 from difflab.core.mixture import GaussianMixture
 from difflab.models import load
@@ -24,6 +28,9 @@ from difflab.sampling import get_sigmas, sample, seeded_noise
 from difflab.train.denoiser import DenoiserConfig
 
 console = Console(stderr=True)
+# DIGITS_*: the digits recipe, imported from here by the benchmarks
+__all__ = ["DIGITS_BATCH", "DIGITS_STEPS", "DIGITS_UNET", "SECTIONS", "cached_model", "heun_sigmas", "image_section",
+           "render_html", "run_demo"]
 
 
 def heun_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
@@ -78,38 +85,54 @@ def gmm_section(out: Path, quick: bool, seed: int, device: str) -> dict:
             "figures": ["gmm.png"]}
 
 
-def digits_section(out: Path, quick: bool, seed: int, device: str) -> dict:
-    """Train a small U-Net on the digits; Fréchet distance of its samples vs the real-data floor."""
+def image_section(out: Path, quick: bool, seed: int, device: str, data: ImageData,
+                  model_dir: Path | None = None) -> tuple[dict, object, Path]:
+    """Train a small U-Net on `data` (or load the one in `model_dir`); Fréchet distance of its samples vs
+    the real-data floor. Returns (numbers, the denoiser, its folder)."""
     from difflab.apps.figures import save_image_grid
-    from difflab.data import load_digits
-    from difflab.metrics import digits_frechet, digits_frechet_floor
+    from difflab.metrics import frechet, frechet_floor
     from difflab.nets import UNet
     from difflab.train.denoiser import train_denoiser
 
-    train_set = load_digits("train")
-    steps = 200 if quick else DIGITS_STEPS
+    train_set = data.load("train")
+    given = model_dir is not None
+    if not given:
+        steps = data.steps(quick)
 
-    def train():
-        config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps,
-                                batch_size=DIGITS_BATCH, dataset="digits")
-        return train_denoiser(UNet(**DIGITS_UNET), train_set.x, config=config).model
+        def train():
+            config = DenoiserConfig(train_steps=steps, lr=2e-3, seed=seed, device=device, checkpoint_every=steps,
+                                    batch_size=data.batch_size, dataset=data.name)
+            return train_denoiser(UNet(**data.unet), train_set.x, config=config).model
 
-    denoiser, train_seconds = cached_model(out / "models" / f"digits-{steps}", train)
-    n = 297 if quick else 1000
+        model_dir = out / "models" / f"{data.name}-{steps}"
+        denoiser, train_seconds = cached_model(model_dir, train)
+    else:
+        denoiser, train_seconds = given_model(model_dir, data), 0.0
+        steps = denoiser.meta.get("fit", {}).get("train_steps")
+    n = data.samples(quick)
     sigmas = heun_sigmas(18, 0.002, 80.0)
-    noise = seeded_noise(range(seed, seed + n), (1, 8, 8), float(sigmas[0]), device=device)
+    noise = seeded_noise(range(seed, seed + n), data.shape, float(sigmas[0]), device=device)
     with torch.no_grad():
         samples = sample(denoiser.to(device), noise, sigmas, "heun").cpu()
-    save_image_grid(samples[:100], out / "digits.png", ncol=10)
-    save_image_grid(train_set.x[:100], out / "digits_real.png", ncol=10)
-    return {"train_steps": steps, "train_seconds": round(train_seconds, 1),
-            "parameters": sum(p.numel() for p in denoiser.parameters()), "n_samples": n,
-            "frechet": digits_frechet(samples), "frechet_floor": digits_frechet_floor(n),
-            "figures": ["digits.png", "digits_real.png"]}, denoiser
+    save_image_grid(samples[:100], out / f"{data.name}.png", ncol=10)
+    save_image_grid(train_set.x[:100], out / f"{data.name}_real.png", ncol=10)
+    numbers = {"train_steps": steps, "train_seconds": round(train_seconds, 1),
+               "parameters": sum(p.numel() for p in denoiser.parameters()), "n_samples": n,
+               "frechet": frechet(data.name, samples), "frechet_floor": frechet_floor(data.name, n),
+               "figures": [f"{data.name}.png", f"{data.name}_real.png"]}
+    if given:
+        numbers["model"] = str(model_dir)
+    return numbers, denoiser, Path(model_dir)
 
 
-DIGITS_UNET = {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [4]}
-DIGITS_STEPS, DIGITS_BATCH = 500, 128  # the default recipe (benchmarks/train_digits.py measures it)
+def given_model(folder: Path, data: ImageData):
+    """The denoiser in `folder`, checked to be a model of `data`'s images; ConfigError otherwise."""
+    denoiser = load(folder)
+    shape = getattr(denoiser, "data_shape", None)
+    if shape is not None and tuple(shape) != data.shape:
+        raise ConfigError(f"the model in {str(folder)!r} makes images of shape {list(shape)}, but data set "
+                          f"{data.name!r} has {list(data.shape)}; pass a model trained on {data.name}")
+    return denoiser
 
 
 # ----- the sections ------------------------------------------------------------------------------
@@ -136,38 +159,44 @@ SECTIONS: tuple[tuple[str, str, str, str], ...] = (
 
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0, device: str = "cpu",
-             only: tuple[str, ...] | None = None) -> dict:
+             only: tuple[str, ...] | None = None, data: str = "digits", model: Path | None = None) -> dict:
     """Run every section, write OUT/report.json and OUT/report.html; returns the summary.
 
-    The base models (2-D mixture MLP, digits U-Net) are trained first (or loaded from OUT/models);
-    `only` restricts the capability sections to those keys (the base sections always run).
+    The base models (2-D mixture MLP, a U-Net on the image data set `data`: "digits" or "mnist") are
+    trained first (or loaded from OUT/models; `model`: an already trained model folder of `data` used
+    as the image base instead); `only` restricts the capability sections to those keys (the base
+    sections always run). Every image section runs on `data`.
     """
     import importlib
 
+    images = image_data(data)
+    if model is not None:
+        given_model(model, images)   # a wrong folder fails now, not after the first section
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sections: dict[str, dict] = {}
-    base: dict = {}
-    plan = [("gmm", "Base model: 2-D Gaussian mixture", "", None), ("digits", "Base model: digits", "", None),
+    base: dict = {"data": images}
+    plan = [("gmm", "Base model: 2-D Gaussian mixture", "", None),
+            (images.name, f"Base model: {images.title}", "", None),
             *[spec for spec in SECTIONS if only is None or spec[0] in only]]
     for number, (key, title, _, target) in enumerate(plan, 1):
         console.rule(f"[bold]{number}/{len(plan)} {title}")
         start = time.perf_counter()
         if key == "gmm":
             sections[key] = gmm_section(out, quick, seed, device)
-        elif key == "digits":
-            sections[key], base["digits"] = digits_section(out, quick, seed, device)
-            base["digits_dir"] = out / "models" / f"digits-{sections[key]['train_steps']}"
+        elif key == images.name:
+            sections[key], base[key], base[f"{key}_dir"] = image_section(out, quick, seed, device, images, model)
         else:
             module, function = target.split(":")
             sections[key] = getattr(importlib.import_module(module), function)(out, quick, seed, device, base)
         sections[key]["seconds"] = round(time.perf_counter() - start, 1)
         console.print(f"{title}: {sections[key]['seconds']} s")
-    report = {"quick": quick, "seed": seed, "device": device, "sections": sections,
+    report = {"dataset": images.name, "quick": quick, "seed": seed, "device": device, "sections": sections,
               "titles": {key: (title, text) for key, title, text, _ in plan}}
     write_json(out / "report.json", report, default=_jsonable)
     _write_text(out / "report.html", render_html(report, out))
-    return {"report": str(out / "report.html"), **{k: _headline(v) for k, v in sections.items()}}
+    return {"report": str(out / "report.html"), "dataset": images.name,
+            **{k: _headline(v) for k, v in sections.items()}}
 
 
 def _jsonable(value):
@@ -253,7 +282,8 @@ def render_html(report: dict, out: Path) -> str:
                     f"<div class=figs>{figures}</div>{_tables(section)}</section>")
     toc = "".join(f'<li><a href="#{k}">{html.escape(report["titles"][k][0])}</a></li>' for k in report["sections"])
     quick_note = ", quick run" if report["quick"] else ""
-    run_note = f"seed {report['seed']}, device {html.escape(report['device'])}{quick_note}"
+    dataset = html.escape(report.get("dataset", "digits"))
+    run_note = f"data set {dataset}, seed {report['seed']}, device {html.escape(report['device'])}{quick_note}"
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>difflab demo</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:62rem;margin:auto;padding:1rem;line-height:1.45}}

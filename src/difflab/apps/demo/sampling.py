@@ -1,4 +1,4 @@
-"""The demo's fast-sampling section: every solver at NFE 3 / 5 / 10 on the digits model against a
+"""The demo's fast-sampling section: every solver at NFE 3 / 5 / 10 on the image base model against a
 fine reference, AMED-Solver and AMED-Plugin (iPNDM) fitted on the spot, an error-vs-NFE plot and
 sample grids."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from difflab.amed.plugin import amed_sample
 from difflab.amed.predictor import predictor_sigmas
+from difflab.apps.demo.datasets import image_base
 from difflab.apps.figures import save_figure, save_image_grid
 from difflab.core.errors import ConfigError
 from difflab.sampling.grids import get_sigmas
@@ -21,6 +22,9 @@ DEMO_SOLVERS = ("euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_3m", "ipndm", "ipndm
 GRID_SOLVERS = ("euler", "dpmpp_2m", "unipc")          # shown as sample grids next to AMED
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 REF_POINTS = {True: 51, False: 101}      # the reference: Heun on this many Karras points (quick / full)
+# samples scored, AMED fits (NFE), their training and held-out trajectories: quick / full
+SIZES = {True: {"n": 32, "amed_nfes": (5,), "trajectories": 64, "heldout": 256},
+         False: {"n": 128, "amed_nfes": (3, 5), "trajectories": 384, "heldout": 256}}
 
 
 def _mean_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -39,12 +43,15 @@ def _solver_run(denoiser, noise: torch.Tensor, solver: str, nfe: int) -> torch.T
 
 
 def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> dict:
-    """base["digits"]: a digits denoiser. Writes sampling_error.png and sampling_grids.png into `out`."""
+    """base: the demo's image base (datasets.image_base; base["digits"], a digits denoiser, by default).
+    Writes sampling_error.png and sampling_grids.png into `out`."""
     from difflab.amed.fit import AMEDConfig, fit_amed
 
-    denoiser = base["digits"].to(device)
-    n = 32 if quick else 128
-    noise = seeded_noise(range(seed, seed + n), (1, 8, 8), SIGMA_MAX, device=device)
+    data, denoiser = image_base(base)
+    denoiser = denoiser.to(device)
+    sizes = SIZES[bool(quick)]
+    n = sizes["n"]
+    noise = seeded_noise(range(seed, seed + n), data.shape, SIGMA_MAX, device=device)
     with torch.no_grad():
         reference = sample(denoiser, noise, get_sigmas("karras", REF_POINTS[quick], SIGMA_MIN, SIGMA_MAX), "heun")
         errors, finals = {}, {}
@@ -55,10 +62,11 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
                 finals[(solver, nfe)] = x
     amed, fit_seconds = {}, {}
     for row, base_solver, M in (("amed", "dpm2", 1), ("amed_plugin_ipndm", "ipndm", 3)):
-        for nfe in (5,) if quick else (3, 5):
+        for nfe in sizes["amed_nfes"]:
             start = time.perf_counter()
             config = AMEDConfig(nfe=nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, M=M, base_solver=base_solver,
-                                trajectories=64 if quick else 384, batch_size=32, seed=seed, device=device)
+                                trajectories=sizes["trajectories"], heldout=sizes["heldout"], batch_size=32,
+                                seed=seed, device=device)
             predictor = fit_amed(denoiser, config).model
             fit_seconds[f"{row} NFE {nfe}"] = round(time.perf_counter() - start, 1)
             with torch.no_grad():
@@ -66,7 +74,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
             errors.setdefault(row, {})[str(nfe)] = round(_mean_l2(x, reference), 4)
             finals[(row, nfe)] = x
         amed[row] = {"base_solver": base_solver, "teacher": f"heun, M={M}"}
-    _plot_errors(errors, out / "sampling_error.png")
+    _plot_errors(errors, out / "sampling_error.png", data.name)
     rows = [(name, nfe) for name in (*GRID_SOLVERS, "amed_plugin_ipndm") for nfe in DEMO_NFES
             if finals.get((name, nfe)) is not None]
     save_image_grid(torch.cat([finals[key][:8].cpu() for key in rows] + [reference[:8].cpu()]),
@@ -79,7 +87,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
             "figures": ["sampling_error.png", "sampling_grids.png"]}
 
 
-def _plot_errors(errors: dict, path: Path) -> None:
+def _plot_errors(errors: dict, path: Path, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +99,7 @@ def _plot_errors(errors: dict, path: Path) -> None:
         style = dict(marker="*", ms=11, lw=2.2) if name.startswith("amed") else dict(marker=".", lw=1.2)
         ax.plot(*zip(*pts), label=name, **style)
     ax.set(xscale="linear", yscale="log", xlabel="NFE", ylabel="mean L2 error to the reference",
-           title="digits: error vs NFE", xticks=list(DEMO_NFES))
+           title=f"{dataset}: error vs NFE", xticks=list(DEMO_NFES))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
