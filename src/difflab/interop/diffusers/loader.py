@@ -10,7 +10,8 @@ beside it (or in a `scheduler/` sub-folder). Only safetensors are read (`variant
 `diffusion_pytorch_model.<variant>.safetensors`); diffusers itself is imported on first use.
 
 A folder that difflab wrote as a guided-distillation student (`difflab_student.json` beside `unet/`) is that
-student: `load_diffusers` hands it to `student.load_diffusers_student`, whatever the formats' registration order.
+student: `load_diffusers` hands it to `student.load_diffusers_student` (registered by student.py on import, which
+the package's __init__ does), whatever the formats' registration order.
 
 Identity: the loaded model's fingerprint is pinned at load time to a hash of the stored weights files' bytes,
 the components' configs (without paths and versions) and the σ-space definition (ᾱ table and prediction
@@ -54,6 +55,15 @@ def is_diffusers_folder(path: Path) -> bool:
     return False
 
 
+_student_loader = None   # student.py's load_diffusers_student, set by `register_student_loader` (no import cycle)
+
+
+def register_student_loader(loader) -> None:
+    """Let `load_diffusers` hand a difflab-written student folder (`STUDENT_FILE`) to `loader`."""
+    global _student_loader
+    _student_loader = loader
+
+
 def is_student_folder(path: Path) -> bool:
     """Whether `path` is a diffusers student folder that difflab wrote (`save_diffusers_student`)."""
     return (path / STUDENT_FILE).is_file() and (path / "unet").is_dir()
@@ -80,9 +90,9 @@ def load_diffusers(path: str | Path, device: str | torch.device | None = None, t
     """
     path = Path(path)
     if is_student_folder(path):
-        from difflab.interop.diffusers.student import load_diffusers_student
-
-        return load_diffusers_student(path, device=device, torch_dtype=torch_dtype, variant=variant)
+        if _student_loader is None:
+            raise ModelFormatError(f"{path} is a difflab student folder; import difflab.interop.diffusers to load it")
+        return _student_loader(path, device=device, torch_dtype=torch_dtype, variant=variant)
     torch_dtype = torch_dtype or torch.float32
     _refuse_unknown_layouts(path)
     unet_dir = _unet_dir(path)

@@ -42,7 +42,7 @@ from difflab.core.io import atomic_folder, write_json
 from difflab.core.wrappers import VPDenoiser
 from difflab.distill.samplers import sample_deterministic
 from difflab.distill.student import GuidedStudent
-from difflab.interop.diffusers.loader import STUDENT_FILE, load_unet_denoiser
+from difflab.interop.diffusers.loader import STUDENT_FILE, load_unet_denoiser, register_student_loader
 from difflab.interop.diffusers.text_to_image import TextToImageDenoiser
 from difflab.models import load
 from difflab.nets.diffusers_unet import DiffusersUNet
@@ -218,3 +218,6 @@ def prompt_batches(x0: Tensor, prompt_ids: Tensor, embeddings: Tensor) -> Callab
 __all__ = ["load_text_teacher", "make_diffusers_student", "student_unet", "student_scheduler", "pipeline_sigmas",
            "save_diffusers_student", "load_diffusers_student", "teacher_latents", "prompt_batches", "STUDENT_FILE",
            "TIME_COND_PROJ_DIM"]
+
+
+register_student_loader(load_diffusers_student)
