@@ -64,25 +64,25 @@ def classifier(stand_in):
 
 
 @pytest.fixture(scope="module")
-def test_images(stand_in):
+def mnist_test_split(stand_in):
     return get_dataset("mnist", split="test")
 
 
-def test_stand_in_has_the_mnist_format(test_images):
-    assert test_images.x.shape == (NUM_TEST, 1, 28, 28) and test_images.name == "mnist"
-    assert -1 <= test_images.x.min() < test_images.x.max() <= 1
+def test_stand_in_has_the_mnist_format(mnist_test_split):
+    assert mnist_test_split.x.shape == (NUM_TEST, 1, 28, 28) and mnist_test_split.name == "mnist"
+    assert -1 <= mnist_test_split.x.min() < mnist_test_split.x.max() <= 1
 
 
-def test_classifier_trains_at_28x28_and_separates_the_stand_in_classes(classifier, test_images):
+def test_classifier_trains_at_28x28_and_separates_the_stand_in_classes(classifier, mnist_test_split):
     # the classes differ by where a bright square sits: a working 28×28 classifier gets nearly all
-    assert classifier.accuracy(test_images.x, test_images.labels) >= 0.9
-    features = classifier.features(test_images.x.reshape(NUM_TEST, 784))  # flat images are accepted too
+    assert classifier.accuracy(mnist_test_split.x, mnist_test_split.labels) >= 0.9
+    features = classifier.features(mnist_test_split.x.reshape(NUM_TEST, 784))  # flat images are accepted too
     assert features.shape == (NUM_TEST, 128) and features.dtype == torch.float32
     with pytest.raises(ShapeError, match=r"\[N, 1, 28, 28\]"):
         classifier.features(torch.zeros(4, 1, 8, 8))
 
 
-def test_cache_is_safetensors_per_dataset_and_reloads_to_identical_features(classifier, stand_in, test_images):
+def test_cache_is_safetensors_per_dataset_and_reloads_to_identical_features(classifier, stand_in, mnist_test_split):
     folder = stand_in / "digit_classifier_mnist"
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no pickle, no temp
     record = json.loads((folder / "config.json").read_text())
@@ -91,7 +91,7 @@ def test_cache_is_safetensors_per_dataset_and_reloads_to_identical_features(clas
     assert record["train_data"] == train_data
     reloaded = load_digit_classifier(folder, "mnist", train_data)
     assert reloaded is not classifier
-    assert torch.equal(reloaded.features(test_images.x), classifier.features(test_images.x))
+    assert torch.equal(reloaded.features(mnist_test_split.x), classifier.features(mnist_test_split.x))
     assert get_classifier("mnist") is classifier  # memoised in process
 
 
@@ -105,8 +105,8 @@ def test_cached_classifier_of_other_data_or_dataset_is_refused(classifier, stand
         get_classifier("cifar10")
 
 
-def test_frechet_of_a_set_with_itself_is_zero_and_grows_with_a_shift(classifier, test_images):
-    x = test_images.x
+def test_frechet_of_a_set_with_itself_is_zero_and_grows_with_a_shift(classifier, mnist_test_split):
+    x = mnist_test_split.x
     assert frechet("mnist", x, x) == pytest.approx(0.0, abs=1e-3)  # up to sqrtm's round-off
     assert frechet("mnist", x) == pytest.approx(0.0, abs=1e-3)     # the reference defaults to the test split
     shifted = [frechet("mnist", (x + delta).clamp(-1, 1), x) for delta in (0.1, 0.3, 0.6)]

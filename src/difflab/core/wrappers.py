@@ -63,7 +63,7 @@ def vp_scale(sigma: Tensor | float, ndim: int | None = None) -> Tensor:
 
     sigma: a float or [B]; with ndim, shaped [B, 1, ..., 1] to broadcast against a [B, ...] state.
     """
-    sigma = torch.as_tensor(sigma)
+    sigma = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma), dtype=torch.float64)
     alpha = 1 / (1 + sigma**2).sqrt()
     return alpha if ndim is None else append_dims(alpha.reshape(-1), ndim)
 
@@ -120,11 +120,19 @@ class VPDenoiser(nn.Module):
         s = append_dims(sigma, x.ndim).to(x.dtype)
         alpha = vp_scale(s)
         x_vp = alpha * x
-        out = call_network(self.model, x_vp, self.sigma_to_t(sigma).to(x.dtype), **cond)
+        return self.denoised(x, s, call_network(self.model, x_vp, self.sigma_to_t(sigma).to(x.dtype), **cond))
+
+    def denoised(self, x: Tensor, sigma: Tensor | float, out: Tensor) -> Tensor:
+        """D(x; σ) from the network's output `out` at x_vp = α·x (the class docstring's conversions).
+
+        x, out: [B, ...]; sigma: a float or [B, 1, ..., 1]. DifflabScheduler calls this with the output a
+        pipeline computed, so the conversion is written once.
+        """
         if self.prediction_type == "epsilon":
-            return x - s * out
+            return x - sigma * out                                  # D = x − σ·ε̂
         if self.prediction_type == "v_prediction":
-            return alpha * x_vp - alpha * s * out  # s_t = σ·α
+            alpha = vp_scale(sigma)
+            return alpha**2 * x - alpha * sigma * out              # D = α·x_vp − s·v̂, s = σ·α
         return out
 
     @property

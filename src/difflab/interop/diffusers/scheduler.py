@@ -503,7 +503,7 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _to_vp(x: Tensor, sigma: float) -> Tensor:
-        return x / math.sqrt(1 + sigma**2)                 # α·x with α = vp_scale(σ), σ kept in float64
+        return vp_scale(sigma) * x                         # α·x (a float σ: α in float64, x keeps its dtype)
 
     @staticmethod
     def _from_vp(sample: Tensor, sigma: float) -> Tensor:
@@ -519,17 +519,9 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         self._stepper, self._step_index = self._make_stepper(), begin
 
     def _denoised(self, model_output: Tensor, x: Tensor, sigma: float) -> Tensor:
-        """D(x; σ) from the model's output at x (σ-space): VPDenoiser's ε / v / x0 conversion, written out for
-        one float σ (VPDenoiser's call would also find the timestep, which the output already answers: a third
-        of the step's time at SD's latent size)."""
-        out = model_output.to(x.dtype)
-        prediction_type = self._vp.prediction_type
-        if prediction_type == "epsilon":
-            return x - sigma * out                                           # D = x − σ·ε̂
-        if prediction_type == "v_prediction":
-            alpha = 1 / math.sqrt(1 + sigma**2)
-            return alpha**2 * x - alpha * sigma * out                        # D = α·x_vp − s·v̂, s = σ·α, x_vp = α·x
-        return out
+        """D(x; σ) from the model's output at x (σ-space), by VPDenoiser's conversion (not its call, which would
+        also find the timestep the output already answers: a third of the step's time at SD's latent size)."""
+        return self._vp.denoised(x, sigma, model_output.to(x.dtype))
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, return_dict: bool = True,
              generator: torch.Generator | None = None, **kwargs: Any) -> SchedulerOutput | tuple[Tensor]:
