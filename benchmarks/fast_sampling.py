@@ -28,19 +28,24 @@ AMED-Plugin only); fewer solvers and small fits; MNIST (with --runs runs/bench/m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from difflab.amed import AMEDConfig, GridConfig, amed_sample, fit_amed, fit_grid, grid_for_amed, predictor_sigmas
-from difflab.amed.fit import NotImprovedWarning
 from difflab.apps.demo.run import DIGITS_STEPS
-from difflab.core.errors import ConfigError
+from difflab.core.errors import ConfigError, NotImprovedWarning
+from difflab.core.fingerprint import fingerprint
+from difflab.core.io import atomic_path
 from difflab.data import default_gmm
 from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe
 
@@ -50,12 +55,15 @@ from solvers import digits_model, mixture_64d  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 ROOT = Path(__file__).resolve().parent.parent
+REFERENCES = ROOT / "runs" / "bench" / "fast_sampling"   # cached network references (one per model, noise, steps)
 MNIST_MODEL = "full"                       # class-conditional, used unconditionally (the null class)
 NETWORKS = ("digits", "mnist")             # scored by Fréchet distance too (full run)
 GRID_SOLVER = "ipndm"                      # the learned grids' solver and AMED-Plugin's base
 FULL = {"nfes": (3, 4, 5, 6, 8, 10), "datasets": ("gmm2d", "gmm16d", "gmm64d", "digits", "mnist"),
         "solvers": ("euler", "heun", "dpm2", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc", "deis"),
         "grids": ("gits", "ld3", "ays"), "n": 512, "fd": True,
+        # LD3 also for the best training-free base at few steps (iPNDM-v with AFS), as a user would fit it
+        "grids_on_best_base": (("ld3", "ipndm_v", True),),
         # cut to fit ~40 minutes on 2 shared cores (AYS at the KLUB defaults alone took 89 s per fit on the 64-D
         # mixture): 1024 AMED trajectories, LD3 200 steps, a 60-level teacher, a smaller KLUB search
         "trajectories": 1024, "ld3_steps": 200, "fine_levels": 60,
@@ -64,10 +72,11 @@ FULL = {"nfes": (3, 4, 5, 6, 8, 10), "datasets": ("gmm2d", "gmm16d", "gmm64d", "
         # a 32-level teacher of 2 Heun substeps, the quick KLUB search, 256 AMED trajectories
         "digits": {"n": 256, "fine_levels": 32, "teacher_substeps": 2, "ld3_steps": 60, "trajectories": 256,
                    "n_eval": 32, "klub": {"klub_nodes": 4, "klub_repeats": 1, "klub_rounds": 2, "klub_candidates": 4}},
-        # MNIST's U-Net: ~40 samples/s on 2 shared cores (not yet run at these settings)
-        "mnist": {"n": 256, "fine_levels": 24, "teacher_substeps": 2, "ld3_steps": 40, "trajectories": 128,
-                  "n_fit": 16, "n_eval": 16, "klub": {"klub_nodes": 4, "klub_repeats": 1, "klub_rounds": 2,
-                                                      "klub_candidates": 4}}}
+        # MNIST's U-Net: ~130 sample-evaluations/s on one core: 256 samples (FD over 128 features), a reference of
+        # 200 Heun steps (its own error, Richardson's estimate from 100 steps, is logged), the quick KLUB search
+        "mnist": {"n": 256, "ref_steps": 200, "fine_levels": 24, "teacher_substeps": 2, "ld3_steps": 40,
+                  "trajectories": 128, "n_fit": 16, "n_eval": 16,
+                  "klub": {"klub_nodes": 4, "klub_repeats": 1, "klub_rounds": 2, "klub_candidates": 4}}}
 QUICK = {"nfes": (3, 5, 8), "datasets": ("gmm2d", "gmm64d", "digits", "mnist"),
          "solvers": ("euler", "ipndm", "dpmpp_2m", "unipc"), "grids": ("ld3", "ays"), "n": 128,
          "trajectories": 256, "ld3_steps": 40, "fine_levels": 24, "fd": False,
@@ -131,12 +140,18 @@ def learned(model, shape, dtype, x: Tensor, nfe: int, spec: dict) -> list[tuple[
     grid_config = GridConfig(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, fine_levels=spec["fine_levels"], n_fit=n_fit,
                              n_eval=n_eval, teacher_substeps=spec.get("teacher_substeps", 4),
                              train_steps=spec["ld3_steps"], log_every=spec["ld3_steps"], **spec["klub"])
-    for method in spec["grids"]:
+    fits = [(method, method, GRID_SOLVER, False) for method in spec["grids"]]
+    fits += [(f"{method}/{solver}{'+afs' if afs else ''}", method, solver, afs)
+             for method, solver, afs in spec.get("grids_on_best_base", ())]
+    for row, method, solver, afs in fits:
         tic = time.perf_counter()
-        grid = fit_grid(model, GRID_SOLVER, nfe, method, grid_config).model
+        try:
+            grid = fit_grid(model, solver, nfe, method, dataclasses.replace(grid_config, afs=afs)).model
+        except ConfigError:
+            continue                                             # this solver cannot spend exactly nfe
         with torch.no_grad():
-            out = sample(model, x, grid.check(model).to(x.dtype), solver=GRID_SOLVER)
-        rows.append((method, out, time.perf_counter() - tic))
+            out = sample(model, x, grid.check(model).to(x.dtype), solver=solver, afs=afs)
+        rows.append((row, out, time.perf_counter() - tic))
     afs = nfe % 2 == 1                                           # AMED: odd NFEs with AFS, even ones without
     amed = AMEDConfig(nfe=nfe, afs=afs, M=7 if dtype == torch.float64 else 3, trajectories=spec["trajectories"],
                       batch_size=min(64, spec["trajectories"]), heldout=n_eval, sigma_min=SIGMA_MIN,
@@ -167,24 +182,50 @@ def fd_scorer(name: str, spec: dict, log):
     return lambda samples: frechet(name, samples.float(), classifier=classifier)
 
 
-def run_dataset(name: str, case, spec: dict, log) -> list[dict]:
+def heun_reference(model, x: Tensor, steps: int) -> Tensor:
+    """Heun on a Karras grid of `steps` steps from x at σ_max to σ_min: the reference endpoint, [B, ...]."""
+    with torch.no_grad():
+        return sample(model, x, get_sigmas("karras", steps + 1, SIGMA_MIN, SIGMA_MAX).to(x.dtype), solver="heun")
+
+
+def reference(name: str, model, x: Tensor, steps: int, log) -> Tensor:
+    """The reference endpoints of x [B, ...]; for networks cached in runs/bench/fast_sampling (keyed by the model's
+    fingerprint, the noise and the steps), so that NFEs run in separate processes share one reference."""
+    tic = time.perf_counter()
+    if name not in NETWORKS:
+        ref = heun_reference(model, x, steps)
+    else:
+        path = REFERENCES / f"ref-{name}-{fingerprint(model)[:16]}-{len(x)}-{steps}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():
+                ref = heun_reference(model, x, steps)
+                # the reference's own error: Richardson's estimate from half the steps (Heun is 2nd order), 16 samples
+                own_error = mean_l2(heun_reference(model, x[:16], steps // 2), ref[:16]) / 3
+                log(f"  {name}: reference's own error ≈ {own_error:.3g} (from {steps // 2} steps)")
+                with atomic_path(path) as tmp:
+                    save_file({"ref": ref.contiguous(), "x": x.contiguous()}, str(tmp))
+            cached = load_file(str(path))
+            if not torch.equal(cached["x"], x):
+                raise SystemExit(f"{path} was made from other noise; delete it")
+            ref = cached["ref"]
+    log(f"  {name}: reference (Heun, {steps} steps, {len(x)} samples) {time.perf_counter() - tic:.1f} s")
+    return ref
+
+
+def run_dataset(name: str, case, spec: dict, log):
+    """Yields the records of each NFE in turn (so that a long run keeps what it has finished)."""
     model, shape, dtype, ref_steps = case
     spec = {**spec, **spec.get(name, {})}                        # per-dataset overrides (networks)
-    ref_steps = spec.get("ref_steps", ref_steps)
     x = seeded_noise(range(spec["n"]), shape, SIGMA_MAX).to(dtype)
-    tic = time.perf_counter()
-    with torch.no_grad():
-        ref = sample(model, x, get_sigmas("karras", ref_steps + 1, SIGMA_MIN, SIGMA_MAX).to(dtype), solver="heun")
-    log(f"  {name}: reference (Heun, {ref_steps} steps, {spec['n']} samples) {time.perf_counter() - tic:.1f} s")
+    ref = reference(name, model, x, spec.get("ref_steps", ref_steps), log)
     fd = fd_scorer(name, spec, log)
-    records = []
     for nfe in spec["nfes"]:
         tic = time.perf_counter()
         rows = training_free(model, x, spec["solvers"], nfe) + learned(model, shape, dtype, x, nfe, spec)
-        records += [{"dataset": name, "method": method, "nfe": nfe, "error": mean_l2(out, ref), "fd": fd(out),
-                     "fit_seconds": seconds} for method, out, seconds in rows]
+        yield [{"dataset": name, "method": method, "nfe": nfe, "error": mean_l2(out, ref), "fd": fd(out),
+                "fit_seconds": seconds} for method, out, seconds in rows]
         log(f"  {name} NFE {nfe}: {len(rows)} methods, {time.perf_counter() - tic:.1f} s")
-    return records
 
 
 def merged(path: Path, records: list[dict], run: dict) -> tuple[list[dict], list[dict]]:
@@ -195,7 +236,8 @@ def merged(path: Path, records: list[dict], run: dict) -> tuple[list[dict], list
     earlier = json.loads(path.read_text())
     done = {(r["dataset"], r["nfe"]) for r in records}
     kept = [r for r in earlier.get("records", []) if (r["dataset"], r["nfe"]) not in done]
-    runs = [old for old in earlier.get("runs", []) if {r["dataset"] for r in kept} & set(old["datasets"])]
+    runs = [old for old in earlier.get("runs", []) if old.get("id") != run["id"] and any(
+        r["dataset"] in old["datasets"] and r["nfe"] in old.get("nfes", [r["nfe"]]) for r in kept)]
     return kept + records, runs + [run]
 
 
@@ -264,18 +306,17 @@ def main() -> None:
         nfes = tuple(int(n) for n in args.nfes.split(","))
         spec = {**spec, "nfes": nfes, **{k: {**v, "nfes": nfes} for k, v in spec.items() if k in NETWORKS}}
     warnings.simplefilter("ignore", NotImprovedWarning)         # the fits keep their base; the table shows it
-    warnings.filterwarnings("ignore", message=".*not better than Karras.*")
     records = []
     # small tensors (mixtures, 8x8 digits): a second thread only adds synchronisation, 10x slower on a shared machine
     torch.set_num_threads(1)
+    path = args.out_dir / f"fast_sampling{'_quick' if args.quick else ''}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, case in datasets(spec["datasets"], args.quick, args.runs, log).items():
         log(f"[{name}]")
-        records += run_dataset(name, case, spec, log)
-    suffix = "_quick" if args.quick else ""
-    path = args.out_dir / f"fast_sampling{suffix}.json"
-    run = {"datasets": sorted({r["dataset"] for r in records}), "seconds": round(time.perf_counter() - start, 1),
-           "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}}
-    records, runs = merged(path, records, run)
+        for nfe_records in run_dataset(name, case, spec, log):
+            records += nfe_records
+            write_results(path, records, spec, start)             # after every NFE: a killed run keeps its rows
+    records = json.loads(path.read_text())["records"]
     summary = ratios(records)
     for dataset in dict.fromkeys(r["dataset"] for r in records):
         print(table(records, dataset), end="\n\n")
@@ -283,11 +324,21 @@ def main() -> None:
     for key, value in summary.items():
         print(f"| {key} | {value['best_learned']} | {value['best_training_free']} | {value['ratio']:.2f} | "
               f"≤ {value['goal']} |")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"records": records, "ratios": summary, "runs": runs, "grid_solver": GRID_SOLVER}
-    path.write_text(json.dumps(report, indent=1))
     figure(records, path.with_suffix(".png"))
-    log(f"done in {run['seconds']} s; {path}")
+    log(f"done in {time.perf_counter() - start:.1f} s; {path}")
+
+
+def write_results(path: Path, records: list[dict], spec: dict, start: float) -> None:
+    """Merge this run's records into the results file (under a lock: data sets and NFEs may run in parallel)."""
+    run = {"id": f"{os.getpid()}@{start}", "datasets": sorted({r["dataset"] for r in records}),
+           "nfes": sorted({r["nfe"] for r in records}),
+           "seconds": round(time.perf_counter() - start, 1),
+           "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}}
+    with FileLock(str(path) + ".lock"):
+        merged_records, runs = merged(path, records, run)
+        report = {"records": merged_records, "ratios": ratios(merged_records), "runs": runs, "grid_solver": GRID_SOLVER}
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Learned grids (GITS, LD3) on the analytic 2-D mixture: the dynamic programme against brute force, the
 differentiable student against the registered solvers, the grid's shape and budget, the held-out margin
-over Karras ρ = 7, the "not better" warning, save / load and the refusal for another base model."""
+over Karras ρ = 7, "never worse" (Karras returned when not better), save / load, the refusal for another base
+model and `difflab amed grid`."""
 from __future__ import annotations
 
 import itertools
@@ -19,8 +20,8 @@ from difflab.amed.grids import (
     sigmas_to_logits,
     student_solve,
 )
-from difflab.core.errors import AddonMismatchError, ConfigError
-from difflab.sampling import SOLVERS
+from difflab.core.errors import AddonMismatchError, ConfigError, NotImprovedWarning
+from difflab.sampling import SOLVERS, get_sigmas
 from tests.sampling.helpers import CountingDenoiser
 
 CONFIG = GridConfig(fine_levels=60, n_fit=48, n_eval=128, train_steps=200)
@@ -102,11 +103,24 @@ def test_fit_result_follows_the_fit_contract(fits):
     assert GridConfig.from_json(CONFIG.to_json()) == CONFIG
 
 
-def test_a_grid_that_is_not_better_is_reported_with_a_warning(mixture):
-    """GITS's one-step cost is the warm-up (Euler) step for a multistep solver: for iPNDM-v it picks a worse grid."""
-    with pytest.warns(UserWarning, match="not better"):
+def test_a_grid_that_is_not_better_is_reported_and_karras_returned(mixture):
+    """Never worse. GITS's one-step cost is the warm-up (Euler) step for a multistep solver: for iPNDM-v it picks a
+    worse grid, and the fit returns Karras' grid instead, flagged, with both held-out errors."""
+    with pytest.warns(NotImprovedWarning, match="not better"):
         result = fit_grid(mixture, "ipndm_v", 5, "gits", GridConfig(fine_levels=40, n_fit=16, n_eval=64))
-    assert result.model.metrics["learned_error"] >= result.model.metrics["base_error"]
+    grid, karras = result.model, get_sigmas("karras", 6, 0.002, 80.0)
+    assert result.model.metrics["learned_error"] > 1.2 * result.model.metrics["base_error"]   # clearly worse
+    assert not grid.improved and grid.method == "gits"
+    torch.testing.assert_close(grid.sigmas, karras, rtol=0, atol=0)
+
+
+def test_a_fit_that_cannot_improve_returns_its_base_exactly(mixture):
+    """LD3 with a step size so large that the first Adam step throws the grid far off (softmax near one-hot)."""
+    config = GridConfig(fine_levels=20, n_fit=8, n_eval=32, train_steps=2, lr=100.0, log_every=1)
+    with pytest.warns(NotImprovedWarning):
+        result = fit_grid(mixture, "euler", 4, "ld3", config)
+    assert result.model.metrics["learned_error"] > 2 * result.model.metrics["base_error"]
+    torch.testing.assert_close(result.model.sigmas, get_sigmas("karras", 5, 0.002, 80.0), rtol=0, atol=0)
 
 
 def test_save_load_round_trip_and_refusal_for_another_base_model(fits, mixture, tmp_path):
@@ -115,7 +129,7 @@ def test_save_load_round_trip_and_refusal_for_another_base_model(fits, mixture, 
     loaded = load_grid(tmp_path / "grid", base_model=mixture)
     assert isinstance(difflab.load(tmp_path / "grid"), LearnedGrid)
     torch.testing.assert_close(loaded.sigmas, grid.sigmas, rtol=0, atol=0)
-    fields = lambda g: (g.solver, g.nfe, g.method, g.afs, g.base_model, g.metrics)  # noqa: E731
+    fields = lambda g: (g.solver, g.nfe, g.method, g.afs, g.base_model, g.metrics, g.improved)  # noqa: E731
     assert fields(loaded) == fields(grid)
     other = difflab.GaussianMixture([[0.0, 0.0]], stds=[1.0])
     with pytest.raises(AddonMismatchError, match="learned grid"):
@@ -151,3 +165,35 @@ def test_cli_samples_on_a_grid_file_and_refuses_another_nfe(fits, mixture, tmp_p
         "out": None, "n": 8, "solver": "ipndm", "nfe": 5, "points": 6, "processes": 1}
     refused = CliRunner().invoke(app, [*args, "--nfe", "6", "--out", str(tmp_path / "y.npz")])
     assert isinstance(refused.exception, ConfigError) and "fitted for NFE 5" in str(refused.exception)
+
+
+def test_cli_fits_a_grid_that_samples_and_refuses_to_save_one_no_better_than_karras(mixture, tmp_path):
+    """`difflab amed grid`: an LD3 grid is saved; the GITS grid for iPNDM-v that is worse
+    than Karras (above) is refused with exit status 2 and nothing written, unless --save-if-worse."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from difflab.apps.cli.app import app
+
+    mixture.save(tmp_path / "model")
+    common = ["amed", "grid", "--model", str(tmp_path / "model"), "--device", "cpu"]
+    fitted = CliRunner().invoke(app, [*common, "--solver", "euler", "--nfe", "5", "--method", "ld3", "--fine-levels",
+                                      "60", "--n-fit", "48", "--n-eval", "128", "--out", str(tmp_path / "ld3")])
+    assert fitted.exit_code == 0, fitted.output
+    report = json.loads(fitted.output.strip().splitlines()[-1])
+    assert report["improved"] and report["heldout_error_learned"] < 0.8 * report["heldout_error_karras"]
+    torch.testing.assert_close(load_grid(tmp_path / "ld3", base_model=mixture).sigmas,   # the echo: 6 decimals
+                               torch.tensor(report["sigmas"], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    worse = [*common, "--solver", "ipndm_v", "--nfe", "5", "--method", "gits", "--fine-levels", "40", "--n-fit", "16",
+             "--n-eval", "64"]
+    refused = CliRunner().invoke(app, [*worse, "--out", str(tmp_path / "gits")])
+    assert refused.exit_code == 2 and "no better than Karras" in refused.output
+    assert not (tmp_path / "gits").exists()
+    saved = CliRunner().invoke(app, [*worse, "--save-if-worse", "--out", str(tmp_path / "gits")])
+    assert saved.exit_code == 0, saved.output
+    torch.testing.assert_close(load_grid(tmp_path / "gits").sigmas, get_sigmas("karras", 6, 0.002, 80.0), rtol=0,
+                               atol=0)
+    bad = CliRunner().invoke(app, [*common, "--solver", "euler_maruyama", "--out", str(tmp_path / "x")])
+    assert isinstance(bad.exception, ConfigError) and "deterministic" in str(bad.exception)   # exit 2 in `main`
+    assert not (tmp_path / "x").exists()

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from difflab.amed.grids import GridConfig, LearnedGrid, fit_grid
 from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, amed_plugin, check_base, plugin_interval
 from difflab.amed.predictor import AMEDPredictor, ConstantPredictor, amed_points, amed_step
-from difflab.core.errors import ConfigError
+from difflab.core.errors import ConfigError, NotImprovedWarning
 from difflab.core.fingerprint import fingerprint
 from difflab.sampling.grids import EDM_RANGE, get_sigmas, model_sigma_range
 from difflab.sampling.registry import SOLVERS
@@ -283,10 +283,6 @@ def grid_for_amed(denoiser, config: AMEDConfig, method: str = "ld3", grid_config
     grid_config.sigma_min = config.sigma_min if grid_config.sigma_min is None else grid_config.sigma_min
     grid_config.sigma_max = config.sigma_max if grid_config.sigma_max is None else grid_config.sigma_max
     return fit_grid(denoiser, base, config.nfe, method, grid_config, **cond)
-
-
-class NotImprovedWarning(UserWarning):
-    """A fitted AMED predictor is no better than its base solver on held-out noise."""
 
 
 class BestKept(nn.Module):

@@ -20,7 +20,8 @@ All keep the solver and its NFE and move only the σ's it visits (docs/methods/g
 A fitted grid is a `LearnedGrid`: an add-on model (σ's, solver, NFE, method, the base model's
 fingerprint) usable as `difflab.sample(model, x, grid.sigmas, solver=grid.solver)` after
 `grid.check(model)`, or by `difflab sample --grid-file PATH`. Every fit reports the held-out endpoint
-error of the learned grid and of Karras ρ = 7 at the same solver and NFE ("never worse").
+error of the learned grid and of Karras ρ = 7 at the same solver and NFE, and returns Karras' grid when the learned
+one is not better ("never worse": an unlucky fit costs its time, never accuracy).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from difflab.amed.ays import fit_ays
 from difflab.amed.plugin import refined_sigmas
 from difflab.core.denoiser import eps
-from difflab.core.errors import ConfigError, ModelFormatError
+from difflab.core.errors import ConfigError, ModelFormatError, NotImprovedWarning
 from difflab.core.fingerprint import fingerprint
 from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.models import check_base_model, register_kind
@@ -88,25 +89,28 @@ class GridConfig(JSONConfig):
 
 class LearnedGrid(SavedModel, nn.Module):
     """A learned grid: sigmas [K + 1] float64 (a buffer, decreasing), the solver and NFE it was fitted for,
-    the method ("gits" / "ld3"), the base model's fingerprint, afs, and metrics (held-out endpoint errors:
-    "base_error" of Karras ρ = 7, "learned_error" of this grid)."""
+    the method ("gits" / "ld3" / "ays"), the base model's fingerprint, afs, and metrics (held-out endpoint errors:
+    "base_error" of Karras ρ = 7, "learned_error" of the optimised grid). improved: False when the optimised grid
+    was no better than Karras, and these σ's are Karras' ("never worse")."""
 
     def __init__(self, sigmas: Tensor, solver: str, nfe: int, method: str, base_model: str | None = None,
-                 afs: bool = False, metrics: dict[str, float] | None = None, refine: bool = False):
+                 afs: bool = False, metrics: dict[str, float] | None = None, refine: bool = False,
+                 improved: bool = True):
         super().__init__()
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float64).detach().clone())
         self.solver, self.nfe, self.method, self.base_model = solver, int(nfe), method, base_model
         self.afs, self.metrics, self.refine = bool(afs), dict(metrics or {}), bool(refine)
+        self.improved = bool(improved)
 
     def config(self) -> dict:
         return {"class": "LearnedGrid", "kind": "addon", "solver": self.solver, "nfe": self.nfe,
                 "method": self.method, "base_model": self.base_model, "afs": self.afs, "metrics": self.metrics,
-                "refine": self.refine}
+                "refine": self.refine, "improved": self.improved}
 
     @classmethod
     def from_folder(cls, config: dict, tensors: dict[str, Tensor], path: Path) -> "LearnedGrid":
         try:
-            keys = ("solver", "nfe", "method", "base_model", "afs", "metrics", "refine")
+            keys = ("solver", "nfe", "method", "base_model", "afs", "metrics", "refine", "improved")
             return cls(tensors["sigmas"], **{k: config[k] for k in keys if k in config}).eval()
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFormatError(f"{path} is not a valid LearnedGrid ({err})") from err
@@ -293,7 +297,8 @@ def fit_grid(denoiser, solver: str, nfe: int, method: str = "gits", config: Grid
     Returns FitResult: model the LearnedGrid (with .metrics: held-out endpoint errors of Karras ρ = 7 and of the
     learned grid, vs the teacher from n_eval fresh noise draws), history [(step, loss)] (LD3; AYS: [(round,
     KLUB)]; [] for GITS),
-    timings ("teacher", "fit", "eval", "total"). Warns (UserWarning) when the learned grid is not better."""
+    timings ("teacher", "fit", "eval", "total"). Never worse: when the learned grid is not better than Karras on the
+    held-out draws, the returned grid holds Karras' σ's (improved=False) and a NotImprovedWarning says so."""
     if method not in METHODS:
         raise ConfigError(f"unknown grid method {method!r}; choose one of {list(METHODS)}")
     if method == "ld3" and solver not in LD3_SOLVERS:
@@ -307,10 +312,10 @@ def fit_grid(denoiser, solver: str, nfe: int, method: str = "gits", config: Grid
     states = teacher_states(denoiser, x_fit, levels, config.teacher_substeps, config.rho, **cond)
     timings = {"teacher": time.perf_counter() - started}
     history: list = []
+    karras = get_sigmas("karras", n_points, sigma_min, sigma_max, config.rho)    # the base every fit must beat
     if method == "gits":
         sigmas = _fit_gits(denoiser, solver, n_points, levels.to(x_fit.dtype), states, config, **cond)
     elif method == "ays":
-        karras = get_sigmas("karras", n_points, sigma_min, sigma_max, config.rho)
         x_low = states[-1].repeat(config.klub_repeats, *[1] * (states[-1].ndim - 1))
         fit_error = lambda grid: endpoint_error(denoiser, solver, solver_levels(grid, config.refine), x_fit,  # noqa: E731
                                                 states[-1], config.afs, **cond)
@@ -321,22 +326,24 @@ def fit_grid(denoiser, solver: str, nfe: int, method: str = "gits", config: Grid
         sigmas, history = _fit_ld3(denoiser, solver, n_points, x_fit, states[-1], sigma_min, sigma_max, config,
                                    callback, **cond)
     timings["fit"] = time.perf_counter() - started - timings["teacher"]
-    metrics = _held_out_errors(denoiser, solver, sigmas, n_points, x_eval, levels, config, **cond)
-    grid = LearnedGrid(sigmas, solver, nfe, method, fingerprint(denoiser), config.afs, metrics, config.refine)
+    metrics = _held_out_errors(denoiser, solver, sigmas, karras, x_eval, levels, config, **cond)
+    improved = metrics["learned_error"] < metrics["base_error"]
+    if not improved:
+        warnings.warn(f"the {method} grid for {solver} at NFE {nfe} is not better than Karras ρ={config.rho} on "
+                      f"held-out noise ({metrics['learned_error']:.4g} vs {metrics['base_error']:.4g}); the "
+                      "returned grid is Karras'", NotImprovedWarning, stacklevel=2)
+    grid = LearnedGrid(sigmas if improved else karras, solver, nfe, method, fingerprint(denoiser), config.afs, metrics,
+                       config.refine, improved)
     timings["eval"] = time.perf_counter() - started - timings["teacher"] - timings["fit"]
     timings["total"] = time.perf_counter() - started
-    if not metrics["learned_error"] < metrics["base_error"]:
-        warnings.warn(f"the {method} grid for {solver} at NFE {nfe} is not better than Karras ρ={config.rho} on "
-                      f"held-out noise ({metrics['learned_error']:.4g} vs {metrics['base_error']:.4g}); "
-                      "use the Karras grid", UserWarning, stacklevel=2)
     return FitResult(grid, history, timings)
 
 
-def _held_out_errors(denoiser, solver: str, sigmas: Tensor, n_points: int, x_eval: Tensor, levels: Tensor,
+def _held_out_errors(denoiser, solver: str, sigmas: Tensor, karras: Tensor, x_eval: Tensor, levels: Tensor,
                      config: GridConfig, **cond: Any) -> dict[str, float]:
+    """Endpoint errors on the held-out draws of the learned grid ("learned_error") and of Karras ("base_error")."""
     target = teacher_states(denoiser, x_eval, levels[[0, -1]], (config.fine_levels - 1) * config.teacher_substeps,
                             config.rho, **cond)[-1]
-    karras = get_sigmas("karras", n_points, float(levels[-1]), float(levels[0]), config.rho)
     levels_of = lambda grid: solver_levels(grid, config.refine)  # noqa: E731
     return {"base_error": endpoint_error(denoiser, solver, levels_of(karras), x_eval, target, config.afs, **cond),
             "learned_error": endpoint_error(denoiser, solver, levels_of(sigmas), x_eval, target, config.afs, **cond)}

@@ -38,3 +38,8 @@ class NonFiniteError(DifflabError, FloatingPointError):
 
 class ConfigError(DifflabError, ValueError):
     """Contradictory or invalid options (an NFE a solver cannot spend, a bad step count...)."""
+
+
+class NotImprovedWarning(UserWarning):
+    """A fit (an AMED predictor, a learned grid) is no better than its base on held-out noise; the base is what
+    the fit returns ("never worse")."""

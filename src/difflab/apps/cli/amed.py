@@ -1,4 +1,4 @@
-"""`difflab amed fit`: an AMED predictor for a model, NFE and grid."""
+"""`difflab amed fit`: an AMED predictor for a model, NFE and grid; `difflab amed grid`: a learned time grid."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from difflab.apps.cli.common import (
     CHECKPOINT_EVERY_OPTION,
     DEVICE_OPTION,
     MAX_BATCH,
+    MAX_NFE,
     MAX_SEED,
     MAX_STEPS,
     RESUME_OPTION,
@@ -19,9 +20,11 @@ from difflab.apps.cli.common import (
     check_output,
     fail,
     fitting,
+    progress_bar,
     resolve_device,
     writes_output,
 )
+from difflab.core.errors import NotImprovedWarning
 
 app = typer.Typer(no_args_is_help=True, help="AMED: a tiny learned predictor for ~5-step sampling "
                                                   "(Zhou et al., CVPR 2024).")
@@ -54,7 +57,7 @@ def amed_fit(
 ) -> None:
     """Fit an AMED predictor for a model, NFE and grid; saves it as an add-on naming its base model."""
     from difflab import load
-    from difflab.amed.fit import AMEDConfig, NotImprovedWarning, fit_amed
+    from difflab.amed.fit import AMEDConfig, fit_amed
     from difflab.amed.grids import load_grid
     from difflab.amed.plugin import check_base
 
@@ -80,3 +83,55 @@ def amed_fit(
                            "parameters":
                            sum(p.numel() for p in result.model.parameters()),
                            "heldout_error_base": base, "heldout_error_fitted": fitted}))
+
+
+@app.command("grid")
+@writes_output
+def amed_grid(
+    model: Path = typer.Option(..., help="base model folder"),
+    solver: str = typer.Option("ipndm", help="the deterministic solver the grid is for (LD3: euler, heun, dpm2, "
+                               "ipndm, ipndm_v, dpmpp_2m, dpmpp_3m)"),
+    nfe: int = typer.Option(5, min=1, max=MAX_NFE, help="model evaluations the solver spends on the grid"),
+    method: str = typer.Option("ld3", help="gits (dynamic programming over a fine teacher grid), ld3 "
+                               "(backpropagation through the solver) or ays (Align Your Steps' KL bound)"),
+    afs: bool = typer.Option(False, help="analytical first step (saves one evaluation; often best at NFE 3-5)"),
+    fine_levels: int = typer.Option(100, min=3, max=MAX_STEPS, help="teacher levels (GITS's fine grid)"),
+    train_steps: int = typer.Option(300, min=1, max=MAX_STEPS, help="LD3's Adam steps"),
+    n_fit: int = typer.Option(64, min=1, max=MAX_BATCH, help="noise draws to fit on"),
+    n_eval: int = typer.Option(256, min=1, max=MAX_BATCH, help="held-out noise draws for the never-worse check"),
+    out: Path = typer.Option(..., help="grid folder to write"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="seed of the noise draws (held out: seed + 1)"),
+    device: Device = DEVICE_OPTION,
+    force: bool = typer.Option(False, help="overwrite an existing grid folder"),
+    save_if_worse: bool = typer.Option(False, help="save even when the learned grid is **no better than Karras** "
+                                       "on held-out noise (it then holds Karras' grid)"),
+) -> None:
+    """Fit a time grid for a model, solver and NFE (GITS / LD3 / AYS); saves it as an add-on naming its base model.
+
+    Use it with `difflab sample --grid-file OUT`, `difflab amed fit --grid-file OUT` or
+    `DifflabScheduler.from_grid`. Every fit is checked against Karras ρ = 7 on held-out noise."""
+    from difflab import load
+    from difflab.amed.grids import GridConfig, fit_grid, grid_points
+
+    check_output(out, force)
+    grid_points(solver, nfe, afs)                                 # an unknown solver or impossible NFE: refused now
+    dev = resolve_device(device)
+    denoiser = load(model, device=dev)
+    config = GridConfig(afs=afs, fine_levels=fine_levels, train_steps=train_steps, n_fit=n_fit, n_eval=n_eval,
+                        seed=seed, log_every=max(1, train_steps // 100))
+    with progress_bar(f"fitting a {method} grid ({solver}, NFE {nfe})", train_steps if method == "ld3" else 1,
+                      True) as advance, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotImprovedWarning)        # said below, in one line
+        result = fit_grid(denoiser, solver, nfe, method, config, callback=lambda step: advance(config.log_every))
+        advance(0 if method == "ld3" else 1)
+    grid = result.model
+    base, learned = grid.metrics["base_error"], grid.metrics["learned_error"]
+    if not grid.improved and not save_if_worse:
+        fail(f"the {method} grid is no better than Karras on held-out noise (endpoint error {learned:.4g} vs "
+             f"{base:.4g}); not saved: try more --n-fit, --fine-levels or --train-steps, another --method, or pass "
+             "--save-if-worse to save Karras' grid under this name")
+    grid.save(out, overwrite=force)
+    typer.echo(json.dumps({"out": str(out), "method": method, "solver": solver, "nfe": nfe, "afs": afs,
+                           "sigmas": [round(float(s), 6) for s in grid.sigmas], "improved": grid.improved,
+                           "heldout_error_karras": base, "heldout_error_learned": learned,
+                           "seconds": round(result.timings["total"], 2)}))

@@ -19,6 +19,7 @@ import typer
 from difflab.core.errors import ConfigError
 
 MAX_SEED = 2**62          # seeds (plus per-sample offsets) must stay inside torch's 64-bit seed
+MAX_NFE = 10_000          # far beyond any useful budget; refuses typos like 10**9 before building a grid
 MAX_STEPS = 10**9         # optimiser steps / trajectories: beyond any run, refuses typos like 10**30
 MAX_BATCH = 2**20
 SIDE_FILE_ROOM = len("..XXXXXXXX.tmp")   # an output NAME has `.NAME.XXXXXXXX.tmp` and `.NAME.lock` beside it
@@ -253,3 +254,21 @@ def greedy_options(base: type, flags: tuple[str, ...]) -> type:
 
     Greedy.__name__ = Greedy.__qualname__ = f"Greedy{base.__name__}"
     return Greedy
+
+
+@contextmanager
+def progress_bar(description: str, total: int, enabled: bool):
+    """`advance(k)`: a rich progress bar on stderr when it is a terminal, erased when done (so an error
+    stays one line)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield lambda k: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda k: bar.advance(task, k)

@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 from difflab.apps.cli.common import (
     DEVICE_OPTION,
     MAX_BATCH,
+    MAX_NFE,
     MAX_SEED,
     MAX_STEPS,
     Device,
@@ -36,7 +37,6 @@ from difflab.core.errors import ConfigError
 from difflab.core.io import dumps_strict
 
 GREEDY_OPTIONS = ("--models", "--classes", "--bias")
-MAX_NFE = 10_000
 PNG_MAX_SAMPLES = 256
 STEP_SEED_OFFSET = 2**40   # per-step noise of sample i comes from seed SEED+i+2^40 (as `difflab sample`)
 

@@ -9,10 +9,17 @@ from typing import Optional
 
 import typer
 
-from difflab.apps.cli.common import DEVICE_OPTION, Device, check_output, resolve_device, writes_output
+from difflab.apps.cli.common import (
+    DEVICE_OPTION,
+    MAX_NFE,
+    Device,
+    check_output,
+    progress_bar,
+    resolve_device,
+    writes_output,
+)
 from difflab.core.errors import ConfigError
 
-MAX_NFE = 10_000          # far beyond any useful budget; refuses typos like 10**9 before building a grid
 PNG_MAX_SAMPLES = 256     # a 16 x 16 grid
 STEP_SEED_OFFSET = 2**40  # stochastic solvers' per-step noise for sample i comes from seed SEED+i+2^40
 ROW_BLOCK = 8             # the model sees whole blocks of 8 rows (see run_batch)
@@ -105,7 +112,7 @@ def sample(
 
     main_process = rank == 0
     with torch.no_grad(), _sample_writer(out, n, data_shape, main_process) as write, \
-            _progress("sampling", len(batches), main_process) as advance:
+            progress_bar("sampling", len(batches), main_process) as advance:
         for group in _round_robin(batches, rank, processes, run_batch, gather, (batch_size, *data_shape), dev):
             for rows in group:
                 write(rows)
@@ -295,21 +302,3 @@ def _sample_writer(out: Path, n: int, data_shape, main_process: bool):
         kept = []
         yield kept.append
         save_image_grid(torch.cat(kept), out)
-
-
-@contextmanager
-def _progress(description: str, total: int, enabled: bool):
-    """`advance(k)`: a rich progress bar on stderr when it is a terminal, erased when done (so an error
-    stays one line)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if not (enabled and console.is_terminal):
-        yield lambda k: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda k: bar.advance(task, k)
