@@ -178,15 +178,16 @@ def test_cli_fits_a_grid_that_samples_and_refuses_to_save_one_no_better_than_kar
 
     mixture.save(tmp_path / "model")
     common = ["amed", "grid", "--model", str(tmp_path / "model"), "--device", "cpu"]
-    fitted = CliRunner().invoke(app, [*common, "--solver", "euler", "--nfe", "5", "--method", "ld3", "--fine-levels",
-                                      "60", "--n-fit", "48", "--n-eval", "128", "--out", str(tmp_path / "ld3")])
+    fitted = CliRunner().invoke(app, [*common, "--solver", "euler", "--nfe", "5", "--grid-method", "ld3",
+                                      "--fine-levels", "60", "--n-fit", "48", "--n-eval", "128", "--out",
+                                      str(tmp_path / "ld3")])
     assert fitted.exit_code == 0, fitted.output
     report = json.loads(fitted.output.strip().splitlines()[-1])
     assert report["improved"] and report["heldout_error_learned"] < 0.8 * report["heldout_error_karras"]
     torch.testing.assert_close(load_grid(tmp_path / "ld3", base_model=mixture).sigmas,   # the echo: 6 decimals
                                torch.tensor(report["sigmas"], dtype=torch.float64), rtol=1e-5, atol=1e-6)
-    worse = [*common, "--solver", "ipndm_v", "--nfe", "5", "--method", "gits", "--fine-levels", "40", "--n-fit", "16",
-             "--n-eval", "64"]
+    worse = [*common, "--solver", "ipndm_v", "--nfe", "5", "--grid-method", "gits", "--fine-levels", "40",
+             "--n-fit", "16", "--n-eval", "64"]
     refused = CliRunner().invoke(app, [*worse, "--out", str(tmp_path / "gits")])
     assert refused.exit_code == 2 and "no better than Karras" in refused.output
     assert not (tmp_path / "gits").exists()

@@ -36,7 +36,7 @@ BASELINES: dict[tuple[str, ...], list[str]] = {
     ("demo",): ["--quick", "--out", "demo", "--device", "cpu"],
     ("amed", "fit"): ["--model", MODEL, "--nfe", "3", "--trajectories", "4", "--batch-size", "4", "--out", "p",
                       "--device", "cpu"],
-    ("amed", "grid"): ["--model", MODEL, "--nfe", "3", "--method", "gits", "--fine-levels", "4", "--n-fit", "2",
+    ("amed", "grid"): ["--model", MODEL, "--nfe", "3", "--grid-method", "gits", "--fine-levels", "4", "--n-fit", "2",
                        "--n-eval", "2", "--out", "g", "--device", "cpu"],
     ("compose",): ["--models", MODEL, MODEL, "--mode", "or", "--nfe", "3", "--n", "2", "--out", "c.npz",
                    "--device", "cpu"],
@@ -57,8 +57,8 @@ CONTRADICTIONS: dict[tuple[str, ...], list[list[tuple[str, str | None]]]] = {
                   [("--n", "100000000000000")], [("--n", "300"), ("--out", "g.png")]],
     ("amed", "fit"): [[("--base-solver", "heun")], [("--teacher-solver", "rk45")], [("--grid", "spiral")],
                       [("--nfe", "4")]],
-    ("amed", "grid"): [[("--solver", "euler_maruyama")], [("--method", "optimal")],
-                       [("--solver", "deis"), ("--method", "ld3")], [("--solver", "heun"), ("--nfe", "1")]],
+    ("amed", "grid"): [[("--solver", "euler_maruyama")], [("--grid-method", "optimal")],
+                       [("--solver", "deis"), ("--grid-method", "ld3")], [("--solver", "heun"), ("--nfe", "1")]],
 }
 
 # Values of numeric options that are meaningful, so not expected to be refused.

@@ -92,18 +92,19 @@ def amed_grid(
     solver: str = typer.Option("ipndm", help="the deterministic solver the grid is for (LD3: euler, heun, dpm2, "
                                "ipndm, ipndm_v, dpmpp_2m, dpmpp_3m)"),
     nfe: int = typer.Option(5, min=1, max=MAX_NFE, help="model evaluations the solver spends on the grid"),
-    method: str = typer.Option("ld3", help="gits (dynamic programming over a fine teacher grid), ld3 "
-                               "(backpropagation through the solver) or ays (Align Your Steps' KL bound)"),
+    method: str = typer.Option("ld3", "--grid-method", help="the grid optimiser: gits (dynamic programming over a "
+                               "fine teacher grid), ld3 (backpropagation through the solver) or ays (Align Your "
+                               "Steps' KL bound)"),
     afs: bool = typer.Option(False, help="analytical first step (saves one evaluation; often best at NFE 3-5)"),
-    fine_levels: int = typer.Option(100, min=3, max=MAX_STEPS, help="teacher levels (GITS's fine grid)"),
-    train_steps: int = typer.Option(300, min=1, max=MAX_STEPS, help="LD3's Adam steps"),
-    n_fit: int = typer.Option(64, min=1, max=MAX_BATCH, help="noise draws to fit on"),
-    n_eval: int = typer.Option(256, min=1, max=MAX_BATCH, help="held-out noise draws for the never-worse check"),
+    fine_levels: int = typer.Option(100, min=3, max=MAX_STEPS, help="the teacher's levels (GITS's fine grid)"),
+    train_steps: int = typer.Option(300, min=1, max=MAX_STEPS, help="LD3's optimiser steps (Adam)"),
+    n_fit: int = typer.Option(64, min=1, max=MAX_BATCH, help="the noise draws to fit on"),
+    n_eval: int = typer.Option(256, min=1, max=MAX_BATCH, help="the held-out noise draws of the never-worse check"),
     out: Path = typer.Option(..., help="grid folder to write"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="seed of the noise draws (held out: seed + 1)"),
     device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing grid folder"),
-    save_if_worse: bool = typer.Option(False, help="save even when the learned grid is **no better than Karras** "
+    save_if_worse: bool = typer.Option(False, help="save a grid that is no better than its base (Karras ρ = 7) "
                                        "on held-out noise (it then holds Karras' grid)"),
 ) -> None:
     """Fit a time grid for a model, solver and NFE (GITS / LD3 / AYS); saves it as an add-on naming its base model.
