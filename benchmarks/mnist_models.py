@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from difflab.apps.demo.datasets import MNIST_BATCH, MNIST_UNET  # the one MNIST recipe (the demo's --data mnist too)
 from difflab.apps.demo.run import cached_model, heun_sigmas
 from difflab.core.io import write_json
 from difflab.data import Dataset, keep_classes, load_mnist
@@ -43,9 +44,7 @@ from difflab.sampling import sample, seeded_noise
 from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
 RESULTS = Path(__file__).parent / "results"
-MNIST_UNET = {"base_channels": 32, "channel_mults": [1, 2, 4], "num_res_blocks": 1, "attn_resolutions": [7],
-              "image_size": 28}
-MNIST_BATCH, MNIST_LR = 64, 2e-3
+MNIST_LR = 2e-3
 # name -> (classes kept, class-conditional)
 MODELS = {"full": (None, True), "0-4": ([0, 1, 2, 3, 4], False), "5-9": ([5, 6, 7, 8, 9], False)}
 PROBE_STEPS = 4            # the first step pays one-off costs; the median of the others is the step time

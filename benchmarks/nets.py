@@ -55,9 +55,10 @@ import time
 from pathlib import Path
 
 import torch
-from mnist_models import MNIST_BATCH, MNIST_LR, MNIST_UNET, device_name, sample_images
+from mnist_models import MNIST_LR, device_name, sample_images
 
 from difflab.apps.demo.cunet import cost_table, one_step_psnr
+from difflab.apps.demo.datasets import MNIST_BATCH, MNIST_CUNET, MNIST_UNET
 from difflab.apps.demo.run import DIGITS_BATCH, DIGITS_STEPS, DIGITS_UNET, cached_model, heun_sigmas
 from difflab.core.io import write_json
 from difflab.core.wrappers import EDMDenoiser
@@ -70,10 +71,8 @@ from difflab.sampling import sample, seeded_noise
 from difflab.train.denoiser import DenoiserConfig, edm_loss, train_denoiser
 
 RESULTS = Path(__file__).parent / "results"
-# the digits pairing (CUNet() against DIGITS_UNET) scaled to 28×28: widths 16/32/64 (half the U-Net's first
-# width, doubling), attention at the two lowest resolutions, the U-Net's embedding width (4 × 32)
-MNIST_CUNET = {"base_channels": 16, "channel_mults": [1, 2, 4], "attn_resolutions": [14, 7], "embed_dim": 128,
-               "image_size": 28}
+# the digits pairing (CUNet() against DIGITS_UNET) and its scaling to 28×28 (difflab.apps.demo.datasets.MNIST_CUNET:
+# widths 16/32/64, half the U-Net's first width, doubling; attention at the two lowest resolutions; embedding 4 × 32)
 NETS = {"digits": {"unet": lambda: UNet(**DIGITS_UNET), "cunet": lambda: CUNet()},
         "mnist": {"unet": lambda: UNet(**MNIST_UNET), "cunet": lambda: CUNet(**MNIST_CUNET)}}
 GOALS = {"params": 0.30, "flops": 0.40, "frechet": 1.10}   # cU-Net / U-Net at most
