@@ -11,9 +11,11 @@ plan is kept in run.json so a resumed run keeps it; --train-steps overrides it.
 Then, per model: n samples (default 1,000; Heun, 35 NFE), their Fréchet distance in MNIST-classifier
 features against the test split (the half models: against the test images of their classes) next to the
 real-data floor at the same n (training vs test images), and the classifier's accuracy on the full model's
-class-conditional samples (labels i mod 10) or the half models' in-class fraction. Writes a table, sample
-grids and benchmarks/results/mnist_models.json (one entry per device kind, so a GPU run sits beside the
-CPU one). Needs MNIST cached (`make data`).
+class-conditional samples (labels i mod 10) or the half models' in-class fraction; for the full model also
+the FD of its null-class (unconditional) samples, the denoiser that fast_sampling.py runs. Writes a table,
+sample grids and benchmarks/results/mnist_models.json (one entry per device kind, so a GPU run sits beside
+the CPU one; rewritten after every model, so an interrupted run keeps what it measured). Needs MNIST cached
+(`make data`).
 
     python benchmarks/mnist_models.py [--quick] [--budget-minutes M | --train-steps N] [--device auto|cpu|cuda]
                                       [--n 1000] [--seed 0] [--runs DIR] [--out PATH]
@@ -174,6 +176,9 @@ def evaluate(name: str, denoiser, train: Dataset, test: Dataset, args: argparse.
     if classes is None:
         row |= {"frechet": frechet("mnist", samples), "frechet_floor": frechet_floor("mnist", args.n),
                 "class_accuracy": class_accuracy("mnist", samples, labels)}
+        # the null class (no label): the unconditional denoiser that fast_sampling.py benchmarks
+        unconditional = sample_images(denoiser, args.n, None, args)
+        row["frechet_unconditional"] = frechet("mnist", unconditional)
     else:
         reference = keep_classes(test, classes, "mnist").x
         real = keep_classes(train, classes, "mnist").x
@@ -190,7 +195,7 @@ def evaluate(name: str, denoiser, train: Dataset, test: Dataset, args: argparse.
 
 def print_table(rows: dict) -> None:
     columns = ["model", "parameters", "train_steps", "train_seconds", "device", "n", "frechet", "frechet_floor",
-               "ratio_to_floor", "class_accuracy", "in_class_fraction"]
+               "ratio_to_floor", "class_accuracy", "in_class_fraction", "frechet_unconditional"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for name, row in rows.items():
@@ -208,13 +213,19 @@ def main() -> None:
                 "device_name", "torch_threads")
         rows[name] = {k: record.get(k) for k in keep} | evaluate(name, denoiser, train, test, args)
         print(f"{name}: {rows[name]}")
+        write_summary(rows, args)   # after every model: an interrupted run keeps what it measured
     print_table(rows)
+    print(f"wrote {args.out}")
+
+
+def write_summary(rows: dict, args: argparse.Namespace) -> None:
+    """Merge this device's rows (one per model evaluated so far) into args.out."""
     summary = json.loads(args.out.read_text()) if args.out.is_file() else {}
     summary |= {"dataset": "mnist", "unet": MNIST_UNET, "batch_size": MNIST_BATCH, "lr": MNIST_LR}
-    summary.setdefault("runs", {})[args.device] = {"quick": args.quick, "budget_minutes": round(args.budget_minutes, 3),
-                                                   "runs_folder": str(args.runs), "models": rows}
+    run = summary.setdefault("runs", {}).setdefault(args.device, {"models": {}})
+    run |= {"quick": args.quick, "budget_minutes": round(args.budget_minutes, 3), "runs_folder": str(args.runs)}
+    run["models"] |= rows
     write_json(args.out, summary)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
