@@ -100,6 +100,24 @@ def test_every_registered_solver_runs_from_the_cli_at_an_exact_budget(gmm_model,
         assert json.loads(out)["nfe"] == 8 and np.isfinite(np.load(tmp_path / f"{name}.npz")["x"]).all()
 
 
+def test_amed_fit_refuses_a_plugin_no_better_than_its_plain_base_at_the_same_nfe(tmp_path, capsys):
+    """AMED-Plugin on iPNDM at NFE 7 (AFS, 3 steps of 2 evaluations) loses to plain iPNDM + AFS on the exact 2-D
+    mixture (0.087 vs 0.035): refused with one line naming the plain solver, nothing written; --save-if-worse
+    saves it with both errors."""
+    from difflab.data.toy import default_gmm
+
+    default_gmm().save(tmp_path / "mixture")
+    args = ["amed", "fit", "--model", tmp_path / "mixture", "--nfe", "7", "--base-solver", "ipndm", "--M", "3",
+            "--trajectories", "64", "--batch-size", "32", "--device", "cpu"]
+    code, _, err = run([*args, "--out", tmp_path / "p"], capsys)
+    assert code == 2 and "no better than plain ipndm" in err and "--solver ipndm --nfe 7" in err
+    assert not (tmp_path / "p").exists()
+    code, out, err = run([*args, "--out", tmp_path / "q", "--save-if-worse"], capsys)
+    assert code == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["heldout_error_plain"] < report["heldout_error_fitted"] and (tmp_path / "q").is_dir()
+
+
 def test_amed_fit_then_sample_and_refusal_for_another_nfe(gmm_model, tmp_path, capsys):
     code, out, err = run(["amed", "fit", "--model", gmm_model, "--nfe", "5", "--trajectories", "64",
                           "--batch-size", "32", "--out", tmp_path / "amed", "--device", "cpu"], capsys)

@@ -51,7 +51,8 @@ def amed_fit(
     device: Device = DEVICE_OPTION,
     force: bool = typer.Option(False, help="overwrite an existing predictor folder"),
     save_if_worse: bool = typer.Option(False, help="save the predictor even when it is **no better than its base "
-                                       "solver** on held-out noise (it is then the base solver itself)"),
+                                       "solver** on held-out noise (it is then the base solver itself), or no "
+                                       "better than the plain base solver spending the same NFE"),
     resume: bool = RESUME_OPTION,
     checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
 ) -> None:
@@ -73,16 +74,21 @@ def amed_fit(
         warnings.simplefilter("ignore", NotImprovedWarning)     # said below, in one line
         result = fit_amed(denoiser, config, out_dir=out.with_name(out.name + ".checkpoints"), resume=resume_mode,
                           progress=True, grid=learned)
-    base, fitted = result.metrics["heldout_error_base"], result.metrics["heldout_error_fitted"]
+    errors = {k: v for k, v in result.metrics.items() if k.startswith("heldout_error_")}
+    base, fitted = errors["heldout_error_base"], errors["heldout_error_fitted"]
+    plain = errors.get("heldout_error_plain", float("inf"))
+    if fitted >= plain and not save_if_worse:     # the plain solver is the better thing to use: say that first
+        fail(f"the fitted predictor ({fitted:.4g}) is no better than plain {config.base_solver} spending the same "
+             f"{nfe} evaluations ({plain:.4g}, held-out endpoint error); not saved: sample with --solver "
+             f"{config.base_solver} --nfe {nfe}{' --afs' if config.afs else ''}, or pass --save-if-worse to save "
+             "it anyway")
     if fitted >= base and not save_if_worse:
         fail(f"the fitted predictor is no better than its base solver {config.base_solver} on held-out noise "
-             f"(endpoint error vs the teacher {base:.4g}); not saved: try a larger --M or more --trajectories, "
+             f"(endpoint error {base:.4g}); not saved: try a larger --M or more --trajectories, "
              "or pass --save-if-worse to save it anyway")
     result.model.save(out, overwrite=force)
     typer.echo(json.dumps({"out": str(out), "nfe": nfe, "grid": grid if learned is None else str(grid_file),
-                           "parameters":
-                           sum(p.numel() for p in result.model.parameters()),
-                           "heldout_error_base": base, "heldout_error_fitted": fitted}))
+                           "parameters": sum(p.numel() for p in result.model.parameters()), **errors}))
 
 
 @app.command("grid")
