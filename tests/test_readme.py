@@ -41,6 +41,11 @@ SCALE_DOWN = [
     # refuses to save a fit that does not (never worse); the scaled run saves it anyway to go on
     ("--trajectories 4096 ", "--trajectories 8 --save-if-worse "),
     ("--n 20000 ", "--n 8 "),                           # the streamed .npz
+    # fit_grid (the defaults: a 100-level teacher, 256 held-out draws, 300 LD3 steps), and difflab amed grid, where
+    # 2 LD3 steps on a 2-step model need not beat Karras (never worse: refused unless saved anyway)
+    ("fine_levels=100, n_eval=256, train_steps=300)", "fine_levels=6, n_eval=4, train_steps=2)"),
+    ("--fine-levels 100 --n-eval 256 --train-steps 300 --out", "--fine-levels 6 --n-eval 4 --train-steps 2 "
+     "--save-if-worse --out"),
     ("--nfe 100 ", "--nfe 3 "),                         # difflab compose
     ('get_sigmas("karras", 101,', 'get_sigmas("karras", 4,'),   # superdiff's grid
     ("--pairs 1000 ", "--pairs 16 "),                   # condition fit

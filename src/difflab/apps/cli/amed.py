@@ -135,8 +135,8 @@ def amed_grid(
     base, learned = grid.metrics["base_error"], grid.metrics["learned_error"]
     if not grid.improved and not save_if_worse:
         fail(f"the {method} grid is no better than Karras on held-out noise (endpoint error {learned:.4g} vs "
-             f"{base:.4g}); not saved: try more --n-fit, --fine-levels or --train-steps, another --method, or pass "
-             "--save-if-worse to save Karras' grid under this name")
+             f"{base:.4g}); not saved: try more --n-fit, --fine-levels or --train-steps, another --grid-method, "
+             "or pass --save-if-worse to save Karras' grid under this name")
     grid.save(out, overwrite=force)
     typer.echo(json.dumps({"out": str(out), "method": method, "solver": solver, "nfe": nfe, "afs": afs,
                            "sigmas": [round(float(s), 6) for s in grid.sigmas], "improved": grid.improved,
