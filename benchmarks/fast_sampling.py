@@ -21,8 +21,9 @@ the others, so data sets can run in separate processes (one core each).
 
     OMP_NUM_THREADS=1 python benchmarks/fast_sampling.py [--quick] [--datasets gmm2d,digits] [--runs DIR]
 
-Full run: 33 minutes on 2 shared cores with the mixtures and digits in two processes (the fits are cut to that:
-see FULL). --quick (about 3 minutes): NFE 3, 5, 8 on the mixtures D = 2 and 64, NFE 5 on digits (AYS and
+Full run on 2 shared cores, one process per core (the fits are cut to fit: see FULL): the mixtures 11 minutes,
+digits 36 (10 of them its reference), MNIST about 80 per process with its NFEs split over two (--nfes 3,5,8 and
+4,6,10). --quick (about 3 minutes): NFE 3, 5, 8 on the mixtures D = 2 and 64, NFE 5 on digits (AYS and
 AMED-Plugin only); fewer solvers and small fits; MNIST (with --runs runs/bench/mnist-quick) is a smoke test.
 """
 from __future__ import annotations
@@ -270,22 +271,37 @@ def table(records: list[dict], dataset: str) -> str:
 
 
 def figure(records: list[dict], path: Path) -> None:
+    """Error vs NFE, one panel per data set (FULL's order), one line per method: learned methods solid and bold,
+    training-free solvers dotted; one legend for all panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(r["dataset"] for r in records))
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    present = {r["dataset"] for r in records}
+    names = [name for name in FULL["datasets"] if name in present] + sorted(present - set(FULL["datasets"]))
+    methods = list(dict.fromkeys(r["method"] for r in sorted(records, key=lambda r: r["method"])))
+    learned_methods = [m for m in methods if any(r["fit_seconds"] > 0 for r in records if r["method"] == m)]
+    free_methods = [m for m in methods if m not in learned_methods]
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(learned_methods)}
+    colours |= {m: plt.cm.tab20b(i % 20) for i, m in enumerate(free_methods)}
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 3.6, 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], names):
         rows = [r for r in records if r["dataset"] == dataset]
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for method in free_methods + learned_methods:                  # learned lines drawn on top
             points = sorted((r["nfe"], r["error"]) for r in rows if r["method"] == method)
-            style = "-" if any(r["fit_seconds"] > 0 for r in rows if r["method"] == method) else ":"
-            ax.plot(*zip(*points), style, marker="o", markersize=3, label=method)
-        ax.set(yscale="log", xlabel="NFE", ylabel="mean L2 error", title=dataset)
-    axes[0][-1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+            if not points:
+                continue
+            learned_line = method in learned_methods
+            ax.plot(*zip(*points), "-" if learned_line else ":", marker="o", markersize=3 if learned_line else 2,
+                    linewidth=2 if learned_line else 1, alpha=1 if learned_line else 0.7, color=colours[method],
+                    label=method)
+        ax.set(yscale="log", xlabel="NFE", ylabel="mean L2 error to the ODE solution", title=dataset)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.legend([handles[m] for m in learned_methods + free_methods if m in handles],
+               [m for m in learned_methods + free_methods if m in handles], loc="center right", fontsize=7, ncol=2,
+               title="learned (solid) / training-free (dotted)", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 3.5 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
 
 
