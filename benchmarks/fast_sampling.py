@@ -48,6 +48,7 @@ from difflab.core.errors import ConfigError, NotImprovedWarning
 from difflab.core.fingerprint import fingerprint
 from difflab.core.io import atomic_path
 from difflab.data import default_gmm
+from difflab.metrics import mean_l2
 from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -113,10 +114,6 @@ def datasets(names: tuple[str, ...], quick: bool, runs: Path, log) -> dict:
         else:
             raise SystemExit(f"unknown dataset {name!r}; choose from {', '.join(FULL['datasets'])}")
     return cases
-
-
-def mean_l2(x: Tensor, ref: Tensor) -> float:
-    return float((x.double() - ref.double()).flatten(1).norm(dim=1).mean())
 
 
 def training_free(model, x: Tensor, solvers, nfe: int) -> list[tuple[str, Tensor, float]]:

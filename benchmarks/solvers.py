@@ -51,6 +51,7 @@ from difflab.core.denoiser import eps
 from difflab.core.errors import ConfigError
 from difflab.core.mixture import GaussianMixture
 from difflab.data import default_gmm, load_digits
+from difflab.metrics import mean_l2
 from difflab.sampling import SOLVERS, get_sigmas, sample, seeded_noise, sigmas_for_nfe
 from difflab.train.denoiser import DenoiserConfig
 
@@ -123,10 +124,6 @@ class CallCounter:
 
     def _hit(self):
         self.calls += 1
-
-
-def mean_l2(x: Tensor, ref: Tensor) -> float:
-    return float((x.double() - ref.double()).flatten(1).norm(dim=1).mean())
 
 
 def deterministic_rows() -> list[tuple[str, str, bool]]:

@@ -103,6 +103,18 @@ def test_a_plugin_worse_than_its_plain_base_at_the_same_nfe_says_so():
     assert metrics["heldout_error_plain"] < 0.5 * metrics["heldout_error_fitted"]
 
 
+def test_a_plugin_better_than_its_plain_base_is_kept_without_a_warning():
+    """The other side of the rule: at NFE 5 with AFS, AMED-Plugin on iPNDM (M = 7, 1,024 trajectories) reaches
+    0.046 on the 2-D mixture where plain iPNDM + AFS spending the same 5 evaluations reaches 0.31: no warning
+    (a comparison of the wrong sign or with the wrong solver would warn here)."""
+    config = AMEDConfig(nfe=5, afs=True, M=7, trajectories=1024, batch_size=64, heldout=128, base_solver="ipndm",
+                        dtype="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotImprovedWarning)
+        metrics = fit_amed(default_gmm(), config, shape=(2,)).metrics
+    assert metrics["heldout_error_fitted"] < 0.5 * metrics["heldout_error_plain"]
+
+
 def test_amed_solver_has_no_plain_comparison():
     """AMED-Solver's base is DPM-Solver-2 on the same levels: the base error is the plain comparison."""
     config = AMEDConfig(nfe=5, M=3, trajectories=64, batch_size=32, heldout=32, r_search=0)

@@ -7,8 +7,20 @@ import pytest
 import torch
 
 from difflab.core.errors import ShapeError
-from difflab.metrics import exact_nll, frechet_distance, mmd, sliced_wasserstein
+from difflab.metrics import exact_nll, frechet_distance, mean_l2, mmd, sliced_wasserstein
 from tests.conftest import np_log_prob
+
+# ----- paired mean L2 ------------------------------------------------------------------------
+
+
+def test_mean_l2_is_the_mean_of_per_sample_euclidean_norms_over_every_pixel():
+    """Two [2, 1, 2, 2] images: sample 0 differs by a (3, 4, 0, 0) image (norm 5), sample 1 by (1, 1, 1, 1)
+    (norm 2), so the mean is 3.5 exactly; a per-pixel mean or an unflattened norm would give another number."""
+    reference = torch.zeros(2, 1, 2, 2, dtype=torch.float32)
+    x = torch.tensor([[3.0, 4.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).reshape(2, 1, 2, 2)
+    assert mean_l2(x, reference) == 3.5
+    assert mean_l2(reference, x) == 3.5
+
 
 # ----- sliced Wasserstein -------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ student's state starts afresh, so that holds there too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -37,6 +38,7 @@ from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, amed_
 from difflab.amed.predictor import AMEDPredictor, ConstantPredictor, amed_points, amed_step
 from difflab.core.errors import ConfigError, NotImprovedWarning
 from difflab.core.fingerprint import fingerprint
+from difflab.metrics.distances import mean_l2
 from difflab.sampling.grids import EDM_RANGE, get_sigmas, model_sigma_range
 from difflab.sampling.registry import SOLVERS
 from difflab.sampling.sample import sample, sigmas_for_nfe
@@ -369,7 +371,7 @@ def _heldout_check(denoiser, config: AMEDConfig, sigmas: Tensor, shape: tuple[in
     substeps = max(config.heldout_substeps, config.M + 1)
     reference_sigmas = refine_grid(sigmas, substeps, config.rho)
     target = teacher_trajectory(denoiser, x_start, reference_sigmas, substeps, config.teacher_solver, **cond)[-1]
-    distance = lambda x: float((x - target).double().flatten(1).norm(dim=1).mean())  # noqa: E731
+    distance = functools.partial(mean_l2, reference=target)
 
     @torch.no_grad()
     def heldout_error(predictor: nn.Module) -> float:

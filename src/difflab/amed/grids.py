@@ -41,6 +41,7 @@ from difflab.core.denoiser import eps
 from difflab.core.errors import ConfigError, ModelFormatError, NotImprovedWarning
 from difflab.core.fingerprint import fingerprint
 from difflab.core.serialization import SavedModel, read_model_folder
+from difflab.metrics.distances import mean_l2
 from difflab.models import check_base_model, register_kind
 from difflab.sampling.grids import EDM_RANGE, get_sigmas, model_sigma_range, points_for_nfe
 from difflab.sampling.multistep import adams_bashforth_step, ipndm_v_weights, ipndm_weights
@@ -171,7 +172,7 @@ def endpoint_error(denoiser, solver: str, sigmas: Tensor, x_start: Tensor, targe
     """Mean over samples of ‖solver(x_start; sigmas) − target‖₂ (x_start, target: [B, ...])."""
     with torch.no_grad():
         out = SOLVERS[solver].fn(denoiser, x_start, sigmas.to(torch.float64), afs=afs, **cond)
-    return float((out - target).flatten(1).norm(dim=1).mean())
+    return mean_l2(out, target)
 
 
 # ----- GITS ---------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from difflab.metrics.digit_classifier import (
     get_classifier,
     get_digit_classifier,
 )
-from difflab.metrics.distances import exact_nll, frechet_distance, mmd, sliced_wasserstein
+from difflab.metrics.distances import exact_nll, frechet_distance, mean_l2, mmd, sliced_wasserstein
 from difflab.metrics.images import psnr, ssim
 
 __all__ = [
     "DigitClassifier", "class_accuracy", "digits_frechet", "digits_frechet_floor", "exact_nll", "frechet",
-    "frechet_distance", "frechet_floor", "get_classifier", "get_digit_classifier", "mmd", "psnr",
+    "frechet_distance", "frechet_floor", "get_classifier", "get_digit_classifier", "mean_l2", "mmd", "psnr",
     "sliced_wasserstein", "ssim",
 ]

@@ -1,4 +1,4 @@
-"""Distances between two sample sets: sliced Wasserstein, MMD, Fréchet distance, exact NLL."""
+"""Distances between samples: paired mean L2, sliced Wasserstein, MMD, Fréchet distance, exact NLL."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import numpy as np
 import torch
 
 from difflab.core.errors import ShapeError
+
+
+def mean_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of ‖x_i − reference_i‖₂ (x, reference: [B, ...], paired: the same noise), in float64:
+    how far a solver's endpoints are from a reference solution of the same ODE."""
+    return float((x.double() - reference.double()).flatten(1).norm(dim=1).mean())
 
 
 def _as_matrix(samples, name: str, min_rows: int = 1) -> torch.Tensor:

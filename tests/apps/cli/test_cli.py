@@ -102,7 +102,7 @@ def test_every_registered_solver_runs_from_the_cli_at_an_exact_budget(gmm_model,
 
 def test_amed_fit_refuses_a_plugin_no_better_than_its_plain_base_at_the_same_nfe(tmp_path, capsys):
     """AMED-Plugin on iPNDM at NFE 7 (AFS, 3 steps of 2 evaluations) loses to plain iPNDM + AFS on the exact 2-D
-    mixture (0.087 vs 0.035): refused with one line naming the plain solver, nothing written; --save-if-worse
+    mixture (0.095 vs 0.036): refused with one line naming the plain solver, nothing written; --save-if-worse
     saves it with both errors."""
     from difflab.data.toy import default_gmm
 

@@ -13,6 +13,7 @@ from difflab.amed.predictor import predictor_sigmas
 from difflab.apps.demo.datasets import image_base
 from difflab.apps.figures import save_figure, save_image_grid
 from difflab.core.errors import ConfigError
+from difflab.metrics.distances import mean_l2
 from difflab.sampling.grids import get_sigmas
 from difflab.sampling.noise import seeded_noise
 from difflab.sampling.sample import sample, sigmas_for_nfe
@@ -25,10 +26,6 @@ REF_POINTS = {True: 51, False: 101}      # the reference: Heun on this many Karr
 # samples scored, AMED fits (NFE), their training and held-out trajectories: quick / full
 SIZES = {True: {"n": 32, "amed_nfes": (5,), "trajectories": 64, "heldout": 256},
          False: {"n": 128, "amed_nfes": (3, 5), "trajectories": 384, "heldout": 256}}
-
-
-def _mean_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((x.float() - reference.float()).flatten(1).norm(dim=1).mean())
 
 
 def _solver_run(denoiser, noise: torch.Tensor, solver: str, nfe: int) -> torch.Tensor | None:
@@ -58,7 +55,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
         for solver in DEMO_SOLVERS:
             for nfe in DEMO_NFES:
                 x = _solver_run(denoiser, noise, solver, nfe)
-                errors.setdefault(solver, {})[str(nfe)] = None if x is None else round(_mean_l2(x, reference), 4)
+                errors.setdefault(solver, {})[str(nfe)] = None if x is None else round(mean_l2(x, reference), 4)
                 finals[(solver, nfe)] = x
     amed, fit_seconds = {}, {}
     for row, base_solver, M in (("amed", "dpm2", 1), ("amed_plugin_ipndm", "ipndm", 3)):
@@ -73,7 +70,7 @@ def demo_section(out: Path, quick: bool, seed: int, device: str, base: dict) -> 
             fit_seconds[f"{row} NFE {nfe}"] = round(time.perf_counter() - start, 1)
             with torch.no_grad():
                 x = amed_sample(denoiser, noise, predictor_sigmas(predictor), predictor)
-            errors.setdefault(row, {})[str(nfe)] = round(_mean_l2(x, reference), 4)
+            errors.setdefault(row, {})[str(nfe)] = round(mean_l2(x, reference), 4)
             finals[(row, nfe)] = x
         amed[row] = {"base_solver": base_solver, "teacher": f"heun, M={M}"}
     _plot_errors(errors, out / "sampling_error.png", data.name)
