@@ -32,8 +32,12 @@ figure (the worst task) and met / missed.
 Prints one markdown table per task, writes benchmarks/results/deft[_quick].json (MNIST:
 deft_mnist[_quick].json, "dataset": "mnist") and a figure measurement | DEFT | DPS | ΠGDM | truth.
 
-    OMP_NUM_THREADS=2 python benchmarks/deft.py [--quick] [--dataset digits|mnist] [--runs DIR]
+    OMP_NUM_THREADS=2 python benchmarks/deft.py [--quick] [--dataset digits|mnist] [--runs DIR] [--tasks A,B]
                                                 [--device cpu|cuda] [--out-dir DIR] [--cache DIR]
+
+MNIST keeps each finished task under RUNS/deft/<task>-<key> (its result and figure images; the key hashes the
+base model's fingerprint and every setting), so an interrupted run resumes at the first unfinished task, and
+--tasks runs a subset now (the report then says "all_tasks": false) that a later full run reads back.
 
 digits --quick (~2 minutes on 2 cores): the 100-step base, 60 fitting steps of 32 pairs, 16 digits, 9 NFE.
 digits full: the 500-step base, 2,000 fitting steps of 64 pairs, all 297 held-out digits, 19 NFE.
@@ -51,6 +55,7 @@ NFE sweep {5, 9, 19, 39} (DPS {9, 19, 39, 79}) on the first 32 digits.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -59,6 +64,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from difflab.apps.demo.condition import save_comparison
 from difflab.apps.demo.run import DIGITS_STEPS
@@ -74,6 +80,8 @@ from difflab.condition.reconstruct import (
     ssim,
     summarise,
 )
+from difflab.core import fingerprint
+from difflab.core.io import atomic_path, write_json
 from difflab.data import load_digits, load_mnist
 from difflab.metrics import frechet, frechet_floor, get_classifier
 
@@ -114,8 +122,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench",
                         help="digits: where the digits model is cached (reused if present)")
     parser.add_argument("--zeta", type=float, default=DPS_ZETA, help="DPS step size")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated subset of the data set's tasks (default: all of them)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    known = list(TASKS[args.dataset])
+    args.tasks = known if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(args.tasks) - set(known))
+    if unknown or not args.tasks:
+        parser.error(f"--tasks: unknown {', '.join(unknown) or '(none given)'} for {args.dataset}; "
+                     f"choose from {', '.join(known)}")
     (args.n, args.fit_steps, args.fit_batch, args.nfe, args.n_sweep,
      args.sweep) = SETTINGS[(args.dataset, args.quick)]
     return args
@@ -246,6 +262,40 @@ def best_nfe_totals(sweep_rows: dict, fit_seconds: float) -> dict:
     return totals
 
 
+# ----- finished tasks, kept (MNIST: 25–40 CPU minutes each) ---------------------------------------------
+FIGURE_KEYS = {"measurement": "measurement", "DEFT": "deft", "DPS": "dps", "ΠGDM": "pigdm", "truth": "truth"}
+
+
+def task_folder(base, task: str, args: argparse.Namespace) -> Path:
+    """RUNS/deft/<task>-<key>: one finished MNIST task, keyed by the base model's fingerprint and every setting
+    that changes its numbers, so an interrupted run (or one with --tasks) resumes and a changed one reruns."""
+    settings = {"task": task, "base": fingerprint(base), "n": args.n, "fit_steps": args.fit_steps,
+                "fit_batch": args.fit_batch, "nfe": args.nfe, "n_sweep": args.n_sweep,
+                "sweep": {k: list(v) for k, v in args.sweep.items()}, "seed": args.seed, "zeta": args.zeta,
+                "sigma_y": SIGMA_Y, "pigdm_weight": PIGDM_WEIGHT, "device": args.device}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return args.runs / "deft" / f"{task}-{key}"
+
+
+def save_task(folder: Path, result: dict, images: dict) -> None:
+    """The task's result (JSON) and its figure images (the first three of each column, safetensors)."""
+    with atomic_path(folder / "images.safetensors") as tmp:
+        save_file({FIGURE_KEYS[k]: images[k][:3].contiguous() for k in FIGURE_KEYS}, str(tmp))
+    write_json(folder / "result.json", result)   # written last: its presence marks the task finished
+
+
+def load_task(folder: Path) -> tuple[dict, dict] | None:
+    """(result, figure images) of a finished task, or None. JSON made the sweep's NFE keys strings."""
+    if not (folder / "result.json").is_file():
+        return None
+    result = json.loads((folder / "result.json").read_text())
+    for row in result.get("sweep", {}).values():
+        row["psnr"] = {int(k): v for k, v in row["psnr"].items()}
+        row["seconds_per_image"] = {int(k): v for k, v in row["seconds_per_image"].items()}
+    tensors = load_file(str(folder / "images.safetensors"))
+    return result, {label: tensors[key] for label, key in FIGURE_KEYS.items()}
+
+
 # ----- goals and tables --------------------------------------------------------------------------------
 def goals(results: dict) -> dict:
     """The paper's four goals: each one's figure on the worst task, per-task figures, met or missed. PSNR and
@@ -313,30 +363,41 @@ def main() -> None:
     wall_start, load_start = time.perf_counter(), os.getloadavg()
     base, base_seconds, base_info = load_base(args, log)
     get_classifier(args.dataset)   # trained once and cached, before any timing
-    results, figure_columns = {}, {}
-    for task in TASKS[args.dataset]:
-        log(f"task {task}")
-        results[task], images = run_task(base, task, args, log)
-        for label in ("measurement", "DEFT", "DPS", "ΠGDM", "truth"):
+    results, figure_columns, cached = {}, {}, []
+    for task in args.tasks:
+        folder = task_folder(base, task, args) if args.dataset == "mnist" else None
+        kept = load_task(folder) if folder else None
+        if kept:
+            log(f"task {task}: finished earlier, read from {folder}")
+            cached.append(task)
+            results[task], images = kept
+        else:
+            log(f"task {task}")
+            results[task], images = run_task(base, task, args, log)
+            if folder:
+                save_task(folder, results[task], images)
+        for label in FIGURE_KEYS:
             figure_columns.setdefault(label, []).append(images[label][:3])
         print(table(task, results[task]) + "\n", flush=True)
     goal_rows = goals(results)
     print(goals_table(goal_rows), flush=True)
-    write_report(args, base, base_seconds, base_info, results, goal_rows, figure_columns, wall_start, load_start, log)
+    write_report(args, base, base_seconds, base_info, results, goal_rows, figure_columns, wall_start, load_start,
+                 cached, log)
 
 
 def write_report(args, base, base_seconds, base_info, results, goal_rows, figure_columns, wall_start, load_start,
-                 log) -> None:
+                 cached, log) -> None:
     stem = Path(results_name("deft", args.quick)).stem if args.dataset == "mnist" else \
         f"deft{'_quick' if args.quick else ''}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     figure = args.out_dir / f"{stem}.png"
     save_comparison({k: torch.cat(v) for k, v in figure_columns.items()}, figure,
-                    f"rows: {', '.join(TASKS[args.dataset])} (3 digits each); Heun, {args.nfe} NFE for every method")
+                    f"rows: {', '.join(args.tasks)} (3 digits each); Heun, {args.nfe} NFE for every method")
     report = {"dataset": args.dataset, "quick": args.quick, "seed": args.seed, "solver": "heun", "nfe": args.nfe,
               "n_images": args.n, "sigma_y": SIGMA_Y, "dps_zeta": args.zeta, "pigdm_weight": PIGDM_WEIGHT,
               **base_info, "base_train_seconds": round(base_seconds, 1),
               "base_parameters": sum(p.numel() for p in base.parameters()), "tasks": results, "goals": goal_rows,
+              "all_tasks": args.tasks == list(TASKS[args.dataset]), "tasks_read_from_earlier_runs": cached,
               "figure": figure.name, "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                                  "device": args.device, "threads": torch.get_num_threads(),
                                                  "loadavg_start": load_start, "loadavg_end": os.getloadavg()},

@@ -60,10 +60,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, default=None, help="steps per model (overrides the budget)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--n", type=int, default=None, help="samples per model for the metrics (1000)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated subset of full,0-4,5-9 (DEFT and distillation need only full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=None, help="run folder (runs/bench/mnist[-quick][-cuda])")
     parser.add_argument("--out", type=Path, default=None, help="summary JSON (results/mnist_models[_quick].json)")
     args = parser.parse_args()
+    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown or not args.models:
+        parser.error(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     suffix = ("-quick" if args.quick else "") + ("-cuda" if args.device == "cuda" else "")
@@ -207,7 +213,7 @@ def main() -> None:
     train, test = load_mnist("train"), load_mnist("test")
     get_classifier("mnist")   # trained once (about a minute on CPU) and cached, before any timing
     rows = {}
-    for name in MODELS:
+    for name in args.models:
         denoiser, record = train_model(name, train, args)
         keep = ("parameters", "train_steps", "step_seconds_probe", "train_seconds", "final_loss", "device",
                 "device_name", "torch_threads")
