@@ -67,7 +67,9 @@ data: $(VENV)/.installed
 
 # Every headline benchmark on MNIST (issue 19; docs/data.md): the base models first, then one script per claim,
 # each writing benchmarks/results/<name>_mnist.json. CPU: many hours in all (each script's docstring gives its
-# time); on a GPU: make bench-mnist BENCH_ARGS="--device cuda" MNIST_ARGS="--device cuda".
+# time); on a GPU: make bench-mnist BENCH_ARGS="--device cuda" MNIST_ARGS="--device cuda". Interrupted, it resumes:
+# the models from their checkpoints, DEFT at its first unfinished task, SuperDiff at its first run not yet sampled,
+# distillation at its first unfinished round (all kept under runs/bench/mnist/).
 bench-mnist: bench-models
 	$(PY) benchmarks/fast_sampling.py --datasets mnist
 	$(PY) benchmarks/compose.py --dataset mnist $(MNIST_ARGS)

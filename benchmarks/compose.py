@@ -32,7 +32,9 @@ MNIST-classifier features, its floor at the same n, the class fractions; AND ove
 JSON). Writes benchmarks/results/compose_mnist.json (quick: compose_mnist_quick.json) with
 "dataset": "mnist", compose_or_mnist.png and compose_and_mnist.png, and a "goals" block. Full run
 (500 OR samples per run, 100 SDE steps, 100 AND samples for each of 5 pairs): about 6 h of CPU on one
-thread (25 ms per 28×28 image per model evaluation), minutes with --device cuda:
+thread (25 ms per 28×28 image per model evaluation), minutes with --device cuda. Each run's samples are kept
+under RUNS/compose/ (keyed by the models' fingerprints and every setting), so the CPU run can be done in
+pieces: stop it any time, and the next start resumes at the first run not yet sampled:
 
     OMP_NUM_THREADS=1 python benchmarks/compose.py --dataset mnist [--runs runs/bench/mnist] [--device cuda]
     python benchmarks/compose.py --quick --dataset mnist --runs runs/bench/mnist-quick   # smoke, ~2.5 min
@@ -40,16 +42,21 @@ thread (25 ms per 28×28 image per model evaluation), minutes with --device cuda
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from difflab.apps.demo.compose import compose_2d, demo_mixtures, save_figure, summarise
 from difflab.compose import Components, superdiff
+from difflab.core import fingerprint
 from difflab.core.denoiser import eps
+from difflab.core.io import atomic_path
 from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
 
 RESULTS = Path(__file__).parent / "results"
@@ -207,9 +214,41 @@ def _sample(components, n: int, sigmas: torch.Tensor, seed: int, device: str, **
         return superdiff(components, x, sigmas, generator=generator, **options)
 
 
-def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figure: str) -> dict:
+def _plain(value):
+    """`value` with tensors as lists and infinities as strings: a JSON-able description for a cache key."""
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value) if isinstance(value, float) else value
+
+
+def _sample_kept(keep: Path | None, components, n: int, sigmas: torch.Tensor, seed: int, device: str, **options):
+    """`_sample`, its samples and guard counts kept in keep/<key>.safetensors when `keep` is a folder (an MNIST run
+    of 500 samples costs up to an hour of CPU: an interrupted benchmark resumes). The key hashes the models'
+    fingerprints, their conditions and every option, so a changed run is sampled anew."""
+    if keep is None:
+        return _sample(components, n, sigmas, seed, device, **options)
+    group = components if isinstance(components, Components) else Components.over_models(components)
+    key = {"models": [fingerprint(d) for d in group.denoisers], "conds": _plain(group.conds), "w": group.w,
+           "n": n, "sigmas": _plain(sigmas), "seed": seed, "device": device, "options": _plain(options)}
+    path = keep / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        return SimpleNamespace(x=tensors["x"], guarded_steps=tensors["guarded_steps"])
+    result = _sample(components, n, sigmas, seed, device, **options)
+    with atomic_path(path) as tmp:
+        save_file({"x": result.x.cpu().contiguous(), "guarded_steps": result.guarded_steps.cpu()}, str(tmp))
+    return result
+
+
+def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figure: str,
+               keep: Path | None = None) -> dict:
     """runs: name -> (components, mode, bias, temperature), all from the same noise: Fréchet distance against
-    the test split, its real-data floor at the same n, and the classifier's class fractions [10]."""
+    the test split, its real-data floor at the same n, and the classifier's class fractions [10]; keep: a
+    folder that keeps each run's samples (`_sample_kept`)."""
     from difflab.apps.figures import save_image_grid
     from difflab.metrics import frechet, frechet_floor, get_classifier
 
@@ -218,7 +257,7 @@ def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figu
     sigmas = get_sigmas("karras", nfe + 1, 0.002, 80.0)
     rows, grids = {}, []
     for name, (group, mode, bias, temperature) in runs.items():
-        result = _sample(group, n, sigmas, seed, device, mode=mode, bias=bias, temperature=temperature)
+        result = _sample_kept(keep, group, n, sigmas, seed, device, mode=mode, bias=bias, temperature=temperature)
         samples = result.x.clamp(-1, 1).cpu()
         fractions, _ = _class_stats(samples, classifier)
         rows[name] = {"frechet": round(frechet(dataset, samples, classifier=classifier), 2),
@@ -242,7 +281,7 @@ def digits_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "")
     return compose_or(runs, "digits", cfg, seed, device, f"compose_digits_or{suffix}.png")
 
 
-def mnist_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
+def mnist_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "", keep: Path | None = None) -> dict:
     """The half-class models alone (one model each: the same samples as a −∞ bias at half the cost),
     averaged, OR at T = 1 and 100; the class-conditional `full` model unconditionally (null label) and
     with labels i mod 10 (the coverage a model of all classes reaches)."""
@@ -256,11 +295,11 @@ def mnist_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") 
                                     None, 1.0),
             "full, labels i mod 10": (Components.over_models([models["full"]], {"class_labels": labels}), "average",
                                       None, 1.0)}
-    return compose_or(runs, "mnist", cfg, seed, device, f"compose_or_mnist{suffix}.png")
+    return compose_or(runs, "mnist", cfg, seed, device, f"compose_or_mnist{suffix}.png", keep)
 
 
 def compose_and(model, dataset: str, cfg: dict, seed: int, device: str, figure: str,
-                alone_by_bias: bool = True) -> dict:
+                alone_by_bias: bool = True, keep: Path | None = None) -> dict:
     """Pairs of classes of one class-conditional model: the mean over samples of min(p(c1), p(c2)) by the
     classifier of `dataset`, for AND, averaging and each class alone (alone_by_bias: both conditions
     evaluated with a −∞ bias on one; else one condition, the same samples at half the cost)."""
@@ -281,7 +320,7 @@ def compose_and(model, dataset: str, cfg: dict, seed: int, device: str, figure: 
                                         else (Components.over_conditions(model, [conds[k]]), "average", None))
         pair = {}
         for name, (group, mode, bias) in runs.items():
-            result = _sample(group, n, sigmas, seed, device, mode=mode, bias=bias)
+            result = _sample_kept(keep, group, n, sigmas, seed, device, mode=mode, bias=bias)
             samples = result.x.clamp(-1, 1).cpu()
             _, probs = _class_stats(samples, classifier)
             min_prob = torch.minimum(probs[:, c1], probs[:, c2])
@@ -304,9 +343,9 @@ def digits_and(models: dict, cfg: dict, seed: int, device: str, suffix: str = ""
     return compose_and(models["digits_classes"], "digits", cfg, seed, device, f"compose_digits_and{suffix}.png")
 
 
-def mnist_and(models: dict, cfg: dict, seed: int, device: str, suffix: str = "") -> dict:
+def mnist_and(models: dict, cfg: dict, seed: int, device: str, suffix: str = "", keep: Path | None = None) -> dict:
     return compose_and(models["full"], "mnist", cfg, seed, device, f"compose_and_mnist{suffix}.png",
-                       alone_by_bias=False)
+                       alone_by_bias=False, keep=keep)
 
 
 # ----- goals -------------------------------------------------------------------------------------------
@@ -397,8 +436,10 @@ def run_mnist(args: argparse.Namespace, cfg: dict, report: dict, suffix: str) ->
                          "estimator": "exact 2-D log-densities: independent of the data set (run --dataset digits)",
                          "ode_cost": "the ODE form's cost ratio: measured on digits"}
     report["cost_mnist"] = cost([models["0-4"], models["5-9"]], cfg, args.device, "MNIST 28×28 U-Nets", ode=False)
-    report["or_mnist"] = mnist_or(models, cfg, args.seed, args.device, suffix)
-    report["and_mnist"] = mnist_and(models, cfg, args.seed, args.device, suffix)
+    keep = args.runs / "compose"   # each run's samples: an interrupted run resumes where it stopped
+    report["samples_kept_in"] = str(keep)
+    report["or_mnist"] = mnist_or(models, cfg, args.seed, args.device, suffix, keep)
+    report["and_mnist"] = mnist_and(models, cfg, args.seed, args.device, suffix, keep)
 
 
 def main() -> None:
