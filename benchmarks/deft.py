@@ -267,9 +267,12 @@ FIGURE_KEYS = {"measurement": "measurement", "DEFT": "deft", "DPS": "dps", "ΠGD
 
 
 def task_folder(base, task: str, args: argparse.Namespace) -> Path:
-    """RUNS/deft/<task>-<key>: one finished MNIST task, keyed by the base model's fingerprint and every setting
-    that changes its numbers, so an interrupted run (or one with --tasks) resumes and a changed one reruns."""
-    settings = {"task": task, "base": fingerprint(base), "n": args.n, "fit_steps": args.fit_steps,
+    """RUNS/deft/<task>-<key>: one finished MNIST task, keyed by the base model's fingerprint, the test images
+    and every setting that changes its numbers, so an interrupted run (or one with --tasks) resumes and a
+    changed one reruns."""
+    truth = split(args.dataset, "test").x[:args.n].contiguous()
+    settings = {"task": task, "base": fingerprint(base), "truth": hashlib.sha256(truth.numpy().tobytes()).hexdigest(),
+                "n": args.n, "fit_steps": args.fit_steps,
                 "fit_batch": args.fit_batch, "nfe": args.nfe, "n_sweep": args.n_sweep,
                 "sweep": {k: list(v) for k, v in args.sweep.items()}, "seed": args.seed, "zeta": args.zeta,
                 "sigma_y": SIGMA_Y, "pigdm_weight": PIGDM_WEIGHT, "device": args.device}

