@@ -414,7 +414,7 @@ def write_report(args, base, base_seconds, base_info, results, goal_rows, figure
               "dps_zeta": {t: r["dps_zeta"] for t, r in results.items()}, "pigdm_weight": PIGDM_WEIGHT,
               **base_info, "base_train_seconds": round(base_seconds, 1),
               "base_parameters": sum(p.numel() for p in base.parameters()), "tasks": results, "goals": goal_rows,
-              "all_tasks": args.tasks == list(TASKS[args.dataset]), "tasks_read_from_earlier_runs": cached,
+              "all_tasks": set(args.tasks) == set(TASKS[args.dataset]), "tasks_read_from_earlier_runs": cached,
               "figure": figure.name, "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                                  "device": args.device, "threads": torch.get_num_threads(),
                                                  "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
