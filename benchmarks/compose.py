@@ -42,7 +42,6 @@ pieces: stop it any time, and the next start resumes at the first run not yet sa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import time
@@ -50,13 +49,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import load_file, save_file
+from _kept import kept_tensors, settings_key  # benchmarks/_kept.py: run as a script, its folder is on the path
 
 from difflab.apps.demo.compose import compose_2d, demo_mixtures, save_figure, summarise
 from difflab.compose import Components, superdiff
 from difflab.core import fingerprint
 from difflab.core.denoiser import eps
-from difflab.core.io import atomic_path
 from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
 
 RESULTS = Path(__file__).parent / "results"
@@ -234,14 +232,12 @@ def _sample_kept(keep: Path | None, components, n: int, sigmas: torch.Tensor, se
     group = components if isinstance(components, Components) else Components.over_models(components)
     key = {"models": [fingerprint(d) for d in group.denoisers], "conds": _plain(group.conds), "w": group.w,
            "n": n, "sigmas": _plain(sigmas), "seed": seed, "device": device, "options": _plain(options)}
-    path = keep / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.safetensors"
-    if path.is_file():
-        tensors = load_file(str(path))
-        return SimpleNamespace(x=tensors["x"], guarded_steps=tensors["guarded_steps"])
-    result = _sample(components, n, sigmas, seed, device, **options)
-    with atomic_path(path) as tmp:
-        save_file({"x": result.x.cpu().contiguous(), "guarded_steps": result.guarded_steps.cpu()}, str(tmp))
-    return result
+
+    def run() -> dict:
+        result = _sample(components, n, sigmas, seed, device, **options)
+        return {"x": result.x, "guarded_steps": result.guarded_steps}
+
+    return SimpleNamespace(**kept_tensors(keep / f"{settings_key(key, 24)}.safetensors", run))
 
 
 def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figure: str,

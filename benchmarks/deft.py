@@ -86,6 +86,7 @@ from difflab.data import load_digits, load_mnist
 from difflab.metrics import frechet, frechet_floor, get_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _kept import settings_key  # noqa: E402  (benchmark results kept between runs)
 from _mnist import load_bench_models, results_name  # noqa: E402  (the MNIST bench models)
 from solvers import digits_model  # noqa: E402  (the demo's digits U-Net, cached; shared by the benchmarks)
 
@@ -288,8 +289,7 @@ def task_folder(base, task: str, args: argparse.Namespace) -> Path:
                 "fit_batch": args.fit_batch, "nfe": args.nfe, "n_sweep": args.n_sweep,
                 "sweep": {k: list(v) for k, v in args.sweep.items()}, "seed": args.seed, "zeta": args.zeta,
                 "sigma_y": SIGMA_Y, "pigdm_weight": PIGDM_WEIGHT, "device": args.device}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return args.runs / "deft" / f"{task}-{key}"
+    return args.runs / "deft" / f"{task}-{settings_key(settings)}"
 
 
 def save_task(folder: Path, result: dict, images: dict) -> None:

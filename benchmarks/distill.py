@@ -39,14 +39,13 @@ import platform
 from pathlib import Path
 
 import torch
+from _kept import kept_tensors
 from _mnist import load_bench_models, results_name
-from safetensors.torch import load_file, save_file
 
 from difflab import CFGDenoiser, load
 from difflab.apps.demo.distill import RECIPES, classes_by_steps_figure, evaluate, guided_samples, train_teacher
 from difflab.apps.demo.run import cached_model
 from difflab.core.fingerprint import fingerprint
-from difflab.core.io import atomic_path
 from difflab.data import load_digits, load_mnist
 from difflab.distill import (
     GuidedDistillConfig,
@@ -174,12 +173,7 @@ def chunked_samples(model, n: int, steps: int, w: float, args: argparse.Namespac
 def teacher_samples(guided_teacher, n: int, steps: int, w: float, args: argparse.Namespace, shape, folder: Path):
     """The guided teacher's DDIM samples, kept in `folder` (they do not depend on the distillation budget)."""
     path = folder / f"w{w:g}-steps{steps}-n{n}-seed{args.seed}-{args.device}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["samples"]
-    samples = chunked_samples(guided_teacher, n, steps, w, args, shape)
-    with atomic_path(path) as tmp:   # safetensors, never a pickle; whole or absent
-        save_file({"samples": samples.contiguous()}, str(tmp))
-    return samples
+    return kept_tensors(path, lambda: {"samples": chunked_samples(guided_teacher, n, steps, w, args, shape)})["samples"]
 
 
 def evaluate_all(teacher, students: dict, args: argparse.Namespace, shape: tuple[int, ...],
