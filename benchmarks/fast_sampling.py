@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from difflab.amed import AMEDConfig, GridConfig, amed_sample, fit_amed, fit_grid, grid_for_amed, predictor_sigmas
@@ -52,6 +51,7 @@ from difflab.metrics import mean_l2
 from difflab.sampling import get_sigmas, sample, seeded_noise, sigmas_for_nfe
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _kept import kept_tensors  # noqa: E402
 from _mnist import load_bench_models, missing_bench_models  # noqa: E402
 from solvers import digits_model, mixture_64d  # noqa: E402
 
@@ -195,15 +195,15 @@ def reference(name: str, model, x: Tensor, steps: int, log) -> Tensor:
     else:
         path = REFERENCES / f"ref-{name}-{fingerprint(model)[:16]}-{len(x)}-{steps}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
+        def make() -> dict:
+            ref = heun_reference(model, x, steps)
+            # the reference's own error: Richardson's estimate from half the steps (Heun is 2nd order), 16 samples
+            own_error = mean_l2(heun_reference(model, x[:16], steps // 2), ref[:16]) / 3
+            log(f"  {name}: reference's own error ≈ {own_error:.3g} (from {steps // 2} steps)")
+            return {"ref": ref, "x": x}
+
         with FileLock(str(path) + ".lock"):
-            if not path.is_file():
-                ref = heun_reference(model, x, steps)
-                # the reference's own error: Richardson's estimate from half the steps (Heun is 2nd order), 16 samples
-                own_error = mean_l2(heun_reference(model, x[:16], steps // 2), ref[:16]) / 3
-                log(f"  {name}: reference's own error ≈ {own_error:.3g} (from {steps // 2} steps)")
-                with atomic_path(path) as tmp:
-                    save_file({"ref": ref.contiguous(), "x": x.contiguous()}, str(tmp))
-            cached = load_file(str(path))
+            cached = kept_tensors(path, make)
             if not torch.equal(cached["x"], x):
                 raise SystemExit(f"{path} was made from other noise; delete it")
             ref = cached["ref"]
