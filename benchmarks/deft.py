@@ -104,9 +104,10 @@ METHODS = ("deft", "dps", "pigdm", "uncond")
 LABELS = {"deft": "DEFT", "dps": "DPS", "pigdm": "ΠGDM", "uncond": "unconditional"}
 SIGMA_Y = 0.05
 # DPS's step size per MNIST task (--zeta overrides): the library default 0.3 (tuned on the 8×8 digits) leaves DPS
-# next to the unconditional samples at 28×28. Swept at Heun 19 NFE on the first 32 test digits, ζ ∈ {0.3, 1, 3,
-# 10, 30}: inpaint_box 9.49 / 11.09 / 11.67 / 10.61 / 9.67 dB; ζ ∈ {1, 3, 10}: superres4 9.33 / 10.48 / 12.07,
-# blur 10.41 / 12.60 / 10.59. inpaint_random and superres2 were not swept: the value of their sibling task.
+# next to the unconditional samples at 28×28. `python benchmarks/dps_zeta_mnist.py` (Heun 19 NFE, the first 32 test
+# digits; PSNR dB at ζ = 0.3 / 1 / 3 / 10 / 30): inpaint_box 9.49 / 11.09 / 11.67 / 10.61 / 9.67, inpaint_random
+# 9.53 / 11.25 / 12.79 / 12.49 / 11.69, superres2 9.22 / 10.40 / 14.46 / 14.93 / 13.71, superres4 8.95 / 9.33 /
+# 10.48 / 12.07 / 10.64, blur 9.27 / 10.41 / 12.60 / 10.59 / 7.46: the best of each.
 MNIST_DPS_ZETA = {"inpaint_box": 3.0, "inpaint_random": 3.0, "superres4": 10.0, "superres2": 10.0, "blur": 3.0}
 # (n test images, fit steps, fit batch, NFE of the equal-NFE comparison, sweep images, NFE sweep per method)
 SETTINGS = {("digits", True): (16, 60, 32, 9, 0, {}),
