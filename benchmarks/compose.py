@@ -30,13 +30,23 @@ half-class models (0–4, 5–9) alone, averaged, OR at T = 1 and 100, next to t
 MNIST-classifier features, its floor at the same n, the class fractions; AND over class pairs of
 `full`. Parts 1–2 (exact 2-D mixtures) do not depend on the data set and are skipped (noted in the
 JSON). Writes benchmarks/results/compose_mnist.json (quick: compose_mnist_quick.json) with
-"dataset": "mnist", compose_or_mnist.png and compose_and_mnist.png, and a "goals" block. Full run
-(500 OR samples per run, 100 SDE steps, 100 AND samples for each of 5 pairs): about 6 h of CPU on one
-thread (25 ms per 28×28 image per model evaluation), minutes with --device cuda. Each run's samples are kept
-under RUNS/compose/ (keyed by the models' fingerprints and every setting), so the CPU run can be done in
-pieces: stop it any time, and the next start resumes at the first run not yet sampled:
+"dataset": "mnist", compose_or_mnist.png and compose_and_mnist.png, and a "goals" block. Default run:
+200 OR samples per run, 50 SDE steps, 50 AND samples for each of 5 pairs (--n-or, --n-and, --steps make it
+larger). It has four parts, each needing only some bench models:
 
-    OMP_NUM_THREADS=1 python benchmarks/compose.py --dataset mnist [--runs runs/bench/mnist] [--device cuda]
+    cost       the estimator's cost ratio                     0-4, 5-9
+    or-halves  0-4 alone, 5-9 alone, averaging, OR T=1, T=100   0-4, 5-9   (figure compose_or_mnist.png)
+    or-full    full unconditionally and with labels i mod 10  full
+    and        AND, averaging, each class alone, 5 pairs      full       (figure compose_and_mnist.png)
+
+--parts runs a subset; each call merges its parts into compose_mnist.json beside those an earlier call
+(another session, another machine) ran with the same settings, seed, device and bench models (their
+fingerprints), so the benchmark can be filled in pieces where training all three models and sampling do
+not fit in one sitting. Each run's samples are also kept under RUNS/compose/ (keyed by the models'
+fingerprints and every setting): an interrupted call resumes at the first run not yet sampled.
+
+    OMP_NUM_THREADS=2 python benchmarks/compose.py --dataset mnist [--runs runs/bench/mnist] [--device cuda]
+    OMP_NUM_THREADS=2 python benchmarks/compose.py --dataset mnist --parts or-full,and   # needs only `full`
     python benchmarks/compose.py --quick --dataset mnist --runs runs/bench/mnist-quick   # smoke, ~2.5 min
 """
 from __future__ import annotations
@@ -60,6 +70,8 @@ from difflab.sampling import PerSampleGenerator, get_sigmas, seeded_noise
 RESULTS = Path(__file__).parent / "results"
 AND_PAIRS = [(1, 7), (3, 8), (4, 9), (0, 6), (2, 5)]
 FLOOR_MAX_N = {"digits": 1500, "mnist": 9000}   # the train split's size: the floor's largest n
+# --dataset mnist: each part and the bench models it needs (the parts can run in different sessions)
+MNIST_PARTS = {"cost": ("0-4", "5-9"), "or-halves": ("0-4", "5-9"), "or-full": ("full",), "and": ("full",)}
 COST_GOAL = 1.1                                  # SDE SuperDiff / its bare model evaluations
 
 
@@ -68,7 +80,7 @@ def settings(quick: bool, dataset: str = "digits") -> dict:
         if quick:
             return {"n_digits": 20, "nfe_digits": 6, "n_and": 10, "and_pairs": AND_PAIRS[:1], "cost_steps": 4,
                     "cost_batch": 32}
-        return {"n_digits": 500, "nfe_digits": 100, "n_and": 100, "and_pairs": AND_PAIRS, "cost_steps": 10,
+        return {"n_digits": 200, "nfe_digits": 50, "n_and": 50, "and_pairs": AND_PAIRS, "cost_steps": 10,
                 "cost_batch": 64}
     if quick:
         return {"n_2d": 600, "steps_2d": 40, "sde_steps": [20, 80], "ode_steps": [10, 40], "n_estimator": 150,
@@ -240,11 +252,11 @@ def _sample_kept(keep: Path | None, components, n: int, sigmas: torch.Tensor, se
     return SimpleNamespace(**kept_tensors(keep / f"{settings_key(key, 24)}.safetensors", run))
 
 
-def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figure: str,
+def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figure: str | None,
                keep: Path | None = None) -> dict:
     """runs: name -> (components, mode, bias, temperature), all from the same noise: Fréchet distance against
     the test split, its real-data floor at the same n, and the classifier's class fractions [10]; keep: a
-    folder that keeps each run's samples (`_sample_kept`)."""
+    folder that keeps each run's samples (`_sample_kept`); figure: the grid's file name, or None for none."""
     from difflab.apps.figures import save_image_grid
     from difflab.metrics import frechet, frechet_floor, get_classifier
 
@@ -260,7 +272,8 @@ def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figu
                       "min_class_fraction": min(fractions), "class_fractions": fractions}
         grids.append(samples[:10])
     floor = round(frechet_floor(dataset, min(n, FLOOR_MAX_N[dataset]), classifier), 2)
-    save_image_grid(torch.cat(grids), RESULTS / figure, ncol=10)
+    if figure:
+        save_image_grid(torch.cat(grids), RESULTS / figure, ncol=10)
     _table(f"{dataset} OR ({n} samples, SDE {nfe} steps; real-data floor {floor}; class fractions of digits 0–9)",
            ["run", "Fréchet", "Fréchet / floor", "min class fraction", "class fractions"],
            [[k, v["frechet"], round(v["frechet"] / floor, 2), v["min_class_fraction"],
@@ -278,20 +291,25 @@ def digits_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "")
 
 
 def mnist_or(models: dict, cfg: dict, seed: int, device: str, suffix: str = "", keep: Path | None = None) -> dict:
-    """The half-class models alone (one model each: the same samples as a −∞ bias at half the cost),
-    averaged, OR at T = 1 and 100; the class-conditional `full` model unconditionally (null label) and
-    with labels i mod 10 (the coverage a model of all classes reaches)."""
-    halves = [models["0-4"], models["5-9"]]
-    labels = torch.arange(cfg["n_digits"], device=device) % 10
-    runs = {"0-4 alone": ([models["0-4"]], "average", None, 1.0),
-            "5-9 alone": ([models["5-9"]], "average", None, 1.0),
-            "averaging": (halves, "average", None, 1.0), "OR T=1": (halves, "or", None, 1.0),
-            "OR T=100": (halves, "or", None, 100.0),
-            "full, unconditional": (Components.over_models([models["full"]], {"class_labels": -1}), "average",
-                                    None, 1.0),
-            "full, labels i mod 10": (Components.over_models([models["full"]], {"class_labels": labels}), "average",
-                                      None, 1.0)}
-    return compose_or(runs, "mnist", cfg, seed, device, f"compose_or_mnist{suffix}.png", keep)
+    """With the half-class models: each alone (one model each: the same samples as a −∞ bias at half the
+    cost), averaged, OR at T = 1 and 100 (figure compose_or_mnist.png); with `full`: the class-conditional
+    model unconditionally (null label) and with labels i mod 10 (the coverage a model of all classes
+    reaches). `models` holds either group or both."""
+    runs = {}
+    if "0-4" in models:
+        halves = [models["0-4"], models["5-9"]]
+        runs |= {"0-4 alone": ([models["0-4"]], "average", None, 1.0),
+                 "5-9 alone": ([models["5-9"]], "average", None, 1.0),
+                 "averaging": (halves, "average", None, 1.0), "OR T=1": (halves, "or", None, 1.0),
+                 "OR T=100": (halves, "or", None, 100.0)}
+    if "full" in models:
+        labels = torch.arange(cfg["n_digits"], device=device) % 10
+        runs |= {"full, unconditional": (Components.over_models([models["full"]], {"class_labels": -1}),
+                                         "average", None, 1.0),
+                 "full, labels i mod 10": (Components.over_models([models["full"]], {"class_labels": labels}),
+                                           "average", None, 1.0)}
+    figure = f"compose_or_mnist{suffix}.png" if "0-4" in models else None
+    return compose_or(runs, "mnist", cfg, seed, device, figure, keep)
 
 
 def compose_and(model, dataset: str, cfg: dict, seed: int, device: str, figure: str,
@@ -377,7 +395,7 @@ def goals(report: dict, cost_key: str, or_key: str, and_key: str) -> dict:
                     f"{1e3 * cost_row['bare_evals_s'] / cost_row['steps']:.1f} ms of model evaluations at batch "
                     f"{cost_row['batch']} (timings on a shared CPU are noisy; a larger batch amortises it)")
     or_block = report.get(or_key)
-    if or_block:
+    if or_block and "OR T=1" in or_block["runs"]:   # MNIST: the half-class models' part has run
         block |= or_comparisons(or_block["runs"], or_block["frechet_floor"])
     and_block = report.get(and_key)
     if and_block:
@@ -423,19 +441,70 @@ def run_digits(args: argparse.Namespace, cfg: dict, report: dict, suffix: str) -
 
 
 def run_mnist(args: argparse.Namespace, cfg: dict, report: dict, suffix: str) -> None:
-    from _mnist import load_bench_models  # benchmarks/_mnist.py: run as a script, its folder is on the path
+    """The parts in args.parts, each with the bench models it needs (MNIST_PARTS), into report."""
+    from _mnist import BENCH_MODELS, load_bench_models  # benchmarks/_mnist.py: the script's folder is on the path
 
-
-    models = load_bench_models(args.runs, device=args.device)
+    names = [name for name in BENCH_MODELS if any(name in MNIST_PARTS[part] for part in args.parts)]
+    models = load_bench_models(args.runs, names, device=args.device)
+    report["models"] = {name: fingerprint(model) for name, model in models.items()}
     report["runs_folder"] = str(args.runs)
     report["skipped"] = {"two_d": "exact 2-D mixtures: independent of the data set (run --dataset digits)",
                          "estimator": "exact 2-D log-densities: independent of the data set (run --dataset digits)",
                          "ode_cost": "the ODE form's cost ratio: measured on digits"}
-    report["cost_mnist"] = cost([models["0-4"], models["5-9"]], cfg, args.device, "MNIST 28×28 U-Nets", ode=False)
     keep = args.runs / "compose"   # each run's samples: an interrupted run resumes where it stopped
     report["samples_kept_in"] = str(keep)
-    report["or_mnist"] = mnist_or(models, cfg, args.seed, args.device, suffix, keep)
-    report["and_mnist"] = mnist_and(models, cfg, args.seed, args.device, suffix, keep)
+    report["parts"] = {}
+    for part in args.parts:
+        start = time.perf_counter()
+        if part == "cost":
+            report["cost_mnist"] = cost([models["0-4"], models["5-9"]], cfg, args.device, "MNIST 28×28 U-Nets",
+                                        ode=False)
+        elif part == "and":
+            report["and_mnist"] = mnist_and(models, cfg, args.seed, args.device, suffix, keep)
+        else:
+            group = {name: models[name] for name in MNIST_PARTS[part]}
+            report["or_mnist"] = merge_or(report.get("or_mnist"),
+                                          mnist_or(group, cfg, args.seed, args.device, suffix, keep))
+        report["parts"][part] = {"seconds": round(time.perf_counter() - start, 1),
+                                 "torch_threads": torch.get_num_threads(),
+                                 "machine": platform.processor() or platform.machine(),
+                                 "date": time.strftime("%Y-%m-%d")}
+
+
+def merge_or(earlier: dict | None, later: dict) -> dict:
+    """One OR block from two calls' blocks: the runs of both (the later's where both have one), the figure of
+    whichever drew one (the half-class models' runs)."""
+    if earlier is None:
+        return later
+    runs = earlier["runs"] | later["runs"]
+    merged = {**earlier, "runs": runs}
+    if later["figure"]:   # the figure's runs lead the table
+        merged |= {"runs": {name: runs[name] for name in later["runs"]} | runs, "figure": later["figure"],
+                   "grid_rows": later["grid_rows"]}
+    return merged
+
+
+def _json_form(value):
+    """`value` as it reads back from a JSON file (tuples as lists)."""
+    return json.loads(json.dumps(value))
+
+
+def merge_mnist(previous: dict | None, report: dict) -> dict:
+    """This call's MNIST parts over an earlier call's (another session's, say) when both used the same settings,
+    seed, device and bench models (fingerprints): one results file filled part by part. Else this call's alone."""
+    same = (previous is not None and previous.get("dataset") == "mnist" and "parts" in previous
+            and all(previous.get(key) == _json_form(report[key]) for key in ("settings", "seed", "device", "quick"))
+            and all(previous["models"].get(name, fp) == fp for name, fp in report["models"].items()))
+    if not same:
+        if previous is not None:
+            print("the earlier results file has other settings or models: its parts are replaced, not merged")
+        return report
+    merged = previous | {key: value for key, value in report.items() if key != "or_mnist"}
+    merged["models"] = previous["models"] | report["models"]
+    merged["parts"] = previous["parts"] | report["parts"]
+    if "or_mnist" in report:
+        merged["or_mnist"] = merge_or(previous.get("or_mnist"), report["or_mnist"])
+    return merged
 
 
 def main() -> None:
@@ -447,29 +516,50 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench/compose"), help="trained digit models")
     parser.add_argument("--runs", type=Path, default=Path("runs/bench/mnist"), help="MNIST bench models (mnist)")
     parser.add_argument("--skip-digits", action="store_true", help="only the 2-D, estimator and cost parts")
+    parser.add_argument("--n-or", type=int, default=None, help="samples per OR run (digits 1000, MNIST 200)")
+    parser.add_argument("--n-and", type=int, default=None, help="samples per AND run and class pair (200, 50)")
+    parser.add_argument("--steps", type=int, default=None, help="SDE steps of the OR and AND runs (100, 50)")
+    parser.add_argument("--parts", default=",".join(MNIST_PARTS),
+                        help=f"mnist: a comma-separated subset of {','.join(MNIST_PARTS)}; each part merges into "
+                             "the results file beside the parts an earlier call ran with the same settings")
     args = parser.parse_args()
-    mnist = args.dataset == "mnist"
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if not args.parts or set(args.parts) - set(MNIST_PARTS):
+        parser.error(f"--parts {','.join(args.parts) or '(none)'}: choose from {','.join(MNIST_PARTS)}")
     cfg = settings(args.quick, args.dataset)
+    for option, key, value in (("--n-or", "n_digits", args.n_or), ("--n-and", "n_and", args.n_and),
+                               ("--steps", "nfe_digits", args.steps)):
+        if value is not None:
+            if value < 2:
+                parser.error(f"{option} {value}: expected at least 2")
+            cfg[key] = value
     suffix = "_quick" if args.quick else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report = {"dataset": args.dataset, "quick": args.quick, "seed": args.seed, "device": args.device,
-              "settings": cfg, "torch_threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine()}
-    if mnist:
-        run_mnist(args, cfg, report, suffix)
-    else:
-        run_digits(args, cfg, report, suffix)
-    report["goals"] = (goals(report, "cost_mnist", "or_mnist", "and_mnist") if mnist
-                       else goals(report, "cost", "digits_or", "digits_and"))
-    print_goals(report["goals"])
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    out = RESULTS / f"compose{suffix}.json"
-    if mnist:
+              "settings": cfg}
+    if args.dataset == "mnist":
         from _mnist import results_name
         out = RESULTS / results_name("compose", args.quick)
+        run_mnist(args, cfg, report, suffix)
+        report = merge_mnist(json.loads(out.read_text()) if out.is_file() else None, report)
+        report["goals"] = goals(report, "cost_mnist", "or_mnist", "and_mnist")
+        missing = [part for part in MNIST_PARTS if part not in report["parts"]]
+        if missing:
+            pending = (f"parts not yet run: {', '.join(missing)} (python benchmarks/compose.py --dataset mnist "
+                       f"--parts {','.join(missing)})")
+            report["goals"]["note"] = "; ".join(filter(None, [report["goals"].get("note"), pending]))
+    else:
+        out = RESULTS / f"compose{suffix}.json"
+        report |= {"torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+        run_digits(args, cfg, report, suffix)
+        report["goals"] = goals(report, "cost", "digits_or", "digits_and")
+    print_goals(report["goals"])
+    seconds = round(time.perf_counter() - start, 1)
+    if args.dataset == "digits":
+        report["seconds"] = seconds
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out} in {report['seconds']} s")
+    print(f"\nwrote {out} in {seconds} s")
 
 
 if __name__ == "__main__":
