@@ -30,6 +30,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from difflab.metrics import class_accuracy, frechet, frechet_floor, get_classifi
 from difflab.models import load
 from difflab.nets import UNet
 from difflab.sampling import sample, seeded_noise
+from difflab.train.contract import loss_divergence
 from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
 RESULTS = Path(__file__).parent / "results"
@@ -145,6 +147,10 @@ def train_model(name: str, train: Dataset, args: argparse.Namespace):
 
     def fit():
         result = train_denoiser(net, data.x, labels, config, out_dir=folder / "checkpoints", progress=not args.quick)
+        divergence = loss_divergence(result.history)
+        if divergence is not None and not args.quick:   # every benchmark on it would measure a broken model
+            sys.exit(f"{name}: {divergence}. The model is not saved (its last checkpoint is in "
+                     f"{folder / 'checkpoints'}; delete the folder to start afresh)")
         record["final_loss"] = round(result.final_loss, 4)
         if classes is not None:
             result.model.meta["kept_classes"] = classes

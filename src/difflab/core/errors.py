@@ -43,3 +43,7 @@ class ConfigError(DifflabError, ValueError):
 class NotImprovedWarning(UserWarning):
     """A fit (an AMED predictor, a learned grid) is no better than its base on held-out noise; the base is what
     the fit returns ("never worse")."""
+
+
+class DivergenceWarning(UserWarning):
+    """A fit's logged loss rose far above its best (training diverged): the fitted model is likely broken."""

@@ -69,6 +69,38 @@ class FitResult(Generic[Fitted]):
         return self.history[-1][1] if self.history else None
 
 
+DIVERGENCE_FACTOR = 2.0   # a mean over a log interval this many times the best before it: diverged
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The logged loss rose from `best_loss` (at `best_step`) to `loss` (at `step`)."""
+
+    best_step: int
+    best_loss: float
+    step: int
+    loss: float
+
+    def __str__(self) -> str:
+        return (f"the loss rose from {self.best_loss:.4g} at step {self.best_step} to {self.loss:.4g} at step "
+                f"{self.step}: training diverged; lower the learning rate, or train from a checkpoint before "
+                f"step {self.step}")
+
+
+def loss_divergence(history: list[tuple[int, float]], factor: float = DIVERGENCE_FACTOR) -> Divergence | None:
+    """The first log point of history [(step, mean loss)] whose loss is at least `factor` times the lowest
+    logged before it, or None. A loss that only falls (however noisily, within `factor`) is no divergence.
+    Meaningful where every step draws the same loss (a denoiser's EDM loss); not for AMED's fitting, whose
+    steps train different intervals of different scales."""
+    best_step, best_loss = None, float("inf")
+    for step, loss in history:
+        if best_step is not None and loss >= factor * best_loss:
+            return Divergence(best_step, best_loss, step, loss)
+        if loss < best_loss:
+            best_step, best_loss = step, loss
+    return None
+
+
 class JSONConfig:
     """Mixin for config dataclasses: to_dict / from_dict / to_json / from_json, with unknown or
     mistyped keys refused (ConfigError) instead of silently ignored."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from difflab.core.denoiser import append_dims
-from difflab.core.errors import ConfigError, ShapeError
+from difflab.core.errors import ConfigError, DivergenceWarning, ShapeError
 from difflab.core.wrappers import EDMDenoiser
-from difflab.train.contract import FitResult, StepCallback
+from difflab.train.contract import FitResult, StepCallback, loss_divergence
 from difflab.train.loop import TrainConfig, data_fingerprint, fit
 
 
@@ -94,6 +95,10 @@ def train_denoiser(net: nn.Module, x: Tensor, labels: Tensor | None = None, conf
                  description=f"training {type(net).__name__} on {config.dataset}", run=run)
     fitted = result.model.eval().requires_grad_(False)
     fitted.meta["fit"] = config.to_dict()
+    divergence = loss_divergence(result.history)
+    if divergence is not None and result.is_main_process:
+        warnings.warn(f"training {type(net).__name__} on {config.dataset}: {divergence}", DivergenceWarning,
+                      stacklevel=2)
     return dataclasses.replace(result, model=fitted, timings={"total": time.perf_counter() - start})
 
 
