@@ -46,4 +46,5 @@ class NotImprovedWarning(UserWarning):
 
 
 class DivergenceWarning(UserWarning):
-    """A fit's logged loss rose far above its best (training diverged): the fitted model is likely broken."""
+    """A denoiser's logged training loss rose far above its best (training diverged): the model is likely
+    broken."""

@@ -91,14 +91,14 @@ def train_denoiser(net: nn.Module, x: Tensor, labels: Tensor | None = None, conf
     loss_fn = denoiser_loss(x, labels, config.batch_size, denoiser.sigma_data, config.label_dropout,
                             config.p_mean, config.p_std)
     run = {"data": {"fingerprint": data_fingerprint(x, labels), "size": len(x)}}
+    description = f"training {type(net).__name__} on {config.dataset}"
     result = fit(denoiser, loss_fn, config, out_dir=out_dir, callback=callback, progress=progress, resume=resume,
-                 description=f"training {type(net).__name__} on {config.dataset}", run=run)
+                 description=description, run=run)
     fitted = result.model.eval().requires_grad_(False)
     fitted.meta["fit"] = config.to_dict()
     divergence = loss_divergence(result.history)
     if divergence is not None and result.is_main_process:
-        warnings.warn(f"training {type(net).__name__} on {config.dataset}: {divergence}", DivergenceWarning,
-                      stacklevel=2)
+        warnings.warn(f"{description}: {divergence}", DivergenceWarning, stacklevel=2)
     return dataclasses.replace(result, model=fitted, timings={"total": time.perf_counter() - start})
 
 
