@@ -200,8 +200,8 @@ def evaluate(name: str, denoiser, train: Dataset, test: Dataset, args: argparse.
                 "frechet_floor": frechet("mnist", real[chosen], reference),
                 "in_class_fraction": float(torch.isin(predicted, torch.tensor(classes)).double().mean())}
     row["ratio_to_floor"] = row["frechet"] / row["frechet_floor"]
-    suffix = "_quick" if args.quick else ""
-    save_image_grid(samples[:100], RESULTS / f"mnist_models_{name}{suffix}.png", ncol=10)
+    # beside the summary: results/mnist_models_full.png, or next to a --out elsewhere (never over the committed grid)
+    save_image_grid(samples[:100], args.out.with_name(f"{args.out.stem}_{name}.png"), ncol=10)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
 
 
