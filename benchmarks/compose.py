@@ -32,7 +32,8 @@ MNIST-classifier features, its floor at the same n, the class fractions; AND ove
 JSON). Writes benchmarks/results/compose_mnist.json (quick: compose_mnist_quick.json) with
 "dataset": "mnist", compose_or_mnist.png and compose_and_mnist.png, and a "goals" block. Default run:
 200 OR samples per run, 50 SDE steps, 50 AND samples for each of 5 pairs (--n-or, --n-and, --steps make it
-larger). It has four parts, each needing only some bench models:
+larger): about 175,000 evaluations of a 28×28 U-Net, an estimated 75 min on 2 CPU cores.
+It has four parts, each needing only some bench models:
 
     cost       the estimator's cost ratio                     0-4, 5-9
     or-halves  0-4 alone, 5-9 alone, averaging, OR T=1, T=100   0-4, 5-9   (figure compose_or_mnist.png)
