@@ -466,10 +466,13 @@ def run_mnist(args: argparse.Namespace, cfg: dict, report: dict, suffix: str) ->
             group = {name: models[name] for name in MNIST_PARTS[part]}
             report["or_mnist"] = merge_or(report.get("or_mnist"),
                                           mnist_or(group, cfg, args.seed, args.device, suffix, keep))
-        report["parts"][part] = {"seconds": round(time.perf_counter() - start, 1),
-                                 "torch_threads": torch.get_num_threads(),
-                                 "machine": platform.processor() or platform.machine(),
+        report["parts"][part] = {"seconds": round(time.perf_counter() - start, 1), **_machine(),
                                  "date": time.strftime("%Y-%m-%d")}
+
+
+def _machine() -> dict:
+    """Where the timings were taken: torch's thread count and the processor."""
+    return {"torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
 
 
 def merge_or(earlier: dict | None, later: dict) -> dict:
@@ -485,16 +488,12 @@ def merge_or(earlier: dict | None, later: dict) -> dict:
     return merged
 
 
-def _json_form(value):
-    """`value` as it reads back from a JSON file (tuples as lists)."""
-    return json.loads(json.dumps(value))
-
-
 def merge_mnist(previous: dict | None, report: dict) -> dict:
     """This call's MNIST parts over an earlier call's (another session's, say) when both used the same settings,
     seed, device and bench models (fingerprints): one results file filled part by part. Else this call's alone."""
     same = (previous is not None and previous.get("dataset") == "mnist" and "parts" in previous
-            and all(previous.get(key) == _json_form(report[key]) for key in ("settings", "seed", "device", "quick"))
+            and all(settings_key(previous.get(key)) == settings_key(report[key])   # tuples read back as lists
+                    for key in ("settings", "seed", "device", "quick"))
             and all(previous["models"].get(name, fp) == fp for name, fp in report["models"].items()))
     if not same:
         if previous is not None:
@@ -552,7 +551,7 @@ def main() -> None:
             report["goals"]["note"] = "; ".join(filter(None, [report["goals"].get("note"), pending]))
     else:
         out = RESULTS / f"compose{suffix}.json"
-        report |= {"torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+        report |= _machine()
         run_digits(args, cfg, report, suffix)
         report["goals"] = goals(report, "cost", "digits_or", "digits_and")
     print_goals(report["goals"])
