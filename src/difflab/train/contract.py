@@ -49,7 +49,9 @@ class FitResult(Generic[Fitted]):
     num_processes / process_index: the data-parallel layout (process 0 writes files);
     raw_model: the trained, un-averaged model where `model` is an EMA (the same object otherwise;
     None where the fitting function does not expose it); metrics: held-out measurements by name (AMED:
-    "heldout_error_base", "heldout_error_fitted"; empty where the method takes none).
+    "heldout_error_base", "heldout_error_fitted"; empty where the method takes none); rollbacks: the
+    divergences the loop went back from (each time to the state at its best step, with half the learning
+    rate; see `train.loop.fit`'s `rollbacks`), in order; history holds only the steps kept.
     """
 
     model: Fitted
@@ -59,6 +61,7 @@ class FitResult(Generic[Fitted]):
     process_index: int = 0
     raw_model: Any = None
     metrics: dict[str, float] = field(default_factory=dict)
+    rollbacks: list[Divergence] = field(default_factory=list)
 
     @property
     def is_main_process(self) -> bool:
@@ -81,9 +84,12 @@ class Divergence:
     step: int
     loss: float
 
+    def rise(self) -> str:
+        return (f"the loss rose from {self.best_loss:.4g} at step {self.best_step} to {self.loss:.4g} "
+                f"at step {self.step}")
+
     def __str__(self) -> str:
-        return (f"the loss rose from {self.best_loss:.4g} at step {self.best_step} to {self.loss:.4g} at step "
-                f"{self.step}: training diverged; lower the learning rate, or train from a checkpoint before "
+        return (f"{self.rise()}: training diverged; lower the learning rate, or train from a checkpoint before "
                 f"step {self.step}")
 
 

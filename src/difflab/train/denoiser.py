@@ -21,7 +21,9 @@ from difflab.train.loop import TrainConfig, data_fingerprint, fit
 class DenoiserConfig(TrainConfig):
     """A base denoiser's training: the loop's settings plus the batch per process, σ_data (None: the
     data's standard deviation), the label dropout (the null class, for guidance), the EDM σ sampling
-    ln σ ~ N(p_mean, p_std²) and the data set's name (recorded in the model's config)."""
+    ln σ ~ N(p_mean, p_std²), the data set's name (recorded in the model's config) and how many times a
+    diverging run goes back to its best state with half the learning rate (`train.loop.fit`'s `rollbacks`;
+    0: it goes on, and warns at the end)."""
 
     batch_size: int = 128
     sigma_data: float | None = None
@@ -29,11 +31,14 @@ class DenoiserConfig(TrainConfig):
     p_mean: float = -1.2
     p_std: float = 1.2
     dataset: str = "custom"
+    divergence_rollbacks: int = 0
 
     def validate(self) -> None:
         super().validate()
         if self.batch_size < 1 or not 0 <= self.label_dropout <= 1 or self.p_std <= 0:
             raise ConfigError(f"need batch_size >= 1, 0 <= label_dropout <= 1 and p_std > 0: {self}")
+        if self.divergence_rollbacks < 0:
+            raise ConfigError(f"divergence_rollbacks must be >= 0, got {self.divergence_rollbacks}")
         if self.sigma_data is not None and not self.sigma_data > 0:
             raise ConfigError(f"sigma_data must be > 0 (or None: the data's std), got {self.sigma_data}")
 
@@ -93,7 +98,7 @@ def train_denoiser(net: nn.Module, x: Tensor, labels: Tensor | None = None, conf
     run = {"data": {"fingerprint": data_fingerprint(x, labels), "size": len(x)}}
     description = f"training {type(net).__name__} on {config.dataset}"
     result = fit(denoiser, loss_fn, config, out_dir=out_dir, callback=callback, progress=progress, resume=resume,
-                 description=description, run=run)
+                 description=description, run=run, rollbacks=config.divergence_rollbacks)
     fitted = result.model.eval().requires_grad_(False)
     fitted.meta["fit"] = config.to_dict()
     divergence = loss_divergence(result.history)

@@ -16,10 +16,12 @@ checkpoint records the run's definition). `fit` follows the contract of `train.c
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,14 +32,16 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from difflab.core.errors import ConfigError, DifflabError, ModelFormatError, NonFiniteError
+from difflab.core.errors import ConfigError, DifflabError, DivergenceWarning, ModelFormatError, NonFiniteError
 from difflab.core.io import atomic_path
-from difflab.train.contract import FitResult, JSONConfig, Step, StepCallback
+from difflab.train.contract import Divergence, FitResult, JSONConfig, Step, StepCallback, loss_divergence
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+BEST_NAME = "best.safetensors"   # with rollbacks: the state at the best logged loss, beside the checkpoint
+ROLLBACK_LR_FACTOR = 0.5         # each rollback halves the learning rate
 LossFn = Callable[[nn.Module, torch.Generator, int, int], Tensor]   # (model, generator, step, micro)
 # config fields a resumed run may change: how long it runs, how often it logs and saves, where it runs
-RESUMABLE_FIELDS = ("train_steps", "checkpoint_every", "log_every", "device")
+RESUMABLE_FIELDS = ("train_steps", "checkpoint_every", "log_every", "device", "divergence_rollbacks")
 SAME_RUN = "same_run"   # resume= value: continue a checkpoint of this run, start afresh over another run's
 
 
@@ -99,7 +103,7 @@ def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.de
 def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str | Path | None = None,
         callback: StepCallback | None = None, resume: bool | str = True, progress: bool = True,
         description: str = "training", accelerator: Accelerator | None = None,
-        run: dict[str, Any] | None = None) -> FitResult[nn.Module]:
+        run: dict[str, Any] | None = None, rollbacks: int = 0) -> FitResult[nn.Module]:
     """Train `model` by minimising `loss_fn` with Adam.
 
     Returns a FitResult whose model is the EMA where config.ema_decay > 0, else the trained model
@@ -111,6 +115,10 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     resume="same_run" (the CLI's --force) resumes a checkpoint of this same run and starts afresh over
     any other one (it is overwritten at the first checkpoint); resume=False always starts afresh.
     A non-finite loss stops the fit (NonFiniteError) before it reaches the weights or a checkpoint.
+    rollbacks: up to this many times, when the logged loss diverges (`train.contract.loss_divergence`:
+    ≥ 2× the best before it), go back to the state at the best log point (weights, EMA, Adam; kept in
+    memory, and beside the checkpoint so that a resume is exact) and go on with the learning rate
+    halved, with a DivergenceWarning; only for losses comparable from step to step (a denoiser's).
     """
     config.validate()
     start = time.perf_counter()
@@ -118,18 +126,20 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     ema = AveragedModel(model, avg_fn=ema_avg_fn(config.ema_decay), use_buffers=True)
     definition = run_definition(model, config, run)
-    start_step, losses = 0, []
+    start_step, losses, done, best = 0, [], [], None
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file() and (resume != SAME_RUN or _is_same_run(ckpt, definition)):
-        start_step, losses = load_checkpoint(ckpt, model, ema, optimizer, definition)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1)), last_epoch=start_step - 1)
+        start_step, losses, done = load_checkpoint(ckpt, model, ema, optimizer, definition)
+        best = _read_best(ckpt.with_name(BEST_NAME), definition) if rollbacks else None
+    raw_optimizer, best_saved = optimizer, True
+    scheduler = _warmup(optimizer, config, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
 
     bar = _progress_bar(accelerator, progress, description, config.train_steps, start_step)
     running, count = 0.0, 0
-    for step in range(start_step, config.train_steps):
+    step = start_step
+    while step < config.train_steps:
         lr = optimizer.param_groups[0]["lr"]
         for micro in range(config.grad_accum):
             generator = step_generator(config.seed, step, accelerator.process_index, micro, accelerator.device)
@@ -152,17 +162,49 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
                 bar[0].update(bar[1], completed=step + 1, loss=mean_loss)
             if callback is not None and accelerator.is_main_process:
                 callback(Step(step + 1, config.train_steps, mean_loss, lr, time.perf_counter() - start))
+            divergence = loss_divergence(losses) if rollbacks else None
+            if divergence is not None and best is not None and len(done) < rollbacks:
+                done.append(divergence)
+                step, losses = _roll_back(best, accelerator.unwrap_model(wrapped), ema, raw_optimizer, config.lr,
+                                          len(done))
+                scheduler = _warmup(raw_optimizer, config, step)
+                warnings.warn(f"{description}: {divergence.rise()}; went back to step {step} and halved the "
+                              f"learning rate to {raw_optimizer.param_groups[0]['initial_lr']:.3g} (rollback "
+                              f"{len(done)} of {rollbacks})", DivergenceWarning, stacklevel=2)
+                continue
+            if rollbacks and all(mean_loss < earlier for _, earlier in losses[:-1]):   # the state to go back to
+                best, best_saved = _snapshot(step + 1, accelerator.unwrap_model(wrapped), ema, raw_optimizer, config,
+                                             losses, definition, done), False
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.train_steps):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                if not best_saved:   # first, so that a checkpoint never goes without the best state before it
+                    _write(ckpt.with_name(BEST_NAME), best)
+                    best_saved = True
                 save_checkpoint(ckpt, step + 1, accelerator.unwrap_model(wrapped), ema, optimizer, config, losses,
-                                definition)
+                                definition, done)
+        step += 1
     if bar:
         bar[0].stop()
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(wrapped)
     return FitResult(ema.module if config.ema_decay > 0 else trained, losses, {"total": time.perf_counter() - start},
-                     accelerator.num_processes, accelerator.process_index, raw_model=trained)
+                     accelerator.num_processes, accelerator.process_index, raw_model=trained, rollbacks=done)
+
+
+def _warmup(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int):
+    """Linear warm-up over config.warmup_steps to each group's initial_lr, then constant; at `start_step`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1)), last_epoch=start_step - 1)
+
+
+def _roll_back(best: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer, lr: float, rollbacks: int):
+    """Restore the best state in place, with the learning rate `lr` halved once per rollback so far.
+    Returns (the step to go on from, the loss history up to it)."""
+    step, losses, _ = _restore(best, model, ema, optimizer)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr * ROLLBACK_LR_FACTOR**rollbacks
+    return step, losses
 
 
 def _finite_loss(accelerator: Accelerator, loss: Tensor, step: int, micro: int, ckpt: Path | None, bar) -> float:
@@ -218,60 +260,100 @@ def data_fingerprint(*tensors: Tensor | None) -> str:
 def _progress_bar(accelerator: Accelerator, enabled: bool, description: str, total: int, done: int):
     if not (enabled and accelerator.is_main_process):
         return None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    # on stderr: stdout stays for the commands' JSON
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=Console(stderr=True))
     task = bar.add_task(description, total=total, completed=done, loss=float("nan"))
     bar.start()
     return bar, task
 
 
 # ----- checkpoints: one safetensors file, written to a temp file and renamed --------------------
-def save_checkpoint(path: Path, step: int, model: nn.Module, ema: AveragedModel, optimizer,
-                    config: TrainConfig, losses: list, definition: dict | None = None) -> None:
-    """Model, EMA and Adam state as tensors; step, param groups, config, losses and the run's
-    definition (`run_definition`) with its sha256 as metadata."""
+@dataclass
+class _Snapshot:
+    """A training state in checkpoint form (what `save_checkpoint` writes), in memory."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, str]
+
+
+def _snapshot(step: int, model: nn.Module, ema: AveragedModel, optimizer, config: TrainConfig, losses: list,
+              definition: dict | None = None, rollbacks: list[Divergence] = ()) -> _Snapshot:
+    """Model, EMA and Adam state as tensors (CPU copies); step, param groups, config, losses, rollbacks and
+    the run's definition (`run_definition`) with its sha256 as metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_state = optimizer.state_dict()
     for pid, state in opt_state["state"].items():
         tensors |= {f"optim.{pid}.{k}": torch.as_tensor(v) for k, v in state.items()}
     meta = {"step": str(step), "param_groups": json.dumps(opt_state["param_groups"]),
-            "config": config.to_json(), "losses": json.dumps(losses)}
+            "config": config.to_json(), "losses": json.dumps(losses),
+            "rollbacks": json.dumps([dataclasses.asdict(d) for d in rollbacks])}
     if definition is not None:
         meta |= {"run": json.dumps(definition, sort_keys=True), "run_fingerprint": _sha256(definition)}
+    return _Snapshot({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, meta)
+
+
+def _write(path: Path, snapshot: _Snapshot) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        save_file(snapshot.tensors, tmp, metadata=snapshot.meta)
 
 
-def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer,
-                    definition: dict | None = None) -> tuple[int, list]:
-    """Restore model, EMA and optimiser in place from `path`; returns (step, losses). With a
-    `definition`, ConfigError unless the checkpoint was written by that same run."""
+def save_checkpoint(path: Path, step: int, model: nn.Module, ema: AveragedModel, optimizer,
+                    config: TrainConfig, losses: list, definition: dict | None = None,
+                    rollbacks: list[Divergence] = ()) -> None:
+    """The training state (`_snapshot`) as one safetensors file at `path`, written atomically."""
+    _write(path, _snapshot(step, model, ema, optimizer, config, losses, definition, rollbacks))
+
+
+def _read(path: Path) -> _Snapshot:
     try:
         tensors = load_file(path)
         with safe_open(path, "pt") as f:
             meta = f.metadata()
-        step, param_groups, losses = int(meta["step"]), json.loads(meta["param_groups"]), json.loads(meta["losses"])
-        saved_run = json.loads(meta["run"]) if "run" in meta else None
+        int(meta["step"])
+        json.loads(meta["param_groups"])
+        json.loads(meta["losses"])
     except Exception as err:  # any failure to read is a corrupt checkpoint, whatever raised it
         raise ModelFormatError(f"cannot resume from {path}: not a difflab checkpoint ({err}); "
                                "delete it or pass resume=False (CLI: --no-resume)") from err
+    return _Snapshot(tensors, meta)
+
+
+def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer,
+                    definition: dict | None = None) -> tuple[int, list, list[Divergence]]:
+    """Restore model, EMA and optimiser in place from `path`; returns (step, losses, rollbacks). With a
+    `definition`, ConfigError unless the checkpoint was written by that same run."""
+    snapshot = _read(path)
     if definition is not None:
-        check_same_run(path, saved_run, definition)
+        check_same_run(path, json.loads(snapshot.meta["run"]) if "run" in snapshot.meta else None, definition)
     try:
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        return _restore(snapshot, model, ema, optimizer)
     except RuntimeError as err:
         raise ModelFormatError(f"{path} was written for another model: {err}") from err
+
+
+def _restore(snapshot: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer) -> tuple[int, list, list]:
+    """Load a snapshot into model, EMA and optimiser in place; returns (step, losses, rollbacks)."""
+    tensors, meta = snapshot.tensors, snapshot.meta
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    return step, [tuple(x) for x in losses]
+            state.setdefault(int(pid), {})[name] = value.clone()
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    rollbacks = [Divergence(**d) for d in json.loads(meta.get("rollbacks", "[]"))]
+    return int(meta["step"]), [tuple(x) for x in json.loads(meta["losses"])], rollbacks
+
+
+def _read_best(path: Path, definition: dict) -> _Snapshot | None:
+    """The best state kept beside a checkpoint of this run, or None (none kept, or another run's)."""
+    return _read(path) if path.is_file() and _is_same_run(path, definition) else None
 
 
 def _is_same_run(path: Path, current: dict) -> bool:

@@ -132,3 +132,14 @@ def test_amed_fit_then_sample_and_refusal_for_another_nfe(gmm_model, tmp_path, c
     assert code == 2 and "NFE 5" in err and not (tmp_path / "b.npz").exists()
     code, _, err = run(["sample", "--model", gmm_model, "--solver", "amed", "--out", tmp_path / "c.npz"], capsys)
     assert code == 2 and "--predictor" in err
+
+
+def test_train_passes_its_rollback_budget_on_and_reports_rollbacks_and_divergence(tmp_path, capsys):
+    code, out, err = run(["train", "--data", "gmm", "--train-steps", "3", "--batch-size", "16", "--device", "cpu",
+                          "--divergence-rollbacks", "2", "--out", tmp_path / "m"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["rollbacks"] == [] and report["divergence"] is None   # 3 steps, one log point: nothing to compare
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["fit"]["divergence_rollbacks"] == 2
+    code, _, err = run(["train", "--data", "gmm", "--divergence-rollbacks", "-1", "--out", tmp_path / "n"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "n").exists()

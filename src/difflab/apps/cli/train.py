@@ -1,6 +1,7 @@
 """`difflab train`: a base denoiser (EDM preconditioning and loss) on an embedded data set or a folder."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from enum import Enum
 from pathlib import Path
@@ -55,6 +56,9 @@ def train(
     force: bool = typer.Option(False, help="overwrite an existing model folder"),
     resume: bool = RESUME_OPTION,
     checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
+    divergence_rollbacks: int = typer.Option(0, min=0, max=10, help="when the logged loss reaches twice its best "
+                                             "so far, go back to the best state with half the learning rate, up "
+                                             "to this many times (0: go on, and warn at the end)"),
 ) -> None:
     """Train a base denoiser (EDM preconditioning and loss) on an embedded dataset or a folder.
 
@@ -65,6 +69,7 @@ def train(
     from difflab.data import get_dataset
     from difflab.data import keep_classes as keep_only
     from difflab.nets import MLP, CUNet, UNet
+    from difflab.train.contract import loss_divergence
     from difflab.train.denoiser import DenoiserConfig, train_denoiser
 
     check_output(out, force)
@@ -89,14 +94,18 @@ def train(
                else MLP(dim=dataset.shape[0], num_classes=num_classes, **width))
     overrides, resume_mode = fitting(checkpoint_every, resume, force)
     config = DenoiserConfig(**overrides, train_steps=train_steps, lr=lr, seed=seed, device=device.value,
-                            batch_size=batch_size, dataset=str(data), label_dropout=label_dropout)
+                            batch_size=batch_size, dataset=str(data), label_dropout=label_dropout,
+                            divergence_rollbacks=divergence_rollbacks)
     result = train_denoiser(network, dataset.x, dataset.labels if conditional else None, config,
                             out_dir=out.with_name(out.name + ".checkpoints"),
                             resume=resume_mode)
     denoiser = result.model
     if kept is not None:
         denoiser.meta["kept_classes"] = kept
+    divergence = loss_divergence(result.history)   # one not rolled back from (train_denoiser warned)
     if result.is_main_process:
         denoiser.save(out, overwrite=force)
         typer.echo(dumps_strict({"out": str(out), "train_steps": train_steps, "final_loss": result.final_loss,
-                                 "processes": result.num_processes}))
+                                 "processes": result.num_processes,
+                                 "rollbacks": [dataclasses.asdict(d) for d in result.rollbacks],
+                                 "divergence": None if divergence is None else dataclasses.asdict(divergence)}))
