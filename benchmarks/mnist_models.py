@@ -7,7 +7,7 @@ Each goes to RUNS/<name>/ (model/: the finished model; checkpoints/: resumable; 
 a finished model is loaded, not retrained, and an interrupted one resumes. The step count comes from a
 wall-time budget (default 60 minutes per model): a few probe steps time one step on this machine, and the
 plan is kept in run.json so a resumed run keeps it; --train-steps overrides it. A run whose logged loss
-reaches twice its best goes back to its best state with half the learning rate (up to MNIST_ROLLBACKS
+reaches twice its best goes back to its state at the log point before with half the learning rate (up to MNIST_ROLLBACKS
 times, recorded in run.json as "rollbacks"); one that still diverges is not saved (exit status 1).
 
 Then, per model: n samples (default 1,000; Heun, 35 NFE), their Fréchet distance in MNIST-classifier
@@ -53,7 +53,7 @@ from difflab.train.denoiser import DenoiserConfig, train_denoiser
 RESULTS = Path(__file__).parent / "results"
 MNIST_LR = 2e-3
 # at lr 2e-3 the U-Net is at the edge of stability: on some CPUs `full` diverged near step 1,700 (docs/data.md);
-# a run that diverges goes back to its best state with half the learning rate, up to this many times
+# a run that diverges goes back to its last healthy state with half the learning rate, up to this many times
 MNIST_ROLLBACKS = 3
 # name -> (classes kept, class-conditional)
 MODELS = {"full": (None, True), "0-4": ([0, 1, 2, 3, 4], False), "5-9": ([5, 6, 7, 8, 9], False)}

@@ -50,7 +50,7 @@ class FitResult(Generic[Fitted]):
     raw_model: the trained, un-averaged model where `model` is an EMA (the same object otherwise;
     None where the fitting function does not expose it); metrics: held-out measurements by name (AMED:
     "heldout_error_base", "heldout_error_fitted"; empty where the method takes none); rollbacks: the
-    divergences the loop went back from (each time to the state at its best step, with half the learning
+    divergences the loop went back from (each time to the state at the log point before, with half the learning
     rate; see `train.loop.fit`'s `rollbacks`), in order; history holds only the steps kept.
     """
 

@@ -22,7 +22,7 @@ class DenoiserConfig(TrainConfig):
     """A base denoiser's training: the loop's settings plus the batch per process, σ_data (None: the
     data's standard deviation), the label dropout (the null class, for guidance), the EDM σ sampling
     ln σ ~ N(p_mean, p_std²), the data set's name (recorded in the model's config) and how many times a
-    diverging run goes back to its best state with half the learning rate (`train.loop.fit`'s `rollbacks`;
+    diverging run goes back to its last healthy state with half the learning rate (`train.loop.fit`'s `rollbacks`;
     0: it goes on, and warns at the end)."""
 
     batch_size: int = 128

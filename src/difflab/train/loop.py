@@ -37,8 +37,8 @@ from difflab.core.io import atomic_path
 from difflab.train.contract import Divergence, FitResult, JSONConfig, Step, StepCallback, loss_divergence
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-BEST_NAME = "best.safetensors"   # with rollbacks: the state at the best logged loss, beside the checkpoint
-ROLLBACK_LR_FACTOR = 0.5         # each rollback halves the learning rate
+HEALTHY_NAME = "healthy.safetensors"   # with rollbacks: the state a rollback goes to, beside the checkpoint
+ROLLBACK_LR_FACTOR = 0.5               # each rollback halves the learning rate
 LossFn = Callable[[nn.Module, torch.Generator, int, int], Tensor]   # (model, generator, step, micro)
 # config fields a resumed run may change: how long it runs, how often it logs and saves, where it runs
 RESUMABLE_FIELDS = ("train_steps", "checkpoint_every", "log_every", "device", "divergence_rollbacks")
@@ -116,9 +116,10 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     any other one (it is overwritten at the first checkpoint); resume=False always starts afresh.
     A non-finite loss stops the fit (NonFiniteError) before it reaches the weights or a checkpoint.
     rollbacks: up to this many times, when the logged loss diverges (`train.contract.loss_divergence`:
-    ≥ 2× the best before it), go back to the state at the best log point (weights, EMA, Adam; kept in
-    memory, and beside the checkpoint so that a resume is exact) and go on with the learning rate
-    halved, with a DivergenceWarning; only for losses comparable from step to step (a denoiser's).
+    ≥ 2× the best before it), go back to the state at the log point before (the last the criterion calls
+    healthy: weights, EMA, Adam; kept in memory, and beside the checkpoint so that a resume is exact) and
+    go on with the learning rate halved, with a DivergenceWarning; only for losses comparable from step
+    to step (a denoiser's).
     """
     config.validate()
     start = time.perf_counter()
@@ -126,12 +127,12 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     ema = AveragedModel(model, avg_fn=ema_avg_fn(config.ema_decay), use_buffers=True)
     definition = run_definition(model, config, run)
-    start_step, losses, done, best = 0, [], [], None
+    start_step, losses, done, healthy = 0, [], [], None
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file() and (resume != SAME_RUN or _is_same_run(ckpt, definition)):
         start_step, losses, done = load_checkpoint(ckpt, model, ema, optimizer, definition)
-        best = _read_best(ckpt.with_name(BEST_NAME), definition) if rollbacks else None
-    raw_optimizer, best_saved = optimizer, True
+        healthy = _read_healthy(ckpt.with_name(HEALTHY_NAME), definition) if rollbacks else None
+    raw_optimizer, healthy_saved = optimizer, True
     scheduler = _warmup(optimizer, config, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
@@ -163,24 +164,24 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
             if callback is not None and accelerator.is_main_process:
                 callback(Step(step + 1, config.train_steps, mean_loss, lr, time.perf_counter() - start))
             divergence = loss_divergence(losses) if rollbacks else None
-            if divergence is not None and best is not None and len(done) < rollbacks:
+            if divergence is not None and healthy is not None and len(done) < rollbacks:
                 done.append(divergence)
-                step, losses = _roll_back(best, accelerator.unwrap_model(wrapped), ema, raw_optimizer, config.lr,
+                step, losses = _roll_back(healthy, accelerator.unwrap_model(wrapped), ema, raw_optimizer, config.lr,
                                           len(done))
                 scheduler = _warmup(raw_optimizer, config, step)
                 warnings.warn(f"{description}: {divergence.rise()}; went back to step {step} and halved the "
                               f"learning rate to {raw_optimizer.param_groups[0]['initial_lr']:.3g} (rollback "
                               f"{len(done)} of {rollbacks})", DivergenceWarning, stacklevel=2)
                 continue
-            if rollbacks and all(mean_loss < earlier for _, earlier in losses[:-1]):   # the state to go back to
-                best, best_saved = _snapshot(step + 1, accelerator.unwrap_model(wrapped), ema, raw_optimizer, config,
-                                             losses, definition, done), False
+            if rollbacks and divergence is None:   # the state to go back to
+                healthy, healthy_saved = _snapshot(step + 1, accelerator.unwrap_model(wrapped), ema, raw_optimizer,
+                                                   config, losses, definition, done), False
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.train_steps):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                if not best_saved:   # first, so that a checkpoint never goes without the best state before it
-                    _write(ckpt.with_name(BEST_NAME), best)
-                    best_saved = True
+                if not healthy_saved:   # first: a checkpoint never goes without the healthy state before it
+                    _write(ckpt.with_name(HEALTHY_NAME), healthy)
+                    healthy_saved = True
                 save_checkpoint(ckpt, step + 1, accelerator.unwrap_model(wrapped), ema, optimizer, config, losses,
                                 definition, done)
         step += 1
@@ -198,10 +199,10 @@ def _warmup(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: i
         optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1)), last_epoch=start_step - 1)
 
 
-def _roll_back(best: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer, lr: float, rollbacks: int):
-    """Restore the best state in place, with the learning rate `lr` halved once per rollback so far.
+def _roll_back(healthy: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer, lr: float, rollbacks: int):
+    """Restore the healthy state in place, with the learning rate `lr` halved once per rollback so far.
     Returns (the step to go on from, the loss history up to it)."""
-    step, losses, _ = _restore(best, model, ema, optimizer)
+    step, losses, _ = _restore(healthy, model, ema, optimizer)
     for group in optimizer.param_groups:
         group["initial_lr"] = lr * ROLLBACK_LR_FACTOR**rollbacks
     return step, losses
@@ -351,8 +352,8 @@ def _restore(snapshot: _Snapshot, model: nn.Module, ema: AveragedModel, optimize
     return int(meta["step"]), [tuple(x) for x in json.loads(meta["losses"])], rollbacks
 
 
-def _read_best(path: Path, definition: dict) -> _Snapshot | None:
-    """The best state kept beside a checkpoint of this run, or None (none kept, or another run's)."""
+def _read_healthy(path: Path, definition: dict) -> _Snapshot | None:
+    """The healthy state kept beside a checkpoint of this run, or None (none kept, or another run's)."""
     return _read(path) if path.is_file() and _is_same_run(path, definition) else None
 
 

@@ -57,8 +57,8 @@ def train(
     resume: bool = RESUME_OPTION,
     checkpoint_every: Optional[int] = CHECKPOINT_EVERY_OPTION,
     divergence_rollbacks: int = typer.Option(0, min=0, max=10, help="when the logged loss reaches twice its best "
-                                             "so far, go back to the best state with half the learning rate, up "
-                                             "to this many times (0: go on, and warn at the end)"),
+                                             "so far, go back to the last healthy state with half the learning "
+                                             "rate, up to this many times (0: go on, and warn at the end)"),
 ) -> None:
     """Train a base denoiser (EDM preconditioning and loss) on an embedded dataset or a folder.
 
