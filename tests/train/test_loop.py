@@ -66,6 +66,26 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert leftovers == []                                     # the temp file was renamed, not left behind
 
 
+def test_a_resume_between_log_points_logs_the_same_means(tmp_path):
+    # checkpoints every 4 steps, logs every 5: stopped during step 7, the run resumes from step 4, and the
+    # mean logged at step 10 must still cover steps 6-10 (the checkpoint keeps the losses since step 5)
+    config = TrainConfig(train_steps=12, lr=1e-2, warmup_steps=4, checkpoint_every=4, log_every=5, device="cpu")
+    full_model, loss_fn = small_problem()
+    full = fit(full_model, loss_fn, config, progress=False)
+
+    def stop_at_step_7(model, generator, step, micro):
+        if step == 6:
+            raise KeyboardInterrupt
+        return loss_fn(model, generator, step, micro)
+
+    first_model, _ = small_problem()
+    with pytest.raises(KeyboardInterrupt):
+        fit(first_model, stop_at_step_7, config, out_dir=tmp_path, progress=False)
+    resumed_model, loss_fn = small_problem(init_seed=1)
+    resumed = fit(resumed_model, loss_fn, config, out_dir=tmp_path, progress=False)
+    assert resumed.history == full.history
+
+
 def test_corrupt_checkpoint_is_refused_with_a_clear_error(tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a safetensors file")
     model, loss_fn = small_problem()

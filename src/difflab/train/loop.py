@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -127,10 +127,10 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     ema = AveragedModel(model, avg_fn=ema_avg_fn(config.ema_decay), use_buffers=True)
     definition = run_definition(model, config, run)
-    start_step, losses, done, healthy = 0, [], [], None
+    start_step, losses, done, healthy, (running, count) = 0, [], [], None, (0.0, 0)
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file() and (resume != SAME_RUN or _is_same_run(ckpt, definition)):
-        start_step, losses, done = load_checkpoint(ckpt, model, ema, optimizer, definition)
+        start_step, losses, done, (running, count) = load_checkpoint(ckpt, model, ema, optimizer, definition)
         healthy = _read_healthy(ckpt.with_name(HEALTHY_NAME), definition) if rollbacks else None
     raw_optimizer, healthy_saved = optimizer, True
     scheduler = _warmup(optimizer, config, start_step)
@@ -138,7 +138,6 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     ema.to(accelerator.device)
 
     bar = _progress_bar(accelerator, progress, description, config.train_steps, start_step)
-    running, count = 0.0, 0
     step = start_step
     while step < config.train_steps:
         lr = optimizer.param_groups[0]["lr"]
@@ -177,13 +176,16 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
                 healthy, healthy_saved = _snapshot(step + 1, accelerator.unwrap_model(wrapped), ema, raw_optimizer,
                                                    config, losses, definition, done), False
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.train_steps):
+            # the losses since the last log point (their mean over processes), so a resume logs the same means
+            partial_loss = (accelerator.reduce(torch.tensor(running, dtype=torch.float64, device=accelerator.device),
+                                               "mean").item(), count)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 if not healthy_saved:   # first: a checkpoint never goes without the healthy state before it
                     _write(ckpt.with_name(HEALTHY_NAME), healthy)
                     healthy_saved = True
                 save_checkpoint(ckpt, step + 1, accelerator.unwrap_model(wrapped), ema, optimizer, config, losses,
-                                definition, done)
+                                definition, done, partial_loss)
         step += 1
     if bar:
         bar[0].stop()
@@ -202,10 +204,10 @@ def _warmup(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: i
 def _roll_back(healthy: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer, lr: float, rollbacks: int):
     """Restore the healthy state in place, with the learning rate `lr` halved once per rollback so far.
     Returns (the step to go on from, the loss history up to it)."""
-    step, losses, _ = _restore(healthy, model, ema, optimizer)
+    restored = _restore(healthy, model, ema, optimizer)
     for group in optimizer.param_groups:
         group["initial_lr"] = lr * ROLLBACK_LR_FACTOR**rollbacks
-    return step, losses
+    return restored.step, restored.losses
 
 
 def _finite_loss(accelerator: Accelerator, loss: Tensor, step: int, micro: int, ckpt: Path | None, bar) -> float:
@@ -273,6 +275,16 @@ def _progress_bar(accelerator: Accelerator, enabled: bool, description: str, tot
 
 
 # ----- checkpoints: one safetensors file, written to a temp file and renamed --------------------
+class Progress(NamedTuple):
+    """How far a restored run had got: optimiser steps done, the loss history [(step, mean loss)], the
+    rollbacks made, and (sum, count) of the losses since the last log point."""
+
+    step: int
+    losses: list[tuple[int, float]]
+    rollbacks: list[Divergence]
+    partial_loss: tuple[float, int]
+
+
 @dataclass
 class _Snapshot:
     """A training state in checkpoint form (what `save_checkpoint` writes), in memory."""
@@ -282,9 +294,10 @@ class _Snapshot:
 
 
 def _snapshot(step: int, model: nn.Module, ema: AveragedModel, optimizer, config: TrainConfig, losses: list,
-              definition: dict | None = None, rollbacks: list[Divergence] = ()) -> _Snapshot:
-    """Model, EMA and Adam state as tensors (CPU copies); step, param groups, config, losses, rollbacks and
-    the run's definition (`run_definition`) with its sha256 as metadata."""
+              definition: dict | None = None, rollbacks: list[Divergence] = (),
+              partial_loss: tuple[float, int] = (0.0, 0)) -> _Snapshot:
+    """Model, EMA and Adam state as tensors (CPU copies); step, param groups, config, losses, rollbacks, the
+    partial loss (`Progress`) and the run's definition (`run_definition`) with its sha256 as metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     opt_state = optimizer.state_dict()
@@ -292,7 +305,8 @@ def _snapshot(step: int, model: nn.Module, ema: AveragedModel, optimizer, config
         tensors |= {f"optim.{pid}.{k}": torch.as_tensor(v) for k, v in state.items()}
     meta = {"step": str(step), "param_groups": json.dumps(opt_state["param_groups"]),
             "config": config.to_json(), "losses": json.dumps(losses),
-            "rollbacks": json.dumps([dataclasses.asdict(d) for d in rollbacks])}
+            "rollbacks": json.dumps([dataclasses.asdict(d) for d in rollbacks]),
+            "partial_loss": json.dumps(list(partial_loss))}
     if definition is not None:
         meta |= {"run": json.dumps(definition, sort_keys=True), "run_fingerprint": _sha256(definition)}
     return _Snapshot({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, meta)
@@ -305,9 +319,9 @@ def _write(path: Path, snapshot: _Snapshot) -> None:
 
 def save_checkpoint(path: Path, step: int, model: nn.Module, ema: AveragedModel, optimizer,
                     config: TrainConfig, losses: list, definition: dict | None = None,
-                    rollbacks: list[Divergence] = ()) -> None:
+                    rollbacks: list[Divergence] = (), partial_loss: tuple[float, int] = (0.0, 0)) -> None:
     """The training state (`_snapshot`) as one safetensors file at `path`, written atomically."""
-    _write(path, _snapshot(step, model, ema, optimizer, config, losses, definition, rollbacks))
+    _write(path, _snapshot(step, model, ema, optimizer, config, losses, definition, rollbacks, partial_loss))
 
 
 def _read(path: Path) -> _Snapshot:
@@ -325,8 +339,8 @@ def _read(path: Path) -> _Snapshot:
 
 
 def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer,
-                    definition: dict | None = None) -> tuple[int, list, list[Divergence]]:
-    """Restore model, EMA and optimiser in place from `path`; returns (step, losses, rollbacks). With a
+                    definition: dict | None = None) -> Progress:
+    """Restore model, EMA and optimiser in place from `path`; returns how far the run had got. With a
     `definition`, ConfigError unless the checkpoint was written by that same run."""
     snapshot = _read(path)
     if definition is not None:
@@ -337,8 +351,8 @@ def load_checkpoint(path: Path, model: nn.Module, ema: AveragedModel, optimizer,
         raise ModelFormatError(f"{path} was written for another model: {err}") from err
 
 
-def _restore(snapshot: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer) -> tuple[int, list, list]:
-    """Load a snapshot into model, EMA and optimiser in place; returns (step, losses, rollbacks)."""
+def _restore(snapshot: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer) -> Progress:
+    """Load a snapshot into model, EMA and optimiser in place; returns how far the run had got."""
     tensors, meta = snapshot.tensors, snapshot.meta
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -349,7 +363,9 @@ def _restore(snapshot: _Snapshot, model: nn.Module, ema: AveragedModel, optimize
             state.setdefault(int(pid), {})[name] = value.clone()
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
     rollbacks = [Divergence(**d) for d in json.loads(meta.get("rollbacks", "[]"))]
-    return int(meta["step"]), [tuple(x) for x in json.loads(meta["losses"])], rollbacks
+    loss_sum, loss_count = json.loads(meta.get("partial_loss", "[0.0, 0]"))
+    return Progress(int(meta["step"]), [tuple(x) for x in json.loads(meta["losses"])], rollbacks,
+                    (loss_sum, loss_count))
 
 
 def _read_healthy(path: Path, definition: dict) -> _Snapshot | None:
