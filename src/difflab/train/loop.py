@@ -17,6 +17,7 @@ checkpoint records the run's definition). `fit` follows the contract of `train.c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -127,12 +128,12 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     ema = AveragedModel(model, avg_fn=ema_avg_fn(config.ema_decay), use_buffers=True)
     definition = run_definition(model, config, run)
-    start_step, losses, done, healthy, (running, count) = 0, [], [], None, (0.0, 0)
+    start_step, losses, guard, (running, count) = 0, [], _Rollbacks(rollbacks), (0.0, 0)
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file() and (resume != SAME_RUN or _is_same_run(ckpt, definition)):
         start_step, losses, done, (running, count) = load_checkpoint(ckpt, model, ema, optimizer, definition)
-        healthy = _read_healthy(ckpt.with_name(HEALTHY_NAME), definition) if rollbacks else None
-    raw_optimizer, healthy_saved = optimizer, True
+        guard = _Rollbacks(rollbacks, done, _read_healthy(ckpt.with_name(HEALTHY_NAME), definition))
+    raw_optimizer = optimizer
     scheduler = _warmup(optimizer, config, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
@@ -162,37 +163,32 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
                 bar[0].update(bar[1], completed=step + 1, loss=mean_loss)
             if callback is not None and accelerator.is_main_process:
                 callback(Step(step + 1, config.train_steps, mean_loss, lr, time.perf_counter() - start))
-            divergence = loss_divergence(losses) if rollbacks else None
-            if divergence is not None and healthy is not None and len(done) < rollbacks:
-                done.append(divergence)
-                step, losses = _roll_back(healthy, accelerator.unwrap_model(wrapped), ema, raw_optimizer, config.lr,
-                                          len(done))
+            divergence = guard.after_log(losses, functools.partial(
+                _snapshot, step + 1, accelerator.unwrap_model(wrapped), ema, raw_optimizer, config, losses, definition,
+                guard.done))
+            if divergence is not None:
+                step, losses = guard.roll_back(accelerator.unwrap_model(wrapped), ema, raw_optimizer, config.lr)
                 scheduler = _warmup(raw_optimizer, config, step)
                 warnings.warn(f"{description}: {divergence.rise()}; went back to step {step} and halved the "
                               f"learning rate to {raw_optimizer.param_groups[0]['initial_lr']:.3g} (rollback "
-                              f"{len(done)} of {rollbacks})", DivergenceWarning, stacklevel=2)
+                              f"{len(guard.done)} of {rollbacks})", DivergenceWarning, stacklevel=2)
                 continue
-            if rollbacks and divergence is None:   # the state to go back to
-                healthy, healthy_saved = _snapshot(step + 1, accelerator.unwrap_model(wrapped), ema, raw_optimizer,
-                                                   config, losses, definition, done), False
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.train_steps):
             # the losses since the last log point (their mean over processes), so a resume logs the same means
             partial_loss = (accelerator.reduce(torch.tensor(running, dtype=torch.float64, device=accelerator.device),
                                                "mean").item(), count)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                if not healthy_saved:   # first: a checkpoint never goes without the healthy state before it
-                    _write(ckpt.with_name(HEALTHY_NAME), healthy)
-                    healthy_saved = True
+                guard.save_beside(ckpt)   # first: a checkpoint never goes without the healthy state before it
                 save_checkpoint(ckpt, step + 1, accelerator.unwrap_model(wrapped), ema, optimizer, config, losses,
-                                definition, done, partial_loss)
+                                definition, guard.done, partial_loss)
         step += 1
     if bar:
         bar[0].stop()
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(wrapped)
     return FitResult(ema.module if config.ema_decay > 0 else trained, losses, {"total": time.perf_counter() - start},
-                     accelerator.num_processes, accelerator.process_index, raw_model=trained, rollbacks=done)
+                     accelerator.num_processes, accelerator.process_index, raw_model=trained, rollbacks=guard.done)
 
 
 def _warmup(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int):
@@ -201,13 +197,39 @@ def _warmup(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: i
         optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1)), last_epoch=start_step - 1)
 
 
-def _roll_back(healthy: _Snapshot, model: nn.Module, ema: AveragedModel, optimizer, lr: float, rollbacks: int):
-    """Restore the healthy state in place, with the learning rate `lr` halved once per rollback so far.
-    Returns (the step to go on from, the loss history up to it)."""
-    restored = _restore(healthy, model, ema, optimizer)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr * ROLLBACK_LR_FACTOR**rollbacks
-    return restored.step, restored.losses
+class _Rollbacks:
+    """`fit`'s rollbacks: the budget, the divergences rolled back from, and the last healthy state (the
+    last log point with no divergence in the history), kept in memory and written beside the checkpoint."""
+
+    def __init__(self, budget: int, done: list[Divergence] | None = None, healthy: _Snapshot | None = None):
+        self.budget, self.done, self.healthy, self.saved = budget, done or [], healthy, True
+
+    def after_log(self, losses: list[tuple[int, float]], snapshot: Callable[[], _Snapshot]) -> Divergence | None:
+        """At a log point: the divergence to roll back from (budget left and a healthy state kept), else None
+        (and, when the history is healthy, this state, `snapshot()`, becomes the one to go back to)."""
+        if not self.budget:
+            return None
+        divergence = loss_divergence(losses)
+        if divergence is None:
+            self.healthy, self.saved = snapshot(), False
+            return None
+        if self.healthy is None or len(self.done) >= self.budget:
+            return None
+        self.done.append(divergence)
+        return divergence
+
+    def roll_back(self, model: nn.Module, ema: AveragedModel, optimizer, lr: float) -> tuple[int, list]:
+        """Restore the healthy state in place, with the learning rate `lr` halved once per rollback so far.
+        Returns (the step to go on from, the loss history up to it)."""
+        restored = _restore(self.healthy, model, ema, optimizer)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = lr * ROLLBACK_LR_FACTOR ** len(self.done)
+        return restored.step, restored.losses
+
+    def save_beside(self, ckpt: Path) -> None:
+        if not self.saved:
+            _write(ckpt.with_name(HEALTHY_NAME), self.healthy)
+            self.saved = True
 
 
 def _finite_loss(accelerator: Accelerator, loss: Tensor, step: int, micro: int, ckpt: Path | None, bar) -> float:
