@@ -63,6 +63,7 @@ CONTRADICTIONS: dict[tuple[str, ...], list[list[tuple[str, str | None]]]] = {
 
 # Values of numeric options that are meaningful, so not expected to be refused.
 ALLOWED = {"--seed": {"0"}, "--M": {"0"},
+           "train --divergence-rollbacks": {"0"},       # the default: no rollbacks
            "sample --batch-size": {str(10**30)},          # a batch larger than --n is clamped to it
            "sample --class": {"-1"}}                      # the null class: unconditional sampling
 INT_VALUES = ["abc", "1.5", "", "nan", "-1", "0", str(10**30)]
