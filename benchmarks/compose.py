@@ -32,7 +32,7 @@ MNIST-classifier features, its floor at the same n, the class fractions; AND ove
 JSON). Writes benchmarks/results/compose_mnist.json (quick: compose_mnist_quick.json) with
 "dataset": "mnist", compose_or_mnist.png and compose_and_mnist.png, and a "goals" block. Default run:
 200 OR samples per run, 50 SDE steps, 50 AND samples for each of 5 pairs (--n-or, --n-and, --steps make it
-larger): about 175,000 evaluations of a 28×28 U-Net, 7–9 ms per image and evaluation on 2 CPU cores
+larger): about 175,000 evaluations of a 28×28 U-Net, 6.5–9 ms per image and evaluation on 2 CPU cores
 (docs/compose.md has the parts' times).
 It has four parts, each needing only some bench models:
 
@@ -78,7 +78,7 @@ COST_GOAL = 1.1                                  # SDE SuperDiff / its bare mode
 
 
 def settings(quick: bool, dataset: str = "digits") -> dict:
-    if dataset == "mnist":   # 28×28: 7–9 ms per image and model evaluation on 2 CPU cores (2026-12-07)
+    if dataset == "mnist":   # 28×28: 6.5–9 ms per image and model evaluation on 2 CPU cores (2026-12-07)
         if quick:
             return {"n_digits": 20, "nfe_digits": 6, "n_and": 10, "and_pairs": AND_PAIRS[:1], "cost_steps": 4,
                     "cost_batch": 32}
