@@ -8,7 +8,9 @@ OR/AND figure benchmarks/results/compose_2d.png and digit grids compose_digits_*
 2. Estimator accuracy: |estimated − exact| log q along SDE (Itô) and ODE (Hutchinson) paths vs steps,
    and along AND paths with and without the noise correction (compose/ito.py).
 3. Cost: SDE SuperDiff wall time / the time of its M model evaluations per step (the estimator must
-   be nearly free: target ≤ 1.1), and the ODE form's cost ratio to the SDE form.
+   be nearly free: target ≤ 1.1), judged against the time inside its own model calls in the same run
+   (a shared CPU drifts by tens of percent between runs; the ratio to separate bare runs, best of 3
+   interleaved rounds, is printed beside it), and the ODE form's cost ratio to the SDE form.
 4. Digits, OR (the paper's Table 1 analogue): two unconditional U-Nets trained on digits 0–4 and
    5–9, each alone, averaging, OR at T = 1 and T = 100, and a U-Net trained on all digits: Fréchet
    distance (digit-classifier features), its real-data floor, the smallest class fraction.
@@ -135,50 +137,78 @@ def estimator_accuracy(cfg: dict, seed: int) -> dict:
 
 
 # ----- 3. cost -----------------------------------------------------------------------------------------
-def _timed(fn, repeats: int = 3) -> float:
-    fn()                                                   # warm-up (allocations, torch.func tracing)
-    best = float("inf")
-    for _ in range(repeats):
+class _TimedDenoiser:
+    """A denoiser that adds the seconds spent inside its calls to `seconds`: what SuperDiff spends beyond
+    them in the same run is the estimator's and the κ rule's own cost, whatever the machine's drift."""
+
+    def __init__(self, denoiser, device: str):
+        self.denoiser, self.device, self.seconds = denoiser, device, 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.denoiser, name)
+
+    def __call__(self, x, sigma, **cond):
         start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        x0_hat = self.denoiser(x, sigma, **cond)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        return x0_hat
 
 
-def cost(models: list, cfg: dict, device: str, label: str = "digit U-Nets", ode: bool = True) -> dict:
-    """SDE SuperDiff vs its bare model evaluations over the same steps; the ODE form vs the SDE form
+def cost(models: list, cfg: dict, device: str, label: str = "digit U-Nets", ode: bool = True,
+         rounds: int = 3) -> dict:
+    """SDE SuperDiff vs its bare model evaluations over the same steps, two ways: against separate runs of the
+    bare evaluations (`*_sde_over_bare`, the best of `rounds` interleaved rounds) and against the time inside
+    its own model calls (`*_sde_over_own_evals`, immune to drift between runs); the ODE form vs the SDE form
     (ode=False: the SDE form only)."""
     steps, n = cfg["cost_steps"], cfg["cost_batch"]
     sigmas = get_sigmas("karras", steps + 1, 0.002, 80.0)
     x = seeded_noise(range(n), tuple(models[0].data_shape), 80.0, device=device)
+    timed = [_TimedDenoiser(model, device) for model in models]
 
     def bare():
         with torch.no_grad():
             for sigma in sigmas[:-1].tolist():
-                for model in models:
+                for model in timed:
                     eps(model, x, sigma)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def run(mode: str, sde: bool):
+    def run(mode: str, sde: bool, denoisers: list):
         def go():
             grad = torch.no_grad() if sde else torch.enable_grad()
             with grad:
-                superdiff(models, x, sigmas, mode=mode, sde=sde, generator=PerSampleGenerator(range(n)))
+                superdiff(denoisers, x, sigmas, mode=mode, sde=sde, generator=PerSampleGenerator(range(n)))
             if device == "cuda":
                 torch.cuda.synchronize()
         return go
 
-    t_bare = _timed(bare)
+    runs = {"bare": bare, "or": run("or", True, timed), "and": run("and", True, timed)}
+    best = {name: (float("inf"), 0.0) for name in runs}         # (seconds, of which inside the models)
+    for round_index in range(rounds + 1):                      # round 0 warms up (allocations, tracing)
+        for name, fn in runs.items():
+            for model in timed:
+                model.seconds = 0.0
+            start = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - start
+            if round_index and seconds < best[name][0]:
+                best[name] = (seconds, sum(model.seconds for model in timed))
+    t_bare = best["bare"][0]
     row = {"steps": steps, "batch": n, "models": len(models), "bare_evals_s": round(t_bare, 4)}
     for mode in ("or", "and"):
-        t_sde = _timed(run(mode, True))
+        t_sde, t_own_evals = best[mode]
         row[f"{mode}_sde_s"] = round(t_sde, 4)
-        if ode:
-            t_ode = _timed(run(mode, False), repeats=1)
-            row[f"{mode}_ode_s"] = round(t_ode, 4)
         row[f"{mode}_sde_over_bare"] = round(t_sde / t_bare, 3)
+        row[f"{mode}_sde_over_own_evals"] = round(t_sde / t_own_evals, 3)
         if ode:
+            ode_run = run(mode, False, models)
+            ode_run()                                          # warm-up (torch.func tracing)
+            start = time.perf_counter()
+            ode_run()
+            t_ode = time.perf_counter() - start
+            row[f"{mode}_ode_s"] = round(t_ode, 4)
             row[f"{mode}_ode_over_sde"] = round(t_ode / t_sde, 2)
     _table(f"Cost: {len(models)} {label}, {steps} steps, batch {n}", list(row), [list(row.values())])
     return row
@@ -274,8 +304,8 @@ def compose_or(runs: dict, dataset: str, cfg: dict, seed: int, device: str, figu
                       "min_class_fraction": min(fractions), "class_fractions": fractions}
         grids.append(samples[:10])
     floor = round(frechet_floor(dataset, min(n, FLOOR_MAX_N[dataset]), classifier), 2)
-    if figure:
-        save_image_grid(torch.cat(grids), RESULTS / figure, ncol=10)
+    if figure:   # one row of up to 10 samples per run, labelled
+        save_image_grid(torch.cat(grids), RESULTS / figure, ncol=min(n, 10), row_labels=list(runs))
     _table(f"{dataset} OR ({n} samples, SDE {nfe} steps; real-data floor {floor}; class fractions of digits 0–9)",
            ["run", "Fréchet", "Fréchet / floor", "min class fraction", "class fractions"],
            [[k, v["frechet"], round(v["frechet"] / floor, 2), v["min_class_fraction"],
@@ -325,7 +355,7 @@ def compose_and(model, dataset: str, cfg: dict, seed: int, device: str, figure: 
     classifier = get_classifier(dataset)
     n, nfe = cfg["n_and"], cfg["nfe_digits"]
     sigmas = get_sigmas("karras", nfe + 1, 0.002, 80.0)
-    rows, grids = {}, []
+    rows, grids, grid_rows = {}, [], []
     for c1, c2 in cfg["and_pairs"]:
         conds = [{"class_labels": c1}, {"class_labels": c2}]
         both = Components.over_conditions(model, conds)
@@ -343,12 +373,13 @@ def compose_and(model, dataset: str, cfg: dict, seed: int, device: str, figure: 
             pair[name] = {"mean_min_prob": round(float(min_prob.mean()), 4),
                           "guarded_steps_mean": round(float(result.guarded_steps.float().mean()), 2)}
             grids.append(samples[:10])
+            grid_rows.append(f"{c1} & {c2}: {name}")
         rows[f"{c1}&{c2}"] = pair
     mean_over_pairs = {k: round(sum(p[k]["mean_min_prob"] for p in rows.values()) / len(rows), 4)
                        for k in ("AND", "averaging")}
     mean_over_pairs["alone (better class)"] = round(
         sum(max(v["mean_min_prob"] for k, v in p.items() if k.endswith("alone")) for p in rows.values()) / len(rows), 4)
-    save_image_grid(torch.cat(grids), RESULTS / figure, ncol=10)
+    save_image_grid(torch.cat(grids), RESULTS / figure, ncol=min(n, 10), row_labels=grid_rows)
     _table(f"{dataset} AND of two classes of one class-conditional U-Net ({n} samples per run): "
            "mean min(p(c1), p(c2))", ["pair", "AND", "averaging", "class c1 alone", "class c2 alone"],
            [[pair, *[v["mean_min_prob"] for v in runs.values()]] for pair, runs in rows.items()])
@@ -388,14 +419,17 @@ def goals(report: dict, cost_key: str, or_key: str, and_key: str) -> dict:
     cost_row = report.get(cost_key)
     if cost_row:
         for mode in ("or", "and"):
-            ratio = cost_row[f"{mode}_sde_over_bare"]
-            block[f"{mode}_sde_cost_ratio"] = {"figure": ratio, "goal": "<= 1.1", "met": ratio <= COST_GOAL}
+            ratio = cost_row[f"{mode}_sde_over_own_evals"]      # drift between runs cannot move it
+            block[f"{mode}_sde_cost_ratio"] = {"figure": ratio,
+                                               "over_separate_bare_runs": cost_row[f"{mode}_sde_over_bare"],
+                                               "goal": "<= 1.1", "met": ratio <= COST_GOAL}
             if ratio > COST_GOAL:
-                overhead_ms = 1e3 * (cost_row[f"{mode}_sde_s"] - cost_row["bare_evals_s"]) / cost_row["steps"]
+                own_evals_s = cost_row[f"{mode}_sde_s"] / ratio
+                overhead_ms = 1e3 * (cost_row[f"{mode}_sde_s"] - own_evals_s) / cost_row["steps"]
                 block[f"{mode}_sde_cost_ratio"]["cause"] = (
                     f"the estimator and κ rule add {overhead_ms:.1f} ms per step to "
-                    f"{1e3 * cost_row['bare_evals_s'] / cost_row['steps']:.1f} ms of model evaluations at batch "
-                    f"{cost_row['batch']} (timings on a shared CPU are noisy; a larger batch amortises it)")
+                    f"{1e3 * own_evals_s / cost_row['steps']:.1f} ms of model evaluations at batch "
+                    f"{cost_row['batch']} (a larger batch or model amortises it)")
     or_block = report.get(or_key)
     if or_block and "OR T=1" in or_block["runs"]:   # MNIST: the half-class models' part has run
         block |= or_comparisons(or_block["runs"], or_block["frechet_floor"])

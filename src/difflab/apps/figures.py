@@ -25,15 +25,37 @@ def image_grid(x: Tensor, ncol: int | None = None, pad: int = 1) -> np.ndarray:
     return grid[..., 0] if c == 1 else grid
 
 
-def save_image_grid(x: Tensor, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:
-    """Write images [N, C, H, W] in [−1, 1] as one PNG grid (nearest-neighbour upscaled ×scale)."""
+def save_image_grid(x: Tensor, path: str | Path, ncol: int | None = None, scale: int = 4,
+                    row_labels: list[str] | None = None) -> Path:
+    """Write images [N, C, H, W] in [−1, 1] as one PNG grid (nearest-neighbour upscaled ×scale); row_labels:
+    one name per row of the grid, written in a margin at its left."""
     from PIL import Image
 
     grid = image_grid(x, ncol)
     image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if row_labels is not None:
+        image = _with_row_labels(image, row_labels, x.shape[-2] + 1, scale)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
+
+
+def _with_row_labels(image, row_labels: list[str], row_pitch: int, scale: int):
+    """The grid image with a white margin at its left holding each row's label, centred on the row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = (image.height // scale - 1) // row_pitch
+    if len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for a grid of {rows} rows; give one per row")
+    font = ImageFont.load_default(size=max(10, 3 * scale))
+    margin = 8 + max(ImageDraw.Draw(image).textlength(label, font=font) for label in row_labels)
+    labelled = Image.new(image.mode, (image.width + int(margin), image.height), "white")
+    labelled.paste(image, (int(margin), 0))
+    draw = ImageDraw.Draw(labelled)
+    for row, label in enumerate(row_labels):
+        centre = (1 + row * row_pitch + row_pitch / 2) * scale
+        draw.text((4, centre), label, fill="black", font=font, anchor="lm")
+    return labelled
 
 
 def save_scatter(points: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
