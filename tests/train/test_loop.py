@@ -180,13 +180,14 @@ def test_the_threshold_is_factor_times_the_best_before_it():
     assert loss_divergence([(1, 0.5), (2, 1.4)], factor=3.0) is None
 
 
-@pytest.mark.parametrize(("spike", "warns"), [(1e4, True), (1.0, False)])
-def test_training_a_denoiser_warns_when_its_loss_diverges(spike, warns):
-    # data that jump in scale after step 30: the EDM loss (weighted by σ_data = 1, fixed) jumps with them
+def _train_with_a_jump(spike: float, rollbacks: int = 0) -> list[warnings.WarningMessage]:
+    """Train a small denoiser on data that jump in scale after step 30 (the EDM loss, weighted by σ_data = 1,
+    fixed, jumps with them); the DivergenceWarnings it gave."""
     torch.manual_seed(0)
     net = MLP(dim=2, hidden=16, depth=1)
     x = torch.randn(64, 2)
-    config = DenoiserConfig(train_steps=40, log_every=5, batch_size=64, sigma_data=1.0, device="cpu")
+    config = DenoiserConfig(train_steps=40, log_every=5, batch_size=64, sigma_data=1.0, device="cpu",
+                            divergence_rollbacks=rollbacks)
     calm = denoiser_loss(x, None, 64, sigma_data=1.0)
     wild = denoiser_loss(x * spike, None, 64, sigma_data=1.0)
     with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
@@ -194,8 +195,21 @@ def test_training_a_denoiser_warns_when_its_loss_diverges(spike, warns):
         patch.setattr("difflab.train.denoiser.denoiser_loss", lambda *a, **k: lambda model, generator, step, micro: (
             calm if step < 30 else wild)(model, generator, step, micro))
         train_denoiser(net, x, None, config, progress=False)
-    divergence = [w for w in caught if issubclass(w.category, DivergenceWarning)]
+    return [w for w in caught if issubclass(w.category, DivergenceWarning)]
+
+
+@pytest.mark.parametrize(("spike", "warns"), [(1e4, True), (1.0, False)])
+def test_training_a_denoiser_warns_when_its_loss_diverges(spike, warns):
+    divergence = _train_with_a_jump(spike)
     assert bool(divergence) is warns
     if warns:
         assert "training MLP on custom: the loss rose from" in str(divergence[0].message)
         assert "to " in str(divergence[0].message) and "at step 35" in str(divergence[0].message)
+
+
+def test_warnings_point_at_the_users_line_not_into_difflab():
+    # the rollback's warning arises in fit, two calls deep (here → _train_with_a_jump → train_denoiser → fit);
+    # the jump persists after it, so train_denoiser warns too. Both name this file, the first one outside difflab.
+    divergence = _train_with_a_jump(1e4, rollbacks=1)
+    assert ["went back to step" in str(w.message) for w in divergence] == [True, False]
+    assert {w.filename for w in divergence} == {__file__}

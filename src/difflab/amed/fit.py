@@ -25,7 +25,6 @@ import functools
 import hashlib
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from difflab.amed.grids import GridConfig, LearnedGrid, fit_grid
 from difflab.amed.plugin import ONE_STEP_BASES, PLUGIN_BASES, PluginState, amed_plugin, check_base, plugin_interval
 from difflab.amed.predictor import AMEDPredictor, ConstantPredictor, amed_points, amed_step
-from difflab.core.errors import ConfigError, NotImprovedWarning
+from difflab.core.errors import ConfigError, NotImprovedWarning, warn
 from difflab.core.fingerprint import fingerprint
 from difflab.metrics.distances import mean_l2
 from difflab.sampling.grids import EDM_RANGE, get_sigmas, model_sigma_range
@@ -345,15 +344,14 @@ def _warn_if_not_better(metrics: dict[str, float], config: AMEDConfig) -> None:
     where = f"AMED fit ({config.base_solver}, NFE {config.nfe})"
     base, fitted = metrics["heldout_error_base"], metrics["heldout_error_fitted"]
     if fitted >= base:
-        warnings.warn(f"{where} did not improve on its base solver: held-out endpoint error vs the reference "
-                      f"{base:.4g} (base) and {fitted:.4g} (fitted); the returned predictor is the base solver. "
-                      "Try a finer teacher (M), more trajectories or another base solver", NotImprovedWarning,
-                      stacklevel=3)
+        warn(f"{where} did not improve on its base solver: held-out endpoint error vs the reference "
+             f"{base:.4g} (base) and {fitted:.4g} (fitted); the returned predictor is the base solver. "
+             "Try a finer teacher (M), more trajectories or another base solver", NotImprovedWarning)
     plain = metrics.get("heldout_error_plain")
     if plain is not None and fitted >= plain:
-        warnings.warn(f"{where} is no better than plain {config.base_solver} spending the same {config.nfe} "
-                      f"evaluations on its own grid: held-out endpoint error {fitted:.4g} (fitted) vs {plain:.4g} "
-                      f"(plain); sample with the plain solver instead", NotImprovedWarning, stacklevel=3)
+        warn(f"{where} is no better than plain {config.base_solver} spending the same {config.nfe} "
+             f"evaluations on its own grid: held-out endpoint error {fitted:.4g} (fitted) vs {plain:.4g} "
+             f"(plain); sample with the plain solver instead", NotImprovedWarning)
 
 
 def _heldout_check(denoiser, config: AMEDConfig, sigmas: Tensor, shape: tuple[int, ...],

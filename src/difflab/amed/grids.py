@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from difflab.amed.ays import fit_ays
 from difflab.amed.plugin import refined_sigmas
 from difflab.core.denoiser import eps
-from difflab.core.errors import ConfigError, ModelFormatError, NotImprovedWarning
+from difflab.core.errors import ConfigError, ModelFormatError, NotImprovedWarning, warn
 from difflab.core.fingerprint import fingerprint
 from difflab.core.serialization import SavedModel, read_model_folder
 from difflab.metrics.distances import mean_l2
@@ -330,9 +329,9 @@ def fit_grid(denoiser, solver: str, nfe: int, method: str = "gits", config: Grid
     metrics = _held_out_errors(denoiser, solver, sigmas, karras, x_eval, levels, config, **cond)
     improved = metrics["learned_error"] < metrics["base_error"]
     if not improved:
-        warnings.warn(f"the {method} grid for {solver} at NFE {nfe} is not better than Karras ρ={config.rho} on "
-                      f"held-out noise ({metrics['learned_error']:.4g} vs {metrics['base_error']:.4g}); the "
-                      "returned grid is Karras'", NotImprovedWarning, stacklevel=2)
+        warn(f"the {method} grid for {solver} at NFE {nfe} is not better than Karras ρ={config.rho} on "
+             f"held-out noise ({metrics['learned_error']:.4g} vs {metrics['base_error']:.4g}); the "
+             "returned grid is Karras'", NotImprovedWarning)
     grid = LearnedGrid(sigmas if improved else karras, solver, nfe, method, fingerprint(denoiser), config.afs, metrics,
                        config.refine, improved)
     timings["eval"] = time.perf_counter() - started - timings["teacher"] - timings["fit"]

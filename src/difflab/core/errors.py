@@ -1,8 +1,14 @@
-"""One exception type per kind of mistake.
+"""One exception type per kind of mistake, and the warnings difflab gives.
 
-Every message says what was given, what was expected and how to fix it. All derive from
-`DifflabError`, which the CLI turns into one line on stderr and exit status 2.
+Every message says what was given, what was expected and how to fix it. All errors derive from
+`DifflabError`, which the CLI turns into one line on stderr and exit status 2. Warnings go through `warn`,
+which points them at the user's line rather than at difflab's.
 """
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])   # src/difflab
 
 
 class DifflabError(Exception):
@@ -48,3 +54,13 @@ class NotImprovedWarning(UserWarning):
 class DivergenceWarning(UserWarning):
     """A denoiser's logged training loss rose far above its best (training diverged): the model is likely
     broken."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn, attributed to the first caller outside the difflab package (the line of the user's
+    code that started the work), however deep inside difflab the warning arose. Python 3.12's
+    `skip_file_prefixes`, for 3.10 and 3.11."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

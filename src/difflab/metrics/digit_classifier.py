@@ -19,13 +19,12 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from difflab.core.errors import ConfigError, ShapeError, UnknownNameError
+from difflab.core.errors import ConfigError, ShapeError, UnknownNameError, warn
 from difflab.metrics.distances import frechet_distance
 
 _COMMON = {"format": "difflab.digit_classifier", "version": 1, "channels": [32, 64], "feature_dim": 128,
@@ -227,7 +226,7 @@ def _classifier_in(folder: Path, dataset: str) -> DigitClassifier:
         try:
             return load_digit_classifier(folder, dataset, train_data)
         except ConfigError as error:  # a stale or broken cache is rebuilt, not fatal
-            warnings.warn(f"{error} Retraining it now.", stacklevel=3)
+            warn(f"{error} Retraining it now.")
     config = classifier_config(dataset)
     start = time.perf_counter()
     model = train_classifier(train, config)
@@ -238,8 +237,8 @@ def _classifier_in(folder: Path, dataset: str) -> DigitClassifier:
     try:
         save_digit_classifier(model, folder, record)
     except OSError as error:  # a read-only cache costs a retrain next session, nothing more
-        warnings.warn(f"Could not cache the digit classifier in {str(folder)!r} ({error}); set "
-                      "DIFFLAB_CACHE to a writable folder to keep it.", stacklevel=3)
+        warn(f"Could not cache the digit classifier in {str(folder)!r} ({error}); set "
+             "DIFFLAB_CACHE to a writable folder to keep it.")
     return model
 
 

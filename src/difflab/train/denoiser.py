@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.core.denoiser import append_dims
-from difflab.core.errors import ConfigError, DivergenceWarning, ShapeError
+from difflab.core.errors import ConfigError, DivergenceWarning, ShapeError, warn
 from difflab.core.wrappers import EDMDenoiser
 from difflab.train.contract import FitResult, StepCallback, loss_divergence
 from difflab.train.loop import TrainConfig, data_fingerprint, fit
@@ -103,7 +102,7 @@ def train_denoiser(net: nn.Module, x: Tensor, labels: Tensor | None = None, conf
     fitted.meta["fit"] = config.to_dict()
     divergence = loss_divergence(result.history)
     if divergence is not None and result.is_main_process:
-        warnings.warn(f"{description}: {divergence}", DivergenceWarning, stacklevel=2)
+        warn(f"{description}: {divergence}", DivergenceWarning)
     return dataclasses.replace(result, model=fitted, timings={"total": time.perf_counter() - start})
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from difflab.core.errors import ConfigError, DifflabError, DivergenceWarning, ModelFormatError, NonFiniteError
+from difflab.core.errors import ConfigError, DifflabError, DivergenceWarning, ModelFormatError, NonFiniteError, warn
 from difflab.core.io import atomic_path
 from difflab.train.contract import Divergence, FitResult, JSONConfig, Step, StepCallback, loss_divergence
 
@@ -169,9 +168,9 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
             if divergence is not None:
                 step, losses = guard.roll_back(accelerator.unwrap_model(wrapped), ema, raw_optimizer, config.lr)
                 scheduler = _warmup(raw_optimizer, config, step)
-                warnings.warn(f"{description}: {divergence.rise()}; went back to step {step} and halved the "
-                              f"learning rate to {raw_optimizer.param_groups[0]['initial_lr']:.3g} (rollback "
-                              f"{len(guard.done)} of {rollbacks})", DivergenceWarning, stacklevel=2)
+                warn(f"{description}: {divergence.rise()}; went back to step {step} and halved the "
+                     f"learning rate to {raw_optimizer.param_groups[0]['initial_lr']:.3g} (rollback "
+                     f"{len(guard.done)} of {rollbacks})", DivergenceWarning)
                 continue
         if ckpt is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.train_steps):
             # the losses since the last log point (their mean over processes), so a resume logs the same means
