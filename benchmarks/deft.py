@@ -408,8 +408,10 @@ def write_report(args, base, base_seconds, base_info, results, goal_rows, figure
         f"deft{'_quick' if args.quick else ''}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     figure = args.out_dir / f"{stem}.png"
+    rows_per_task = [len(images) for images in next(iter(figure_columns.values()))]   # ≤ 3 per task
     save_comparison({k: torch.cat(v) for k, v in figure_columns.items()}, figure,
-                    f"rows: {', '.join(args.tasks)} (3 digits each); Heun, {args.nfe} NFE for every method")
+                    f"Heun, {args.nfe} NFE for every method",
+                    row_labels=[task for task, rows in zip(args.tasks, rows_per_task) for _ in range(rows)])
     report = {"dataset": args.dataset, "quick": args.quick, "seed": args.seed, "solver": "heun", "nfe": args.nfe,
               "n_images": args.n, "sigma_y": SIGMA_Y,
               "dps_zeta": {t: r["dps_zeta"] for t, r in results.items()}, "pigdm_weight": PIGDM_WEIGHT,

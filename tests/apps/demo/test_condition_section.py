@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +29,50 @@ def test_demo_section_quick_writes_a_figure_and_json_metrics(tmp_path):
     again = demo_section(tmp_path / "out", quick=True, seed=0, device="cpu",
                          base={"digits": base, "digits_dir": tmp_path / "digits"})
     assert again["tasks"]["inpaint"]["fit_seconds"] == 0.0
+
+
+WHITE = {k: torch.ones(2, 1, 8, 8) for k in ("measurement", "DEFT", "truth")}   # only text and frames are dark
+
+
+def _dark(image) -> np.ndarray:
+    return np.asarray(image.convert("L")) < 128
+
+
+def _text_rows_above_the_images(image) -> int:
+    """Pixel rows with dark text above the first axes frame (a dark line across most of the width)."""
+    dark = _dark(image)
+    frame_top = int(np.argmax(dark.mean(axis=1) > 0.5))
+    return int(dark[:frame_top].any(axis=1).sum())
+
+
+def _text_columns_left_of_the_images(image) -> int:
+    """Pixel columns with dark text left of the first axes frame (a dark line down most of the height)."""
+    dark = _dark(image)
+    frame_left = int(np.argmax(dark.mean(axis=0) > 0.5))
+    return int(dark[:, :frame_left].any(axis=0).sum())
+
+
+def test_comparison_row_labels_are_written_left_of_the_rows_and_must_match_them(tmp_path):
+    from PIL import Image
+
+    from difflab.apps.demo.condition import save_comparison
+
+    plain = Image.open(save_comparison(WHITE, tmp_path / "plain.png", "a title"))
+    labelled = Image.open(save_comparison(WHITE, tmp_path / "labelled.png", "a title",
+                                          row_labels=["inpaint_box", "superres4"]))
+    assert labelled.height == plain.height and labelled.width > plain.width     # a margin for the labels
+    assert _text_columns_left_of_the_images(plain) == 0 < _text_columns_left_of_the_images(labelled)
+    with pytest.raises(ValueError, match="3 row labels for 2 rows"):
+        save_comparison(WHITE, tmp_path / "bad.png", row_labels=["a", "b", "c"])
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_long_comparison_title_wraps_inside_the_figure(tmp_path):
+    from PIL import Image
+
+    from difflab.apps.demo.condition import save_comparison
+
+    short = Image.open(save_comparison(WHITE, tmp_path / "short.png", "Heun, 19 NFE"))
+    long = Image.open(save_comparison(WHITE, tmp_path / "long.png", "rows: " + ", ".join(["inpaint_box"] * 8)))
+    assert long.width == short.width                       # the figure keeps its width: the title wraps, so
+    assert _text_rows_above_the_images(long) > 1.5 * _text_rows_above_the_images(short)   # it takes more lines

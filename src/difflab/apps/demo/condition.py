@@ -33,8 +33,12 @@ def cached_hnet(folder: Path, base, operator, x0_data: Tensor, steps: int, batch
     return hnet, seconds
 
 
-def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "") -> Path:
-    """Images [N, 1, H, W] per column label, one digit per row, as a PNG with column titles."""
+def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "",
+                    row_labels: list[str] | None = None) -> Path:
+    """Images [N, 1, H, W] per column label, one digit per row, as a PNG with column titles; row_labels: one
+    name per row (N), written at the left of the first column; a long title wraps to the figure's width."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +47,11 @@ def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "") -> 
     from difflab.apps.figures import save_figure
 
     n_rows = min(len(v) for v in columns.values())
-    fig, axes = plt.subplots(n_rows, len(columns), figsize=(1.1 * len(columns), 1.1 * n_rows + 0.4), squeeze=False)
+    if row_labels is not None and len(row_labels) != n_rows:
+        raise ValueError(f"{len(row_labels)} row labels for {n_rows} rows; give one per row")
+    width = 1.1 * len(columns) + (0.9 if row_labels else 0.0)
+    fig, axes = plt.subplots(n_rows, len(columns), figsize=(width, 1.1 * n_rows + 0.6), squeeze=False,
+                             layout="constrained")   # makes room for the suptitle, unlike tight_layout
     for col, (label, images) in enumerate(columns.items()):
         for row in range(n_rows):
             ax = axes[row][col]
@@ -52,9 +60,10 @@ def save_comparison(columns: dict[str, Tensor], path: Path, title: str = "") -> 
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(label, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+            if col == 0 and row_labels:
+                ax.set_ylabel(row_labels[row], fontsize=7)
+    if title:   # about 13 characters of 9-point text per inch
+        fig.suptitle(textwrap.fill(title, width=max(20, int(13 * width))), fontsize=9)
     return save_figure(fig, path, dpi=100)
 
 
