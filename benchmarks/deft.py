@@ -87,7 +87,7 @@ from difflab.metrics import frechet, frechet_floor, get_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _kept import settings_key  # noqa: E402  (benchmark results kept between runs)
-from _mnist import load_bench_models, results_name  # noqa: E402  (the MNIST bench models)
+from _mnist import bench_train_seconds, load_bench_models, results_name  # noqa: E402  (the MNIST bench models)
 from solvers import digits_model  # noqa: E402  (the demo's digits U-Net, cached; shared by the benchmarks)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,15 +145,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def load_base(args: argparse.Namespace, log) -> tuple[torch.nn.Module, float, dict]:
-    """(frozen base denoiser, its training seconds, what it is) for the data set."""
+def load_base(args: argparse.Namespace, log) -> tuple[torch.nn.Module, float | None, dict]:
+    """(frozen base denoiser, its training seconds (None: not known, see `bench_train_seconds`), what it is) for
+    the data set."""
     if args.dataset == "mnist":
         base = load_bench_models(args.runs, ("full",), args.device)["full"].requires_grad_(False)
-        record_path = args.runs / "full" / "run.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         log(f"MNIST bench model `full` from {args.runs}, used unconditionally (null class)")
-        return base, float(record.get("train_seconds", 0.0)), {"base": "mnist full (null class)",
-                                                               "runs": str(args.runs)}
+        return base, bench_train_seconds(args.runs, "full"), {"base": "mnist full (null class)", "runs": str(args.runs)}
     base_steps = 100 if args.quick else DIGITS_STEPS
     log(f"digits model ({base_steps} steps, cached in {args.cache})")
     base, seconds = digits_model(args.cache / ("digits" if base_steps == DIGITS_STEPS else f"digits-{base_steps}"),
@@ -415,7 +413,7 @@ def write_report(args, base, base_seconds, base_info, results, goal_rows, figure
     report = {"dataset": args.dataset, "quick": args.quick, "seed": args.seed, "solver": "heun", "nfe": args.nfe,
               "n_images": args.n, "sigma_y": SIGMA_Y,
               "dps_zeta": {t: r["dps_zeta"] for t, r in results.items()}, "pigdm_weight": PIGDM_WEIGHT,
-              **base_info, "base_train_seconds": round(base_seconds, 1),
+              **base_info, "base_train_seconds": None if base_seconds is None else round(base_seconds, 1),
               "base_parameters": sum(p.numel() for p in base.parameters()), "tasks": results, "goals": goal_rows,
               "all_tasks": set(args.tasks) == set(TASKS[args.dataset]), "tasks_read_from_earlier_runs": cached,
               "figure": figure.name, "machine": {"platform": platform.platform(), "torch": torch.__version__,

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 from _kept import kept_tensors
-from _mnist import load_bench_models, results_name
+from _mnist import bench_train_seconds, load_bench_models, results_name
 
 from difflab import CFGDenoiser, load
 from difflab.apps.demo.distill import RECIPES, classes_by_steps_figure, evaluate, guided_samples, train_teacher
@@ -102,11 +102,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def bench_teacher(runs: Path):
-    """(the `full` MNIST bench model, its training seconds); exits 2 with one line when it is missing."""
+    """(the `full` MNIST bench model, its training seconds or None: see `bench_train_seconds`); exits 2 with one
+    line when it is missing."""
     teacher = load_bench_models(runs, ("full",))["full"]
-    record_path = runs / "full" / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    return teacher, float(record.get("train_seconds", 0.0))
+    return teacher, bench_train_seconds(runs, "full")
 
 
 def teacher_and_cache(args: argparse.Namespace):
@@ -246,7 +245,8 @@ def goals(rows: list[dict], ref_steps: int, recipe: dict) -> dict:
                        "rounds": recipe["n0"].bit_length() - 1, "batch": recipe["batch"], "n0": recipe["n0"]}}
 
 
-def print_table(rows: list[dict], goals_block: dict, n: int, floor: float, seconds: dict, teacher_seconds: float):
+def print_table(rows: list[dict], goals_block: dict, n: int, floor: float, seconds: dict,
+                teacher_seconds: float | None):
     print("| model | w | steps | NFE | Fréchet | class accuracy |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -288,7 +288,7 @@ def main() -> None:
               "frechet_floor": round(floor, 2), "rows": rows, "goals": goals_block,
               "teacher_reference_steps": ref_steps, "distill_seconds": round(seconds["total"], 1),
               "distill_seconds_parts": {k: round(v, 1) for k, v in seconds.items()},
-              "teacher_train_seconds": round(teacher_seconds, 1),
+              "teacher_train_seconds": None if teacher_seconds is None else round(teacher_seconds, 1),
               "distill_over_teacher_train": round(seconds["total"] / teacher_seconds, 2) if teacher_seconds else None,
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "device": args.device, "figure": figure_path.name, "cache": str(cache)}

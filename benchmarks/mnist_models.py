@@ -159,6 +159,7 @@ def train_model(name: str, train: Dataset, args: argparse.Namespace):
                      f"{folder / 'checkpoints'}; delete the folder to start afresh)")
         record["final_loss"] = round(result.final_loss, 4)
         record["rollbacks"] = [dataclasses.asdict(rollback) for rollback in result.rollbacks]
+        record["resumed_from_step"] = result.start_step   # > 0: train_seconds covers only the steps from there
         if classes is not None:
             result.model.meta["kept_classes"] = classes
         return result.model

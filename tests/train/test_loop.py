@@ -58,6 +58,7 @@ def test_resume_continues_bit_exactly(tmp_path):
     resumed = fit(resumed_model, loss_fn, config, out_dir=tmp_path / "split", progress=False)
 
     assert resumed.history == full.history                     # same loss sequence, exactly
+    assert (full.start_step, resumed.start_step) == (0, 6)     # its timings cover steps 6-12 only
     for a, b in zip(full.raw_model.state_dict().values(), resumed.raw_model.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):   # the EMAs

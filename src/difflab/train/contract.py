@@ -51,7 +51,8 @@ class FitResult(Generic[Fitted]):
     None where the fitting function does not expose it); metrics: held-out measurements by name (AMED:
     "heldout_error_base", "heldout_error_fitted"; empty where the method takes none); rollbacks: the
     divergences the loop went back from (each time to the state at the log point before, with half the learning
-    rate; see `train.loop.fit`'s `rollbacks`), in order; history holds only the steps kept.
+    rate; see `train.loop.fit`'s `rollbacks`), in order; history holds only the steps kept; start_step: the step
+    a resumed run began at (0 when it trained from scratch): its timings cover only the steps from there.
     """
 
     model: Fitted
@@ -62,6 +63,7 @@ class FitResult(Generic[Fitted]):
     raw_model: Any = None
     metrics: dict[str, float] = field(default_factory=dict)
     rollbacks: list[Divergence] = field(default_factory=list)
+    start_step: int = 0
 
     @property
     def is_main_process(self) -> bool:

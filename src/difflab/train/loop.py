@@ -187,7 +187,8 @@ def fit(model: nn.Module, loss_fn: LossFn, config: TrainConfig, *, out_dir: str 
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(wrapped)
     return FitResult(ema.module if config.ema_decay > 0 else trained, losses, {"total": time.perf_counter() - start},
-                     accelerator.num_processes, accelerator.process_index, raw_model=trained, rollbacks=guard.done)
+                     accelerator.num_processes, accelerator.process_index, raw_model=trained, rollbacks=guard.done,
+                     start_step=start_step)
 
 
 def _warmup(optimizer: torch.optim.Optimizer, config: TrainConfig, start_step: int):
