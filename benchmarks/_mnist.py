@@ -21,11 +21,16 @@ def load_bench_models(runs: Path, names=BENCH_MODELS, device: str = "cpu") -> di
     return {name: load(Path(runs) / name / "model").to(device).eval() for name in names}
 
 
+def run_record(folder: Path) -> dict:
+    """A bench model's run record, folder/run.json (its plan and cost; mnist_models.py writes it); {} when missing."""
+    record_path = Path(folder) / "run.json"
+    return json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+
 def bench_train_seconds(runs: Path, name: str) -> float | None:
-    """Seconds that bench model `name` took to train, from runs/<name>/run.json; None when that record is missing
-    or the run was resumed (its seconds then cover only the steps after the resume)."""
-    record_path = Path(runs) / name / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    """Seconds that bench model `name` took to train, from its run record; None when that record is missing or
+    the run was resumed (its seconds then cover only the steps after the resume)."""
+    record = run_record(Path(runs) / name)
     if "train_seconds" not in record or record.get("resumed_from_step", 0) > 0:
         return None
     return float(record["train_seconds"])

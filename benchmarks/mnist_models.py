@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from _mnist import run_record
 
 from difflab.apps.demo.datasets import MNIST_BATCH, MNIST_UNET  # the one MNIST recipe (the demo's --data mnist too)
 from difflab.apps.demo.run import cached_model, heun_sigmas
@@ -117,8 +118,7 @@ def probe_step_seconds(net: UNet, data: Dataset, labels, args: argparse.Namespac
 def plan(folder: Path, net: UNet, data: Dataset, labels, args: argparse.Namespace) -> dict:
     """The run's step count: --train-steps, else the one planned before (a resumed run keeps it), else
     the budget over a probe's step time. Saved to folder/run.json."""
-    record_path = folder / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = run_record(folder)
     if args.train_steps is not None:
         record["train_steps"] = args.train_steps
     if "step_seconds_probe" not in record:
@@ -127,7 +127,7 @@ def plan(folder: Path, net: UNet, data: Dataset, labels, args: argparse.Namespac
         record["train_steps"] = max(1, int(args.budget_minutes * 60 / record["step_seconds_probe"]))
     record |= {"budget_minutes": round(args.budget_minutes, 3), "batch_size": MNIST_BATCH, "device": args.device,
                "device_name": device_name(args.device), "torch_threads": torch.get_num_threads()}
-    write_json(record_path, record)
+    write_json(folder / "run.json", record)
     return record
 
 
@@ -138,9 +138,8 @@ def train_model(name: str, train: Dataset, args: argparse.Namespace):
     labels = data.labels if conditional else None
     folder = args.runs / name
     if (folder / "model" / "config.json").is_file():   # finished: skipped
-        record_path = folder / "run.json"
         print(f"{name}: finished run in {folder}, loaded")
-        return load(folder / "model"), json.loads(record_path.read_text()) if record_path.is_file() else {}
+        return load(folder / "model"), run_record(folder)
     net = new_net(conditional, args.seed)
     parameters = sum(p.numel() for p in net.parameters())
     print(f"{name}: U-Net of {parameters:,} parameters, {len(data)} training images")

@@ -4,11 +4,12 @@ Every message says what was given, what was expected and how to fix it. All erro
 `DifflabError`, which the CLI turns into one line on stderr and exit status 2. Warnings go through `warn`,
 which points them at the user's line rather than at difflab's.
 """
+import os
 import sys
 import warnings
 from pathlib import Path
 
-_PACKAGE = str(Path(__file__).resolve().parents[1])   # src/difflab
+_PACKAGE = str(Path(__file__).resolve().parents[1]) + os.sep   # src/difflab/ (not a sibling named difflab_*)
 
 
 class DifflabError(Exception):
